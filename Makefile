@@ -1,0 +1,49 @@
+# The two commands a newcomer needs: `make run` and `make test`. Both set everything up on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PORT ?= 8000
+
+.PHONY: run test lint format bench wrk clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(VENV)/.installed $@
+
+## Serve the bundled demo environment on port $(PORT) (no Flagsmith account needed).
+run: $(VENV)/.installed
+	$(BIN)/edge-proxy serve --demo --port $(PORT)
+
+## Lint, check formatting, run the whole test suite.
+test: $(VENV)/.installed-test
+	$(BIN)/ruff check proxy tests benchmarks
+	$(BIN)/ruff format --check proxy tests benchmarks
+	$(BIN)/pytest
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check proxy tests benchmarks
+	$(BIN)/ruff format --check proxy tests benchmarks
+
+format: $(VENV)/.installed-test
+	$(BIN)/ruff format proxy tests benchmarks
+	$(BIN)/ruff check --fix proxy tests benchmarks
+
+## Micro-benchmarks (pytest-benchmark).
+bench: $(VENV)/.installed-test
+	$(BIN)/pytest benchmarks --benchmark-enable --benchmark-only -p no:cacheprovider
+
+## HTTP throughput with wrk against real Granian processes (installs wrk with apt if missing).
+wrk: $(VENV)/.installed-test
+	command -v wrk >/dev/null || (apt-get install -y wrk || sudo apt-get install -y wrk)
+	$(BIN)/python benchmarks/wrk_run.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .benchmarks

@@ -1,0 +1,303 @@
+"""BlackSheep routes: thin, bytes in / bytes out.
+
+Handlers take exactly `(request: Request) -> Response` so BlackSheep calls them unwrapped (no binders).
+Errors are exceptions mapped to responses in one place, `_respond_errors`, which also adds CORS headers
+and counts requests for metrics. Environment-level bodies are pre-encoded in `EnvironmentState`; identity
+responses are evaluated once and kept in the per-worker LRU.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from email.utils import parsedate_to_datetime
+
+import orjson
+from blacksheep import Application, Content, Request, Response
+from blacksheep.server.routing import Router
+
+from proxy import metrics
+from proxy.environment import GZIP_MIN_BYTES, Body, EnvironmentState, KeyKind
+from proxy.errors import NotFound, PayloadTooLarge, ProxyError, Unauthorized
+from proxy.health import check_health
+from proxy.identity_request import (
+    RequestInvalid,
+    is_json_content_type,
+    parse_identity_body,
+    parse_identity_query,
+    query_param,
+)
+from proxy.settings import Settings
+from proxy.store import Store
+
+log = logging.getLogger("proxy.app")
+
+JSON = b"application/json"
+DOCUMENT_UPDATED_AT = b"x-flagsmith-document-updated-at"
+PREFLIGHT_METHODS = b"DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT"
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+# canonical path → (metrics route label, methods); every route also answers with or without the slash
+ROUTES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "/api/v1/flags/": ("flags", ("GET", "HEAD")),
+    "/api/v1/identities/": ("identities", ("GET", "HEAD", "POST")),
+    "/api/v1/environment-document/": ("environment_document", ("GET", "HEAD")),
+    "/health": ("health", ("GET", "HEAD")),
+    "/proxy/health": ("health", ("GET", "HEAD")),
+    "/proxy/health/readiness": ("health", ("GET", "HEAD")),
+    "/proxy/health/liveness": ("liveness", ("GET", "HEAD")),
+    "/metrics": ("metrics", ("GET", "HEAD")),
+}
+
+
+def _spellings(path: str) -> tuple[str, str]:
+    bare = path.rstrip("/")
+    return bare, bare + "/"
+
+
+ROUTE_BY_PATH: dict[bytes, tuple[str, tuple[str, ...]]] = {
+    spelling.encode(): route for path, route in ROUTES.items() for spelling in _spellings(path)
+}
+
+
+def _accepts_gzip(request: Request) -> bool:
+    accept = request.get_first_header(b"accept-encoding")
+    return accept is not None and b"gzip" in accept.lower() and b"gzip;q=0" not in accept.replace(b" ", b"")
+
+
+def _json(status: int, data: bytes) -> Response:
+    return Response(status, None, Content(JSON, data))
+
+
+def _send(request: Request, body: Body, state: EnvironmentState) -> Response:
+    headers = []
+    data = body.plain
+    if len(data) >= GZIP_MIN_BYTES:
+        headers.append((b"vary", b"Accept-Encoding"))
+        if body.gzip is not None and _accepts_gzip(request):
+            data = body.gzip
+            headers.append((b"content-encoding", b"gzip"))
+    if state.updated_at_header is not None:
+        headers.append((DOCUMENT_UPDATED_AT, state.updated_at_header))
+    return Response(200, headers, Content(JSON, data))
+
+
+class ProxyApp:
+    """The routes, bound to one worker's Store."""
+
+    def __init__(self, settings: Settings, store: Store) -> None:
+        self.settings = settings
+        self.store = store
+        self.max_body = settings.max_request_body_bytes
+        self.allow_any_origin = "*" in settings.allow_origins
+        self.allowed_origins = {origin.encode() for origin in settings.allow_origins}
+
+    # -- flags -----------------------------------------------------------------------------------
+    async def flags(self, request: Request) -> Response:
+        kind, state = self.store.resolve(request.get_first_header(b"x-environment-key"))
+        view = state.views[kind]
+        raw_query = request._raw_query
+        feature = query_param(raw_query, "feature") if raw_query else None
+        if feature:
+            body = view.single.get(feature)
+            if body is None:
+                raise NotFound(f"feature '{feature}' not found")
+            return _send(request, body, state)
+        return _send(request, view.flags, state)
+
+    # -- identities ------------------------------------------------------------------------------
+    async def identities_get(self, request: Request) -> Response:
+        kind, state = self.store.resolve(request.get_first_header(b"x-environment-key"))
+        identifier = parse_identity_query(request._raw_query)
+        cache_key = (kind, b"?" + identifier.encode())
+        return self._identity(request, kind, state, cache_key, lambda: (identifier, [], {}))
+
+    async def identities_post(self, request: Request) -> Response:
+        key = request.get_first_header(b"x-environment-key")
+        self.store.resolve(key)  # 401/503 before reading a body
+        raw = await self._read_body(request)
+        content_type = request.get_first_header(b"content-type")
+        if not is_json_content_type(content_type):
+            parse_identity_body(raw, content_type)  # raises the 422
+        # Resolve again: a new state may have been swapped in while the body was read.
+        kind, state = self.store.resolve(key)
+        # Keyed on the raw body: a repeated request is answered without even parsing it.
+        return self._identity(
+            request, kind, state, (kind, raw), lambda: parse_identity_body(raw, content_type)
+        )
+
+    def _identity(
+        self,
+        request: Request,
+        kind: KeyKind,
+        state: EnvironmentState,
+        cache_key: tuple[KeyKind, bytes],
+        parse: Callable[[], tuple[str, list, dict]],
+    ) -> Response:
+        cache = self.store.cache
+        body = cache.get(state.client_key, cache_key) if cache is not None else None
+        gzip_wanted = _accepts_gzip(request)
+        if body is None:
+            identifier, echo, traits = parse()
+            flags = state.identity_flags(kind, identifier, traits)
+            data = orjson.dumps({"identifier": identifier, "traits": echo, "flags": flags})
+            body = Body.of(data) if gzip_wanted else Body(data, None)
+            if cache is not None:
+                cache.put(state.client_key, cache_key, body)
+        elif gzip_wanted and body.gzip is None and len(body.plain) >= GZIP_MIN_BYTES:
+            body = Body.of(body.plain)
+            cache.put(state.client_key, cache_key, body)
+        return _send(request, body, state)
+
+    async def _read_body(self, request: Request) -> bytes:
+        length = request.get_first_header(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            raise PayloadTooLarge(f"request body exceeds {self.max_body} bytes")
+        if request.content is None:
+            return b""
+        chunks = bytearray()
+        async for chunk in request.content.stream():
+            if chunk:
+                chunks += chunk
+                if len(chunks) > self.max_body:
+                    raise PayloadTooLarge(f"request body exceeds {self.max_body} bytes")
+        return bytes(chunks)
+
+    # -- environment document --------------------------------------------------------------------
+    async def environment_document(self, request: Request) -> Response:
+        key = request.get_first_header(b"x-environment-key")
+        kind, state = self.store.resolve(key)
+        if kind is not KeyKind.SERVER:
+            raise Unauthorized("the environment document is served to server-side keys only")
+        if state.last_modified is not None:
+            since = request.get_first_header(b"if-modified-since")
+            if since is not None and _not_modified(since, state):
+                return Response(304, [(b"last-modified", state.last_modified)], None)
+        response = _send(request, state.document, state)
+        if state.last_modified is not None:
+            response.add_header(b"last-modified", state.last_modified)
+        return response
+
+    # -- health and metrics ----------------------------------------------------------------------
+    async def health(self, request: Request) -> Response:
+        store = self.store
+        status, body = check_health(
+            self.settings, store.client_keys, store.status, store.build_errors, time.time()
+        )
+        return _json(status, body)
+
+    async def liveness(self, request: Request) -> Response:
+        return Response(200, None, None)
+
+    async def metrics(self, request: Request) -> Response:
+        return Response(200, None, Content(metrics.CONTENT_TYPE.encode(), metrics.render()))
+
+    # -- 404 / 405 / preflight -------------------------------------------------------------------
+    async def fallback(self, request: Request) -> Response:
+        if request.method == "OPTIONS" and request.get_first_header(b"access-control-request-method"):
+            return self._preflight(request)
+        route = ROUTE_BY_PATH.get(request._path)
+        if route is None:
+            return _json(404, b'{"detail":"Not Found"}')
+        return Response(
+            405, [(b"allow", ", ".join(route[1]).encode())], Content(JSON, b'{"detail":"Method Not Allowed"}')
+        )
+
+    def _preflight(self, request: Request) -> Response:
+        response = Response(200, None, Content(b"text/plain; charset=utf-8", b"OK"))
+        origin = request.get_first_header(b"origin")
+        if origin is not None and self._origin_allowed(origin):
+            response.add_header(b"vary", b"Origin")
+            response.add_header(b"access-control-allow-methods", PREFLIGHT_METHODS)
+            response.add_header(b"access-control-max-age", b"600")
+            response.add_header(b"access-control-allow-credentials", b"true")
+            response.add_header(b"access-control-allow-origin", origin)
+            requested = request.get_first_header(b"access-control-request-headers")
+            if requested:
+                response.add_header(b"access-control-allow-headers", requested)
+        return response
+
+    def _origin_allowed(self, origin: bytes) -> bool:
+        return self.allow_any_origin or origin in self.allowed_origins
+
+    # -- the one place errors become responses ---------------------------------------------------
+    async def middleware(self, request: Request, handler: Handler) -> Response:
+        try:
+            response = await handler(request)
+        except ProxyError as error:
+            response = _json(error.status, error.body())
+        except RequestInvalid as error:
+            response = _json(422, error.body())
+        except Exception:
+            log.exception(
+                "unexpected error serving %s %s", request.method, request._path.decode(errors="replace")
+            )
+            response = _json(500, b'{"status":"error","message":"internal error"}')
+        origin = request.get_first_header(b"origin")
+        if origin is not None:
+            self._add_cors(response, origin)
+        route = ROUTE_BY_PATH.get(request._path)
+        metrics.request_counts[(route[0] if route else "other", response.status)] += 1
+        return response
+
+    def _add_cors(self, response: Response, origin: bytes) -> None:
+        if not self._origin_allowed(origin) or response.has_header(b"access-control-allow-origin"):
+            return
+        # Echo the origin (never `*` with credentials), let browser SDKs read the document timestamp.
+        response.add_header(b"access-control-allow-origin", origin)
+        response.add_header(b"access-control-allow-credentials", b"true")
+        response.add_header(b"access-control-expose-headers", DOCUMENT_UPDATED_AT)
+        vary = response.get_first_header(b"vary")
+        response.set_header(b"vary", vary + b", Origin" if vary else b"Origin")
+
+
+def _not_modified(since: bytes, state: EnvironmentState) -> bool:
+    try:
+        when = parsedate_to_datetime(since.decode("latin-1"))
+    except (TypeError, ValueError):
+        return False
+    return (
+        state.updated_at is not None
+        and when.tzinfo is not None
+        and state.updated_at.replace(microsecond=0) <= when
+    )
+
+
+def _plain(method: Handler) -> Handler:
+    # BlackSheep marks handlers with an attribute, which bound methods refuse: wrap in a plain function
+    # with the exact `(request: Request) -> Response` signature so it is still called unwrapped.
+    async def handler(request: Request) -> Response:
+        return await method(request)
+
+    handler.__name__ = handler.__qualname__ = method.__name__
+    return handler
+
+
+def build_app(settings: Settings, store: Store) -> Application:
+    routes = ProxyApp(settings, store)
+    router = Router()
+    handlers: dict[str, dict[str, Handler]] = {
+        "/api/v1/flags/": {"GET": _plain(routes.flags)},
+        "/api/v1/identities/": {
+            "GET": _plain(routes.identities_get),
+            "POST": _plain(routes.identities_post),
+        },
+        "/api/v1/environment-document/": {"GET": _plain(routes.environment_document)},
+        "/health": {"GET": _plain(routes.health)},
+        "/proxy/health": {"GET": _plain(routes.health)},
+        "/proxy/health/readiness": {"GET": _plain(routes.health)},
+        "/proxy/health/liveness": {"GET": _plain(routes.liveness)},
+        "/metrics": {"GET": _plain(routes.metrics)},
+    }
+    # BlackSheep matches a route with or without its trailing slash: one registration serves both.
+    for path, methods in handlers.items():
+        for method, handler in methods.items():
+            router.add(method, path, handler)
+            if method == "GET":
+                router.add("HEAD", path, handler)
+    router.fallback = _plain(routes.fallback)
+    app = Application(router=router, show_error_details=False)
+    app.middlewares.append(routes.middleware)
+    return app

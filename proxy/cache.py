@@ -1,0 +1,72 @@
+"""Per-worker LRU of encoded identity responses, bounded in entries and in bytes.
+
+Keys start with the environment's client key, so when one environment changes only its entries are
+dropped (`drop_environment`, run by the background loader, never on the request path).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable
+
+from proxy.environment import Body
+
+
+class ResponseCache:
+    __slots__ = ("_data", "hits", "max_bytes", "max_entries", "misses", "size_bytes")
+
+    def __init__(self, max_entries: int, max_bytes: int) -> None:
+        self._data: OrderedDict[tuple[str, Hashable], Body] = OrderedDict()
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.size_bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def get(self, client_key: str, key: Hashable) -> Body | None:
+        full_key = (client_key, key)
+        body = self._data.get(full_key)
+        if body is None:
+            self.misses += 1
+            return None
+        self._data.move_to_end(full_key)
+        self.hits += 1
+        return body
+
+    def put(self, client_key: str, key: Hashable, body: Body) -> None:
+        full_key = (client_key, key)
+        cost = _cost(full_key, body)
+        if cost > self.max_bytes:
+            return
+        old = self._data.pop(full_key, None)
+        if old is not None:
+            self.size_bytes -= _cost(full_key, old)
+        self._data[full_key] = body
+        self.size_bytes += cost
+        while len(self._data) > self.max_entries or self.size_bytes > self.max_bytes:
+            evicted_key, evicted = self._data.popitem(last=False)
+            self.size_bytes -= _cost(evicted_key, evicted)
+
+    def drop_environment(self, client_key: str) -> int:
+        stale = [key for key in self._data if key[0] == client_key]
+        for key in stale:
+            self.size_bytes -= _cost(key, self._data.pop(key))
+        return len(stale)
+
+    def clear(self) -> None:
+        self._data.clear()
+        self.size_bytes = 0
+
+
+def _cost(full_key: tuple[str, Hashable], body: Body) -> int:
+    # Bodies dominate; the request key (raw body or query bytes) and entry overhead are estimated.
+    request_key = full_key[1]
+    key_bytes = (
+        sum(len(part) for part in request_key if isinstance(part, bytes))
+        if isinstance(request_key, tuple)
+        else 0
+    )
+    return len(body.plain) + len(body.gzip or b"") + key_bytes + 200

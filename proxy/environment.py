@@ -1,0 +1,131 @@
+"""Per-environment state a worker serves from, built once per published document, then immutable.
+
+Everything that does not depend on the request is computed here: the engine context, the override
+index, and the encoded environment-level responses (full list and each single flag, per key kind, plain
+and gzip). A request then costs a dict lookup, or one identity evaluation.
+"""
+
+from __future__ import annotations
+
+import gzip
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from enum import IntEnum
+from typing import Any
+
+import orjson
+
+from proxy.evaluation import drop_disabled, evaluate, feature_objects
+from proxy.mapping import MappedEnvironment, map_document
+
+# Bodies smaller than this are sent uncompressed, as the Python proxy does.
+GZIP_MIN_BYTES = 1000
+
+
+class KeyKind(IntEnum):
+    CLIENT = 0
+    SERVER = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Body:
+    plain: bytes
+    gzip: bytes | None  # None when the body is too small to be worth compressing
+
+    @classmethod
+    def of(cls, data: bytes) -> Body:
+        return cls(data, compress(data) if len(data) >= GZIP_MIN_BYTES else None)
+
+
+def compress(data: bytes) -> bytes:
+    # mtime=0 keeps the bytes deterministic across workers and restarts.
+    return gzip.compress(data, compresslevel=6, mtime=0)
+
+
+@dataclass(frozen=True, slots=True)
+class KindView:
+    """What one key kind (client or server) sees of an environment."""
+
+    visible: frozenset[str] | None  # flag names this kind may see; None means every flag
+    hide_disabled: bool
+    flags: Body
+    single: dict[str, Body]  # flag name → encoded single flag (absent: 404)
+
+
+class EnvironmentState:
+    __slots__ = (
+        "client_key",
+        "document",
+        "features",
+        "generation",
+        "last_modified",
+        "mapped",
+        "name",
+        "updated_at",
+        "updated_at_epoch",
+        "updated_at_header",
+        "views",
+    )
+
+    def __init__(self, client_key: str, document_bytes: bytes, generation: int) -> None:
+        document = orjson.loads(document_bytes)
+        self.mapped: MappedEnvironment = map_document(document)
+        self.client_key = client_key
+        self.generation = generation
+        self.name: str = document.get("name") or ""
+        self.document = Body.of(document_bytes)
+        self.updated_at: datetime | None = parse_updated_at(document.get("updated_at"))
+        self.updated_at_epoch = self.updated_at.timestamp() if self.updated_at else None
+        # Flagsmith's API sends epoch seconds of `updated_at`; browser SDKs read it to skip stale updates.
+        self.updated_at_header: bytes | None = (
+            repr(self.updated_at_epoch).encode() if self.updated_at_epoch is not None else None
+        )
+        self.last_modified: bytes | None = (
+            format_datetime(self.updated_at.replace(microsecond=0), usegmt=True).encode()
+            if self.updated_at
+            else None
+        )
+        self.features = feature_objects(self.mapped)
+        project = document["project"]
+        server_only = set(project.get("server_key_only_feature_ids") or ())
+        client_visible = frozenset(
+            name for name, feature in self.features.items() if feature["id"] not in server_only
+        )
+        hide_disabled = bool(project.get("hide_disabled_flags"))
+        # One environment evaluation serves both kinds: only the filters differ.
+        all_flags = evaluate(self.mapped, self.features, None)
+        self.views = (
+            self._view(all_flags, client_visible, hide_disabled),
+            self._view(all_flags, None, False),
+        )
+
+    @staticmethod
+    def _view(
+        all_flags: list[dict[str, Any]], visible: frozenset[str] | None, hide_disabled: bool
+    ) -> KindView:
+        flags = [f for f in all_flags if visible is None or f["feature"]["name"] in visible]
+        if hide_disabled:
+            flags = drop_disabled(flags)
+        return KindView(
+            visible=visible,
+            hide_disabled=hide_disabled,
+            flags=Body.of(orjson.dumps(flags)),
+            single={flag["feature"]["name"]: Body.of(orjson.dumps(flag)) for flag in flags},
+        )
+
+    def identity_flags(self, kind: KeyKind, identifier: str, traits: dict[str, Any]) -> list[dict[str, Any]]:
+        view = self.views[kind]
+        flags = evaluate(self.mapped, self.features, view.visible, identifier, traits)
+        return drop_disabled(flags) if view.hide_disabled else flags
+
+
+def parse_updated_at(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    # A naive timestamp is read as UTC (the Python proxy reads it as local time, a quirk).
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)

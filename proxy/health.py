@@ -1,0 +1,78 @@
+"""Health as the Python proxy reports it, computed from the leader's per-environment status.
+
+Body: `status`, `reason`, `last_successful_update` (UTC, `Z`), plus `environments` naming the stale,
+never-loaded or failed-to-build ones when there are any. An environment is stale when its last good
+answer from upstream is older than `poll + grace × number of pairs` (the Python proxy's rule).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from proxy.settings import ReadinessMode, Settings, mask_key
+
+NOT_UPDATED = "environment document(s) not updated."
+STALE = "environment document(s) stale."
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def check_health(
+    settings: Settings,
+    client_keys: list[str],
+    status: Mapping[str, Mapping[str, Any]],
+    build_errors: Mapping[str, str],
+    now: float,
+) -> tuple[int, bytes]:
+    grace = settings.health_check.environment_update_grace_period_seconds
+    threshold = None if grace is None else settings.api_poll_frequency_seconds + grace * len(client_keys)
+    not_loaded: list[str] = []
+    stale: list[str] = []
+    successes: list[float] = []
+    for client_key in client_keys:
+        entry = status.get(client_key) or {}
+        last = entry.get("last_success")
+        if last is None or not entry.get("file"):
+            not_loaded.append(client_key)
+            continue
+        successes.append(last)
+        if threshold is not None and now - last > threshold:
+            stale.append(client_key)
+
+    fresh = len(client_keys) - len(not_loaded) - len(stale)
+    if settings.health_check.fail_readiness_when == ReadinessMode.all_stale:
+        failing = fresh == 0
+        reason = NOT_UPDATED if not successes else STALE
+    else:
+        failing = bool(not_loaded or stale)
+        reason = NOT_UPDATED if not_loaded else STALE
+    last_update = min(successes) if successes and (not not_loaded or failing is False) else None
+
+    body: dict[str, Any] = {
+        "status": "error" if failing else "ok",
+        "reason": reason if failing else None,
+        "last_successful_update": _iso(last_update) if last_update is not None else None,
+    }
+    details = {
+        name: [_describe(key, status) for key in keys]
+        for name, keys in (
+            ("stale", stale),
+            ("not_loaded", not_loaded),
+            ("failed_to_build", [k for k in client_keys if k in build_errors]),
+        )
+        if keys
+    }
+    if details:
+        body["environments"] = details
+    return (503 if failing else 200), orjson.dumps(body)
+
+
+def _describe(client_key: str, status: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    entry = status.get(client_key) or {}
+    return {"key": mask_key(client_key), "name": entry.get("name"), "last_error": entry.get("last_error")}

@@ -1,0 +1,156 @@
+"""Validation of identity requests, with 422 bodies shaped like the Python proxy's (FastAPI/pydantic)."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import parse_qs
+
+import orjson
+
+MAX_TRAIT_STRING = 2000
+
+
+class RequestInvalid(Exception):
+    """A request that fails validation: 422 with `{"detail": [errors]}`."""
+
+    def __init__(self, errors: list[dict[str, Any]]) -> None:
+        super().__init__(errors)
+        self.errors = errors
+
+    def body(self) -> bytes:
+        return orjson.dumps({"detail": self.errors})
+
+
+def _error(
+    kind: str, loc: list[Any], msg: str, value: Any, ctx: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    error = {"type": kind, "loc": loc, "msg": msg, "input": value}
+    if ctx:
+        error["ctx"] = ctx
+    return error
+
+
+Identity = tuple[str, list[dict[str, Any]], dict[str, Any]]
+
+
+def is_json_content_type(content_type: bytes | None) -> bool:
+    """Missing, `application/json` or `application/*+json` (parameters ignored), as the Python proxy."""
+    if not content_type:
+        return True
+    media = content_type.split(b";", 1)[0].strip().lower()
+    return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
+
+
+def parse_identity_body(raw: bytes, content_type: bytes | None) -> Identity:
+    """Body → (identifier, traits as echoed, traits for evaluation). Raises RequestInvalid."""
+    if not is_json_content_type(content_type):
+        text = raw.decode("utf-8", "replace")
+        raise RequestInvalid(
+            [
+                _error(
+                    "model_attributes_type",
+                    ["body"],
+                    "Input should be a valid dictionary or object to extract fields from",
+                    text,
+                )
+            ]
+        )
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise RequestInvalid(
+            [_error("json_invalid", ["body", exc.pos], "JSON decode error", {}, {"error": exc.msg})]
+        ) from None
+    if not isinstance(data, dict):
+        raise RequestInvalid(
+            [
+                _error(
+                    "model_attributes_type",
+                    ["body"],
+                    "Input should be a valid dictionary or object to extract fields from",
+                    data,
+                )
+            ]
+        )
+    errors: list[dict[str, Any]] = []
+    identifier = data.get("identifier")
+    if "identifier" not in data:
+        errors.append(_error("missing", ["body", "identifier"], "Field required", data))
+    elif not isinstance(identifier, str):
+        errors.append(
+            _error("string_type", ["body", "identifier"], "Input should be a valid string", identifier)
+        )
+    traits = data.get("traits", [])
+    echo: list[dict[str, Any]] = []
+    if traits is None or not isinstance(traits, list):
+        errors.append(_error("list_type", ["body", "traits"], "Input should be a valid list", traits))
+    else:
+        for index, trait in enumerate(traits):
+            checked = _check_trait(trait, ["body", "traits", index], errors)
+            if checked is not None:
+                echo.append(checked)
+    if errors:
+        raise RequestInvalid(errors)
+    return identifier, echo, {t["trait_key"]: t["trait_value"] for t in echo}
+
+
+def _check_trait(trait: Any, loc: list[Any], errors: list[dict[str, Any]]) -> dict[str, Any] | None:
+    if not isinstance(trait, dict):
+        errors.append(
+            _error(
+                "model_attributes_type",
+                loc,
+                "Input should be a valid dictionary or object to extract fields from",
+                trait,
+            )
+        )
+        return None
+    ok = True
+    key = trait.get("trait_key")
+    if "trait_key" not in trait:
+        errors.append(_error("missing", [*loc, "trait_key"], "Field required", trait))
+        ok = False
+    elif not isinstance(key, str):
+        errors.append(_error("string_type", [*loc, "trait_key"], "Input should be a valid string", key))
+        ok = False
+    value = trait.get("trait_value")
+    value_loc = [*loc, "trait_value"]
+    if isinstance(value, str):
+        if len(value) > MAX_TRAIT_STRING:
+            errors.append(
+                _error(
+                    "string_too_long",
+                    value_loc,
+                    f"String should have at most {MAX_TRAIT_STRING} characters",
+                    value,
+                    {"max_length": MAX_TRAIT_STRING, "actual_length": len(value)},
+                )
+            )
+            ok = False
+    elif isinstance(value, list | dict):
+        # Not one of the union's members: one error per member, as pydantic reports.
+        errors.extend(
+            [
+                _error("string_type", [*value_loc, "str"], "Input should be a valid string", value),
+                _error("int_type", [*value_loc, "int"], "Input should be a valid integer", value),
+                _error("float_type", [*value_loc, "float"], "Input should be a valid number", value),
+                _error("bool_type", [*value_loc, "bool"], "Input should be a valid boolean", value),
+            ]
+        )
+        ok = False
+    return {"trait_key": key, "trait_value": value} if ok else None
+
+
+def parse_identity_query(raw_query: bytes) -> str:
+    """`identifier` from the query string (the last one wins, as in FastAPI). Raises RequestInvalid."""
+    identifier = query_param(raw_query, "identifier")
+    if identifier is None:
+        raise RequestInvalid([_error("missing", ["query", "identifier"], "Field required", None)])
+    return identifier
+
+
+def query_param(raw_query: bytes, name: str) -> str | None:
+    if not raw_query:
+        return None
+    values = parse_qs(raw_query.decode("utf-8", "replace"), keep_blank_values=True).get(name)
+    return values[-1] if values else None

@@ -1,0 +1,165 @@
+"""The poll loop: fetch each environment on its own schedule, keep the last good copy, publish changes.
+
+Independent of where it runs: it needs a Source (upstream) and a Publisher (shared memory). A failure
+of any kind (network, HTTP status, bad JSON, invalid document, a full shared-memory area) keeps the last
+good document, is logged, shows in the manifest's status (health) and in metrics, and is retried with
+backoff and jitter, never more often than needed and never less often than the poll interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from proxy import metrics
+from proxy.environment import parse_updated_at
+from proxy.leader.sources import Fetched, FetchFailed, NotModified, Source
+from proxy.settings import Settings, mask_key
+from proxy.shm import AreaError, Publisher
+
+log = logging.getLogger("proxy.leader")
+
+BACKOFF_FIRST = 0.5
+
+
+@dataclass(slots=True)
+class Environment:
+    server_key: str
+    client_key: str
+    document: bytes | None = None
+    updated_at: datetime | None = None
+    name: str | None = None
+    last_success: float | None = None  # wall-clock seconds of the last good answer (200 or 304)
+    last_error: str | None = None
+    failures: int = 0
+    next_due: float = 0.0
+    dirty: bool = False  # fetched, not yet published
+    file_entry: dict[str, Any] = field(default_factory=dict)
+
+    def manifest_entry(self) -> dict[str, Any]:
+        return {
+            "server_keys": [self.server_key],
+            "name": self.name,
+            "updated_at": self.updated_at.isoformat() if self.updated_at else None,
+            "last_success": self.last_success,
+            "last_error": self.last_error,
+            **self.file_entry,
+        }
+
+
+class Poller:
+    def __init__(self, settings: Settings, source: Source, publisher: Publisher) -> None:
+        self.settings = settings
+        self.source = source
+        self.publisher = publisher
+        self.interval = settings.api_poll_frequency_seconds
+        self.environments = {
+            pair.client_side_key: Environment(pair.server_side_key, pair.client_side_key)
+            for pair in settings.environment_key_pairs
+        }
+        self._limit = asyncio.Semaphore(settings.max_concurrent_fetches)
+        self.publish_error: str | None = None
+
+    def resume(self) -> None:
+        """Take over what a previous leader published, so nothing is refetched that can be reused."""
+        manifest = self.publisher.resume()
+        if manifest is None:
+            return
+        for client_key, entry in manifest["environments"].items():
+            env = self.environments.get(client_key)
+            if env is None or env.server_key not in entry.get("server_keys", ()):
+                continue
+            env.last_success = entry.get("last_success")
+            env.last_error = entry.get("last_error")
+            data = self.publisher.read_document(entry)
+            if data is None:
+                continue
+            document = orjson.loads(data)
+            env.document = data
+            env.updated_at = parse_updated_at(document.get("updated_at"))
+            env.name = document.get("name")
+            env.file_entry = {k: entry[k] for k in ("file", "length", "crc32")}
+        log.info("resumed at generation %d", self.publisher.generation)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            now = time.monotonic()
+            due = [env for env in self.environments.values() if env.next_due <= now]
+            if due:
+                await self.poll(due)
+            next_due = min((env.next_due for env in self.environments.values()), default=now + self.interval)
+            delay = max(0.01, next_due - time.monotonic())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=delay)
+
+    async def poll(self, environments: list[Environment]) -> None:
+        await asyncio.gather(*(self._refresh(env) for env in environments))
+        self.publish()
+
+    async def _refresh(self, env: Environment) -> None:
+        async with self._limit:
+            try:
+                result = await self.source.fetch(env.server_key, env.updated_at if env.document else None)
+            except Exception as exc:  # a bug in a source must not kill the loop
+                log.exception("fetching %s failed unexpectedly", mask_key(env.server_key))
+                result = FetchFailed(f"unexpected error: {type(exc).__name__}")
+        now = time.monotonic()
+        if isinstance(result, FetchFailed):
+            env.failures += 1
+            env.last_error = result.reason
+            backoff = min(self.interval, BACKOFF_FIRST * 2 ** (env.failures - 1))
+            env.next_due = now + backoff * random.uniform(0.8, 1.2)
+            metrics.UPSTREAM_FETCHES.labels(outcome="error").inc()
+            log.warning(
+                "environment %s: %s (keeping the last good document; retry in %.1fs)",
+                mask_key(env.client_key),
+                result.reason,
+                env.next_due - now,
+            )
+            return
+        if env.failures:
+            log.info("environment %s: upstream recovered", mask_key(env.client_key))
+        env.failures = 0
+        env.last_error = None
+        env.last_success = time.time()
+        env.next_due = now + self.interval
+        if isinstance(result, NotModified):
+            metrics.UPSTREAM_FETCHES.labels(outcome="not_modified").inc()
+            return
+        assert isinstance(result, Fetched)
+        metrics.UPSTREAM_FETCHES.labels(outcome="ok").inc()
+        data = orjson.dumps(result.document)
+        if data != env.document:
+            env.document = data
+            env.dirty = True
+            env.updated_at = parse_updated_at(result.document.get("updated_at"))
+            env.name = result.document.get("name")
+            log.info("environment %s: new document (%d bytes)", mask_key(env.client_key), len(data))
+
+    def publish(self) -> None:
+        changed = {key: env.document for key, env in self.environments.items() if env.dirty and env.document}
+        entries = {key: env.manifest_entry() for key, env in self.environments.items()}
+        started = time.perf_counter()
+        try:
+            generation = self.publisher.publish(changed, entries)
+        except AreaError as exc:
+            self.publish_error = str(exc)
+            metrics.PUBLICATION_ERRORS.inc()
+            log.error("publication failed, workers keep the previous generation: %s", exc)
+            return
+        metrics.PUBLICATION_SECONDS.observe(time.perf_counter() - started)
+        self.publish_error = None
+        for key in changed:
+            env = self.environments[key]
+            env.dirty = False
+            env.file_entry = {k: entries[key][k] for k in ("file", "length", "crc32")}
+        if changed:
+            log.info("published generation %d (%d changed)", generation, len(changed))

@@ -1,0 +1,46 @@
+"""The leader process: the only one that talks to upstream. Started with `spawn` by the main process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+from proxy.leader.poller import Poller
+from proxy.leader.sources import make_source
+from proxy.logs import configure_logging
+from proxy.settings import Settings
+from proxy.shm import Publisher
+
+log = logging.getLogger("proxy.leader")
+
+
+def run_leader(settings: Settings, area: str) -> None:
+    # Ctrl-C reaches the whole process group: the main process shuts us down with SIGTERM instead,
+    # otherwise the watchdog would see us die and restart us during shutdown.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    configure_logging(settings.logging)
+    try:
+        import uvloop
+
+        uvloop.run(_main(settings, Path(area)))
+    except KeyboardInterrupt:  # pragma: no cover - SIGINT is ignored
+        pass
+
+
+async def _main(settings: Settings, area: Path) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    publisher = Publisher(area)
+    source = make_source(settings)
+    poller = Poller(settings, source, publisher)
+    poller.resume()
+    log.info("leader started, polling %d environment(s)", len(poller.environments))
+    try:
+        await poller.run(stop)
+    finally:
+        await source.aclose()
+        publisher.close()
+        log.info("leader stopped")

@@ -1,0 +1,198 @@
+"""Where environment documents come from: the Flagsmith API over HTTP, or files on disk.
+
+A source answers one question per environment: "is there a newer document than the one I hold?" with
+`Fetched` (a validated document), `NotModified`, or `FetchFailed` (the reason, for health and logs).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urljoin, urlsplit
+
+import httpx
+import orjson
+
+from proxy import __version__
+from proxy.mapping import DocumentError, validate_document
+from proxy.settings import Settings, file_source_dir, mask_key
+
+log = logging.getLogger("proxy.leader")
+
+MAX_PAGES = 1000
+MAX_REDIRECTS = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    document: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class NotModified:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class FetchFailed:
+    reason: str
+
+
+FetchResult = Fetched | NotModified | FetchFailed
+
+
+class Source(Protocol):
+    async def fetch(self, server_key: str, cached_updated_at: datetime | None) -> FetchResult: ...
+
+    async def aclose(self) -> None: ...
+
+
+def if_modified_since(updated_at: datetime) -> str:
+    """IMF-fixdate in GMT, zero-padded (`Sun, 06 Nov 1994 08:49:37 GMT`): Django rejects `+0000`."""
+    return format_datetime(updated_at.astimezone(UTC).replace(microsecond=0), usegmt=True)
+
+
+def _check(document: Any) -> FetchResult:
+    try:
+        validate_document(document)
+    except DocumentError as exc:
+        return FetchFailed(f"invalid document: {exc}")
+    return Fetched(document)
+
+
+class HttpSource:
+    """`GET {api_url}/environment-document/` with If-Modified-Since, following same-origin pages."""
+
+    def __init__(self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.url = settings.api_url + "/environment-document/"
+        self.origin = _origin(self.url)
+        self.poll_frequency = settings.api_poll_frequency_seconds
+        # trust_env (the default) honours HTTPS_PROXY / HTTP_PROXY / NO_PROXY and SSL_CERT_FILE.
+        self.client = httpx.AsyncClient(
+            timeout=settings.api_poll_timeout_seconds,
+            follow_redirects=False,
+            headers={"User-Agent": f"flagsmith-edge-proxy-python/{__version__}"},
+            transport=transport,
+        )
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    async def fetch(self, server_key: str, cached_updated_at: datetime | None) -> FetchResult:
+        started = time.monotonic()
+        headers = {"X-Environment-Key": server_key}
+        if cached_updated_at is not None:
+            headers["If-Modified-Since"] = if_modified_since(cached_updated_at)
+        try:
+            response = await self._get(self.url, headers)
+            if response.status_code == 304:
+                if cached_updated_at is None:
+                    return FetchFailed("upstream answered 304 Not Modified, but no document is cached")
+                return NotModified()
+            if response.status_code != 200:
+                return FetchFailed(f"upstream answered HTTP {response.status_code}")
+            document = orjson.loads(response.content)
+            if not isinstance(document, dict):
+                return FetchFailed(f"invalid document: a JSON {type(document).__name__}, not an object")
+            result = await self._follow_pages(response, document, {"X-Environment-Key": server_key})
+        except httpx.TimeoutException:
+            return FetchFailed("upstream timed out")
+        except httpx.HTTPError as exc:
+            return FetchFailed(f"upstream request failed: {type(exc).__name__}: {exc}")
+        except orjson.JSONDecodeError as exc:
+            return FetchFailed(f"upstream sent invalid JSON: {exc}")
+        elapsed = time.monotonic() - started
+        if elapsed > self.poll_frequency:
+            log.warning(
+                "fetching %s took %.1fs, longer than the poll interval", mask_key(server_key), elapsed
+            )
+        return result
+
+    async def _follow_pages(
+        self, response: httpx.Response, document: dict[str, Any], headers: dict[str, str]
+    ) -> FetchResult:
+        # Later pages repeat the document; only their identity_overrides are appended (page 1 wins).
+        overrides = list(document.get("identity_overrides") or [])
+        pages = 1
+        while (next_url := response.links.get("next", {}).get("url")) is not None:
+            target = urljoin(str(response.url), next_url)
+            if _origin(target) != self.origin:
+                return FetchFailed(f"refusing a next page on another origin ({_origin(target)})")
+            pages += 1
+            if pages > MAX_PAGES:
+                return FetchFailed(f"more than {MAX_PAGES} pages")
+            response = await self._get(target, headers)
+            if response.status_code != 200:
+                return FetchFailed(f"upstream answered HTTP {response.status_code} for page {pages}")
+            page = orjson.loads(response.content)
+            if not isinstance(page, dict):
+                return FetchFailed(f"page {pages} is not a JSON object")
+            overrides.extend(page.get("identity_overrides") or [])
+        if pages > 1:
+            document["identity_overrides"] = overrides
+        return _check(document)
+
+    async def _get(self, url: str, headers: dict[str, str]) -> httpx.Response:
+        # Redirects are followed by hand: same origin only, so keys never leak to another host.
+        for _ in range(MAX_REDIRECTS + 1):
+            response = await self.client.get(url, headers=headers)
+            if response.status_code not in (301, 302, 303, 307, 308):
+                return response
+            target = urljoin(url, response.headers.get("location", ""))
+            if _origin(target) != self.origin:
+                raise httpx.HTTPError(f"refusing a redirect to another origin ({_origin(target)})")
+            url = target
+        raise httpx.HTTPError("too many redirects")
+
+
+def _origin(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    return parts.scheme, parts.netloc
+
+
+class FileSource:
+    """Documents from files: `<directory>/<server side key>.json`, re-read when the file changes.
+
+    For air-gapped installs and the bundled demo. A file's modification time plays the role of
+    Last-Modified.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._mtimes: dict[str, int] = {}
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> FileSource:
+        return cls(file_source_dir(settings.api_url))
+
+    async def aclose(self) -> None:
+        return None
+
+    async def fetch(self, server_key: str, cached_updated_at: datetime | None) -> FetchResult:
+        path = self.directory / f"{server_key}.json"
+        try:
+            mtime = path.stat().st_mtime_ns
+            if cached_updated_at is not None and self._mtimes.get(server_key) == mtime:
+                return NotModified()
+            document = orjson.loads(path.read_bytes())
+        except FileNotFoundError:
+            return FetchFailed(f"no file {self.directory}/{mask_key(server_key)}.json")
+        except OSError as exc:
+            return FetchFailed(f"cannot read the document file: {exc.strerror}")
+        except orjson.JSONDecodeError as exc:
+            return FetchFailed(f"the document file holds invalid JSON: {exc}")
+        result = _check(document)
+        if isinstance(result, Fetched):
+            self._mtimes[server_key] = mtime
+        return result
+
+
+def make_source(settings: Settings) -> Source:
+    if settings.api_url.lower().startswith("file:"):
+        return FileSource.from_settings(settings)
+    return HttpSource(settings)

@@ -1,0 +1,343 @@
+"""config.json + environment overrides, validated once at start and frozen.
+
+Compatible with Flagsmith's Python proxy: the same keys, aliases and defaults, environment variables
+override the file (case-insensitive, nested values as JSON, deep-merged), plus `proxy_key`,
+`allow_origins`, `usage_flush_interval_seconds` and a few settings of our own.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+DEFAULT_API_URL = "https://edge.api.flagsmith.com/api/v1"
+SERVER_KEY_PREFIX = "ser."
+
+log = logging.getLogger("proxy.settings")
+
+
+class ConfigError(Exception):
+    """A configuration problem, reported as one line naming the key; start-up exits with code 2."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, populate_by_name=True, extra="ignore")
+
+
+class EnvironmentKeyPair(_Frozen):
+    server_side_key: str
+    client_side_key: str
+
+    @field_validator("server_side_key", "client_side_key", mode="before")
+    @classmethod
+    def _strip(cls, value: Any) -> Any:
+        return value.strip() if isinstance(value, str) else value
+
+    @field_validator("server_side_key")
+    @classmethod
+    def _server_key(cls, value: str) -> str:
+        if not value.startswith(SERVER_KEY_PREFIX):
+            raise ValueError(f"a server-side key must start with '{SERVER_KEY_PREFIX}'")
+        if len(value) == len(SERVER_KEY_PREFIX):
+            raise ValueError("a server-side key needs characters after 'ser.'")
+        return value
+
+    @field_validator("client_side_key")
+    @classmethod
+    def _client_key(cls, value: str) -> str:
+        if not value:
+            raise ValueError("a client-side key must not be empty")
+        if value.startswith(SERVER_KEY_PREFIX):
+            raise ValueError(f"a client-side key must not start with '{SERVER_KEY_PREFIX}'")
+        return value
+
+
+class CacheSettings(_Frozen):
+    use_cache: bool = False
+    cache_max_size: int = Field(default=128, ge=1)
+
+
+class IdentityCacheSettings(CacheSettings):
+    # On by default (DESIGN): the LRU holds encoded identity responses, bounded in entries and bytes.
+    use_cache: bool = True
+    cache_max_size: int = Field(default=4096, ge=1)
+    cache_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+
+
+class EndpointCaches(_Frozen):
+    # `flags` is accepted for compatibility; flag lists are always pre-encoded, so it changes nothing.
+    flags: CacheSettings = CacheSettings()
+    identities: IdentityCacheSettings = IdentityCacheSettings()
+
+
+class LogFormat(StrEnum):
+    generic = "generic"
+    json = "json"
+
+
+class LogLevel(StrEnum):
+    CRITICAL = "CRITICAL"
+    ERROR = "ERROR"
+    WARNING = "WARNING"
+    INFO = "INFO"
+    DEBUG = "DEBUG"
+    NOTSET = "NOTSET"
+
+
+class LoggingSettings(_Frozen):
+    enable_access_log: bool = False
+    log_format: LogFormat = LogFormat.generic
+    log_level: LogLevel = LogLevel.INFO
+    log_event_field_name: str = "message"
+    colours: bool = Field(default=False, validation_alias=AliasChoices("colours", "colors"))
+    override: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+
+class ServerSettings(_Frozen):
+    host: str = "0.0.0.0"
+    port: int = Field(default=8000, ge=1, le=65535)
+    # Python-proxy keys with no Granian equivalent: accepted, warned about at start.
+    reload: bool = False
+    proxy_headers: bool = False
+    timeout_keep_alive: int = Field(default=5, gt=0)
+
+    @field_validator("host")
+    @classmethod
+    def _ip(cls, value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise ValueError(f"must be an IP address (IPv4 or IPv6), not {value!r}") from None
+        return value
+
+
+class ReadinessMode(StrEnum):
+    # `any_stale`: one stale environment fails readiness (both peers). `all_stale`: readiness fails only
+    # when no environment is fresh, so one revoked key does not take every replica out of the balancer.
+    any_stale = "any_stale"
+    all_stale = "all_stale"
+
+
+class HealthCheckSettings(_Frozen):
+    environment_update_grace_period_seconds: float | None = Field(default=30, ge=0)
+    fail_readiness_when: ReadinessMode = ReadinessMode.any_stale
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        case_sensitive=False,
+        frozen=True,
+        populate_by_name=True,
+        extra="ignore",
+        env_nested_delimiter=None,
+    )
+
+    environment_key_pairs: list[EnvironmentKeyPair] = Field(default_factory=list)
+    api_url: str = DEFAULT_API_URL
+    api_poll_frequency_seconds: float = Field(
+        default=10, gt=0, validation_alias=AliasChoices("api_poll_frequency_seconds", "api_poll_frequency")
+    )
+    api_poll_timeout_seconds: float = Field(
+        default=5, gt=0, validation_alias=AliasChoices("api_poll_timeout_seconds", "api_poll_timeout")
+    )
+    endpoint_caches: EndpointCaches | None = None
+    allow_origins: list[str] = Field(default_factory=lambda: ["*"])
+    logging: LoggingSettings = LoggingSettings()
+    server: ServerSettings = ServerSettings()
+    health_check: HealthCheckSettings = HealthCheckSettings()
+    proxy_key: str | None = Field(default=None, min_length=1)
+    usage_flush_interval_seconds: int = Field(default=60, ge=1)
+    max_request_body_bytes: int = Field(default=64 * 1024, ge=1024)
+    max_concurrent_fetches: int = Field(default=8, ge=1)
+    shared_memory_dir: str = "/dev/shm"
+
+    @field_validator("api_url")
+    @classmethod
+    def _api_url(cls, value: str) -> str:
+        value = value.strip()
+        scheme = value.split(":", 1)[0].lower() if ":" in value else ""
+        if scheme not in ("http", "https", "file"):
+            raise ValueError(f"must be an http://, https:// or file:// URL, not {value!r}")
+        if scheme == "file":
+            directory = file_source_dir(value)
+            if not directory.is_dir():
+                raise ValueError(f"file source directory {str(directory)!r} does not exist")
+            return value
+        # A trailing slash would give `//environment-document/` (a Python-proxy quirk we fix).
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _unique_keys(self) -> Settings:
+        seen: set[str] = set()
+        for index, pair in enumerate(self.environment_key_pairs):
+            for key in (pair.server_side_key, pair.client_side_key):
+                if key in seen:
+                    raise ValueError(
+                        f"environment_key_pairs.{index}: key {mask_key(key)} is configured more than once"
+                    )
+                seen.add(key)
+        if not self.environment_key_pairs and not self.proxy_key:
+            raise ValueError("environment_key_pairs: at least one pair is required")
+        return self
+
+    @property
+    def identity_cache(self) -> IdentityCacheSettings:
+        return (self.endpoint_caches or EndpointCaches()).identities
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Precedence as in the Python proxy: init kwargs > environment variables > config file.
+        return (init_settings, env_settings, _FileSource(settings_cls))
+
+
+class _FileSource(PydanticBaseSettingsSource):
+    """Feeds the already-loaded config file (see `load_settings`) to pydantic-settings."""
+
+    # Set by load_settings for the duration of one construction (start-up is single-threaded).
+    data: ClassVar[dict[str, Any]] = {}
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self.data)
+
+
+def file_source_dir(api_url: str) -> Path:
+    """`file:///abs/dir` or `file:relative/dir` → the directory holding `<server key>.json` files."""
+    rest = api_url.split(":", 1)[1]
+    if rest.startswith("//"):
+        rest = rest[2:]
+    return Path(rest)
+
+
+def config_path(environ: dict[str, str] | None = None) -> Path:
+    environ = os.environ if environ is None else environ
+    return Path(environ.get("CONFIG_PATH", "config.json"))
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot be read: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+        ) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: must hold a JSON object, not {type(data).__name__}")
+    return data
+
+
+def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
+    """Read, merge and validate the configuration; raise ConfigError with one line per problem."""
+    path = config_path() if path is None else path
+    data = read_config_file(path)
+    _FileSource.data = data
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+    finally:
+        _FileSource.data = {}
+    for warning in config_warnings(data, settings):
+        log.warning(warning)
+    return settings
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors(include_url=False):
+        key = ".".join(str(part) for part in error["loc"]) or "config"
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "json_invalid":
+            message = "invalid JSON in the environment variable"
+        lines.append(f"config error: {key}: {message}")
+    return "\n".join(lines)
+
+
+_KNOWN_TOP_LEVEL = {
+    *Settings.model_fields,
+    "api_poll_frequency",
+    "api_poll_timeout",
+}
+
+
+def config_warnings(data: dict[str, Any], settings: Settings) -> list[str]:
+    warnings = [f"config: unknown key {key!r} ignored" for key in data if key not in _KNOWN_TOP_LEVEL]
+    if settings.server.reload:
+        warnings.append("config: server.reload has no effect (no code reloading in production serving)")
+    if "timeout_keep_alive" in (data.get("server") or {}):
+        warnings.append(
+            "config: server.timeout_keep_alive has no Granian equivalent; "
+            "keep-alive is on/off in granian.toml"
+        )
+    if settings.endpoint_caches and settings.endpoint_caches.flags.use_cache:
+        warnings.append("config: endpoint_caches.flags has no effect: flag responses are always pre-encoded")
+    if settings.proxy_key:
+        warnings.append(
+            "config: proxy_key is accepted, but proxy-config discovery and usage reporting are not "
+            "implemented yet; only environment_key_pairs are served"
+        )
+    return warnings
+
+
+def mask_key(key: str) -> str:
+    """Enough of a key to tell keys apart in logs, never enough to use it."""
+    prefix = SERVER_KEY_PREFIX if key.startswith(SERVER_KEY_PREFIX) else ""
+    rest = key[len(prefix) :]
+    if len(rest) <= 6:
+        return prefix + "***"
+    return f"{prefix}{rest[:2]}…{rest[-2:]}"
+
+
+def masked_settings(settings: Settings) -> dict[str, Any]:
+    data = settings.model_dump(mode="json")
+    data["environment_key_pairs"] = [
+        {"server_side_key": mask_key(p["server_side_key"]), "client_side_key": mask_key(p["client_side_key"])}
+        for p in data["environment_key_pairs"]
+    ]
+    if data.get("proxy_key"):
+        data["proxy_key"] = mask_key(data["proxy_key"])
+    return data
+
+
+def default_config() -> dict[str, Any]:
+    """A complete config.json with every key at its default (and one example key pair)."""
+    example = {"server_side_key": "ser.your_server_side_key", "client_side_key": "your_client_side_key"}
+    data = Settings.model_construct().model_dump(mode="json")
+    data["environment_key_pairs"] = [example]
+    data["endpoint_caches"] = EndpointCaches().model_dump(mode="json")
+    return data

@@ -1,0 +1,125 @@
+"""A worker's view of the environments: key index, current states, health status, response cache.
+
+The request path only reads `Store.resolve` and the state it returns. `Follower` runs as a background
+task per worker: it notices a new generation (one memory read), builds the changed environments' states
+in a thread (so a large document does not stall the event loop for long) and swaps them in with one
+assignment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from proxy import metrics
+from proxy.cache import ResponseCache
+from proxy.environment import EnvironmentState, KeyKind
+from proxy.errors import ServiceUnavailable, Unauthorized
+from proxy.settings import Settings, mask_key
+from proxy.shm import Subscriber
+
+log = logging.getLogger("proxy.worker")
+
+FOLLOW_INTERVAL = 0.05  # seconds between generation checks: propagation adds at most this
+
+
+class Store:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        # every configured key → (kind, client key); bytes, as the header arrives
+        self.keys: dict[bytes, tuple[KeyKind, str]] = {}
+        for pair in settings.environment_key_pairs:
+            self.keys[pair.client_side_key.encode()] = (KeyKind.CLIENT, pair.client_side_key)
+            self.keys[pair.server_side_key.encode()] = (KeyKind.SERVER, pair.client_side_key)
+        self.client_keys = [pair.client_side_key for pair in settings.environment_key_pairs]
+        self.states: dict[str, EnvironmentState] = {}
+        self.status: dict[str, dict[str, Any]] = {}  # the leader's per-environment status (manifest)
+        self.build_errors: dict[str, str] = {}
+        cache = settings.identity_cache
+        self.cache = ResponseCache(cache.cache_max_size, cache.cache_max_bytes) if cache.use_cache else None
+        self.generation = 0
+
+    def resolve(self, key: bytes | None) -> tuple[KeyKind, EnvironmentState]:
+        found = self.keys.get(key) if key else None
+        if found is None:
+            raise Unauthorized(f"unknown key '{(key or b'').decode('utf-8', 'replace')}'")
+        kind, client_key = found
+        state = self.states.get(client_key)
+        if state is None:
+            raise ServiceUnavailable("environment document not loaded yet; try again shortly")
+        return kind, state
+
+    def apply(self, manifest: dict[str, Any], built: dict[str, EnvironmentState]) -> None:
+        """Swap in new states and status (on the event loop, no await: requests see old or new)."""
+        self.status = manifest["environments"]
+        if built:
+            self.states = {**self.states, **built}
+            if self.cache is not None:
+                for client_key in built:
+                    self.cache.drop_environment(client_key)
+        self.generation = manifest["generation"]
+
+
+def build_states(
+    documents: dict[str, bytes], generation: int, build_errors: dict[str, str]
+) -> dict[str, Any]:
+    """Build states for changed documents; a failure keeps the previous state and is reported."""
+    built: dict[str, EnvironmentState] = {}
+    for client_key, data in documents.items():
+        started = time.perf_counter()
+        try:
+            built[client_key] = EnvironmentState(client_key, data, generation)
+        except Exception as exc:
+            build_errors[client_key] = f"{type(exc).__name__}: {exc}"
+            metrics.STATE_BUILD_ERRORS.inc()
+            log.error(
+                "environment %s: the published document failed to build, keeping the previous state: %s",
+                mask_key(client_key),
+                build_errors[client_key],
+            )
+            continue
+        build_errors.pop(client_key, None)
+        metrics.STATE_BUILD_SECONDS.observe(time.perf_counter() - started)
+    return built
+
+
+class Follower:
+    def __init__(self, store: Store, subscriber: Subscriber) -> None:
+        self.store = store
+        self.subscriber = subscriber
+
+    def load_now(self) -> None:
+        """Synchronous first load, at worker start-up before serving."""
+        polled = self.subscriber.poll() if self.subscriber.published else None
+        if polled is not None:
+            manifest, documents = polled
+            built = build_states(documents, manifest["generation"], self.store.build_errors)
+            self.store.apply(manifest, built)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        flushed_at = time.monotonic()
+        while True:
+            try:
+                if self.subscriber.changed():
+                    polled = self.subscriber.poll()
+                    if polled is not None:
+                        manifest, documents = polled
+                        built = {}
+                        if documents:
+                            built = await loop.run_in_executor(
+                                None, build_states, documents, manifest["generation"], self.store.build_errors
+                            )
+                        self.store.apply(manifest, built)
+                now = time.monotonic()
+                if now - flushed_at >= 1.0:
+                    metrics.flush_request_counts()
+                    flushed_at = now
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never let the follower die: the worker would serve stale data forever
+                log.exception("worker failed to load a publication; retrying")
+                await asyncio.sleep(1.0)
+            await asyncio.sleep(FOLLOW_INTERVAL)

@@ -1,0 +1,67 @@
+"""The application factory each Granian worker calls (`proxy.worker:create_app`).
+
+Workers get the validated settings and the shared-memory area's path from environment variables set by
+`edge-proxy serve`, so nothing depends on inheriting memory from the main process (Granian spawns
+workers on Python 3.14).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import os
+import pickle
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from blacksheep import Application
+
+from proxy.app import build_app
+from proxy.logs import configure_logging
+from proxy.settings import Settings
+from proxy.shm import Subscriber
+from proxy.store import Follower, Store
+
+SETTINGS_ENV = "EDGE_PROXY_SETTINGS"
+AREA_ENV = "EDGE_PROXY_AREA"
+
+log = logging.getLogger("proxy.worker")
+
+
+def encode_settings(settings: Settings) -> str:
+    return base64.b64encode(pickle.dumps(settings)).decode()
+
+
+def decode_settings(value: str) -> Settings:
+    # Written by our own main process into our children's environment; never from outside.
+    return pickle.loads(base64.b64decode(value))
+
+
+def create_app() -> Application:
+    settings = decode_settings(os.environ[SETTINGS_ENV])
+    configure_logging(settings.logging)
+    return create_worker_app(settings, Path(os.environ[AREA_ENV]))
+
+
+def create_worker_app(settings: Settings, area: Path) -> Application:
+    store = Store(settings)
+    app = build_app(settings, store)
+
+    @app.lifespan
+    async def follow_publications() -> AsyncIterator[None]:
+        subscriber = Subscriber(area)
+        follower = Follower(store, subscriber)
+        follower.load_now()
+        task = asyncio.create_task(follower.run())
+        log.debug("worker %d following %s at generation %d", os.getpid(), area, store.generation)
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            subscriber.close()
+
+    return app

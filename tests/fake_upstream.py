@@ -1,0 +1,146 @@
+"""A fake Flagsmith API: a real HTTP server on 127.0.0.1 with failure modes driven by the tests.
+
+Serves `GET /api/v1/environment-document/` chosen by `X-Environment-Key`, honours If-Modified-Since the
+way Django does (IMF-fixdate GMT only, second precision), sends Last-Modified, and can paginate.
+Failure modes: `fail` (HTTP status), `garbage` ("list", "notjson", "304", "invalid"), `delay` (seconds).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import threading
+from datetime import UTC, datetime
+from email.utils import format_datetime, parsedate_to_datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+
+class FakeFlagsmith:
+    def __init__(self, documents: dict[str, dict[str, Any]]) -> None:
+        self.documents = {key: copy.deepcopy(doc) for key, doc in documents.items()}
+        self.lock = threading.Lock()
+        self.requests: list[dict[str, Any]] = []
+        self.fail: int | None = None
+        self.garbage: str | None = None
+        self.delay = 0.0
+        self.page_size: int | None = None  # identity overrides per page; None: no pagination
+        self.next_link: str | None = None  # force a `Link: <...>; rel="next"` (e.g. another origin)
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    @property
+    def port(self) -> int:
+        return self.server.server_address[1]
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api/v1"
+
+    def start(self) -> FakeFlagsmith:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def count(self, key: str | None = None) -> int:
+        with self.lock:
+            return sum(1 for r in self.requests if key is None or r["key"] == key)
+
+    def set_document(self, key: str, document: dict[str, Any]) -> None:
+        with self.lock:
+            self.documents[key] = copy.deepcopy(document)
+
+    def toggle(self, key: str, feature_name: str) -> bool:
+        """Flip a feature's enabled state and bump updated_at; returns the new state."""
+        with self.lock:
+            document = self.documents[key]
+            for state in document["feature_states"]:
+                if state["feature"]["name"] == feature_name:
+                    state["enabled"] = not state["enabled"]
+                    enabled = state["enabled"]
+                    break
+            else:
+                raise KeyError(feature_name)
+            document["updated_at"] = datetime.now(UTC).isoformat()
+            return enabled
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802
+                parts = urlsplit(self.path)
+                key = self.headers.get("X-Environment-Key")
+                with fake.lock:
+                    fake.requests.append(
+                        {
+                            "path": parts.path,
+                            "query": parts.query,
+                            "key": key,
+                            "ims": self.headers.get("If-Modified-Since"),
+                            "ua": self.headers.get("User-Agent"),
+                        }
+                    )
+                    delay, fail, garbage = fake.delay, fake.fail, fake.garbage
+                    document = copy.deepcopy(fake.documents.get(key or ""))
+                if delay:
+                    threading.Event().wait(delay)
+                if parts.path.rstrip("/") != "/api/v1/environment-document":
+                    return self._send(404, b'{"detail":"Not Found"}')
+                if fail:
+                    return self._send(fail, b'{"detail":"failure on demand"}')
+                if garbage == "list":
+                    return self._send(200, b"[1,2,3]")
+                if garbage == "notjson":
+                    return self._send(200, b"<html>oops</html>")
+                if garbage == "304":
+                    return self._send(304, b"")
+                if garbage == "invalid":
+                    return self._send(200, b'{"api_key":"x","feature_states":"nope"}')
+                if document is None:
+                    return self._send(401, b'{"detail":"Invalid or missing Environment Key"}')
+                updated = datetime.fromisoformat(document["updated_at"]).replace(microsecond=0)
+                last_modified = format_datetime(updated.astimezone(UTC), usegmt=True)
+                ims = self.headers.get("If-Modified-Since")
+                if ims and ims.endswith(" GMT") and "page_id" not in parts.query:
+                    try:
+                        if updated <= parsedate_to_datetime(ims):
+                            return self._send(304, b"", {"Last-Modified": last_modified})
+                    except (TypeError, ValueError):
+                        pass
+                headers = {"Last-Modified": last_modified}
+                overrides = document.get("identity_overrides") or []
+                if fake.page_size:
+                    page = int(parse_qs(parts.query).get("page_id", ["0"])[0])
+                    start = page * fake.page_size
+                    document["identity_overrides"] = overrides[start : start + fake.page_size]
+                    if start + fake.page_size < len(overrides):
+                        headers["Link"] = f'</api/v1/environment-document/?page_id={page + 1}>; rel="next"'
+                if fake.next_link:
+                    headers["Link"] = f'<{fake.next_link}>; rel="next"'
+                return self._send(200, json.dumps(document).encode(), headers)
+
+            def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+                self.send_response(status)
+                if status != 304:
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
+                if status == 304:
+                    self.send_header("Content-Length", "0")
+                self.end_headers()
+                if status != 304:
+                    self.wfile.write(body)
+
+        return Handler
