@@ -89,7 +89,9 @@ def alive(pid: int) -> bool:
 class ProxyProcess:
     """`edge-proxy serve` in its own working directory, as a user would start it."""
 
-    def __init__(self, workdir: Path, config: dict[str, Any], workers: int = 1, env: dict[str, str] | None = None):
+    def __init__(
+        self, workdir: Path, config: dict[str, Any], workers: int = 1, env: dict[str, str] | None = None
+    ):
         self.workdir = workdir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -107,7 +109,16 @@ class ProxyProcess:
     def start(self) -> ProxyProcess:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [EDGE_PROXY, "serve", "--host", "127.0.0.1", "--port", str(self.port), "--workers", str(self.workers)],
+                [
+                    EDGE_PROXY,
+                    "serve",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--workers",
+                    str(self.workers),
+                ],
                 cwd=self.workdir,
                 env=self.env,
                 stdout=log,

@@ -29,7 +29,9 @@ class FakeFlagsmith:
         self.next_link: str | None = None  # force a `Link: <...>; rel="next"` (e.g. another origin)
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
 
     @property
     def port(self) -> int:
@@ -78,7 +80,7 @@ class FakeFlagsmith:
             def log_message(self, *args: Any) -> None:
                 pass
 
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 parts = urlsplit(self.path)
                 key = self.headers.get("X-Environment-Key")
                 with fake.lock:
