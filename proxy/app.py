@@ -9,6 +9,7 @@ responses are evaluated once and kept in the per-worker LRU.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from email.utils import parsedate_to_datetime
@@ -93,6 +94,7 @@ class ProxyApp:
         self.max_body = settings.max_request_body_bytes
         self.allow_any_origin = "*" in settings.allow_origins
         self.allowed_origins = {origin.encode() for origin in settings.allow_origins}
+        self.pid = str(os.getpid()).encode()
 
     # -- flags -----------------------------------------------------------------------------------
     async def flags(self, request: Request) -> Response:
@@ -124,9 +126,7 @@ class ProxyApp:
         # Resolve again: a new state may have been swapped in while the body was read.
         kind, state = self.store.resolve(key)
         # Keyed on the raw body: a repeated request is answered without even parsing it.
-        return self._identity(
-            request, kind, state, (kind, raw), lambda: parse_identity_body(raw, content_type)
-        )
+        return self._identity(request, kind, state, (kind, raw), lambda: parse_identity_body(raw, content_type))
 
     def _identity(
         self,
@@ -183,9 +183,7 @@ class ProxyApp:
     # -- health and metrics ----------------------------------------------------------------------
     async def health(self, request: Request) -> Response:
         store = self.store
-        status, body = check_health(
-            self.settings, store.client_keys, store.status, store.build_errors, time.time()
-        )
+        status, body = check_health(self.settings, store.client_keys, store.status, store.build_errors, time.time())
         return _json(status, body)
 
     async def liveness(self, request: Request) -> Response:
@@ -231,9 +229,7 @@ class ProxyApp:
         except RequestInvalid as error:
             response = _json(422, error.body())
         except Exception:
-            log.exception(
-                "unexpected error serving %s %s", request.method, request._path.decode(errors="replace")
-            )
+            log.exception("unexpected error serving %s %s", request.method, request._path.decode(errors="replace"))
             response = _json(500, b'{"status":"error","message":"internal error"}')
         origin = request.get_first_header(b"origin")
         if origin is not None:
@@ -258,11 +254,7 @@ def _not_modified(since: bytes, state: EnvironmentState) -> bool:
         when = parsedate_to_datetime(since.decode("latin-1"))
     except (TypeError, ValueError):
         return False
-    return (
-        state.updated_at is not None
-        and when.tzinfo is not None
-        and state.updated_at.replace(microsecond=0) <= when
-    )
+    return state.updated_at is not None and when.tzinfo is not None and state.updated_at.replace(microsecond=0) <= when
 
 
 def _plain(method: Handler) -> Handler:

@@ -42,9 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-config", help="validate the configuration and print it, keys masked")
     check.add_argument("--granian-config", help="path of granian.toml")
     commands.add_parser("render-config", help="print a complete default config.json")
-    health = commands.add_parser(
-        "health", help="probe a running proxy's readiness (for container health checks)"
-    )
+    health = commands.add_parser("health", help="probe a running proxy's readiness (for container health checks)")
     health.add_argument("--url", default="http://127.0.0.1:8000/proxy/health/readiness")
     health.add_argument("--timeout", type=float, default=3.0)
     return parser

@@ -82,16 +82,12 @@ class EnvironmentState:
             repr(self.updated_at_epoch).encode() if self.updated_at_epoch is not None else None
         )
         self.last_modified: bytes | None = (
-            format_datetime(self.updated_at.replace(microsecond=0), usegmt=True).encode()
-            if self.updated_at
-            else None
+            format_datetime(self.updated_at.replace(microsecond=0), usegmt=True).encode() if self.updated_at else None
         )
         self.features = feature_objects(self.mapped)
         project = document["project"]
         server_only = set(project.get("server_key_only_feature_ids") or ())
-        client_visible = frozenset(
-            name for name, feature in self.features.items() if feature["id"] not in server_only
-        )
+        client_visible = frozenset(name for name, feature in self.features.items() if feature["id"] not in server_only)
         hide_disabled = bool(project.get("hide_disabled_flags"))
         # One environment evaluation serves both kinds: only the filters differ.
         all_flags = evaluate(self.mapped, self.features, None)
@@ -101,9 +97,7 @@ class EnvironmentState:
         )
 
     @staticmethod
-    def _view(
-        all_flags: list[dict[str, Any]], visible: frozenset[str] | None, hide_disabled: bool
-    ) -> KindView:
+    def _view(all_flags: list[dict[str, Any]], visible: frozenset[str] | None, hide_disabled: bool) -> KindView:
         flags = [f for f in all_flags if visible is None or f["feature"]["name"] in visible]
         if hide_disabled:
             flags = drop_disabled(flags)

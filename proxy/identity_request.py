@@ -21,9 +21,7 @@ class RequestInvalid(Exception):
         return orjson.dumps({"detail": self.errors})
 
 
-def _error(
-    kind: str, loc: list[Any], msg: str, value: Any, ctx: dict[str, Any] | None = None
-) -> dict[str, Any]:
+def _error(kind: str, loc: list[Any], msg: str, value: Any, ctx: dict[str, Any] | None = None) -> dict[str, Any]:
     error = {"type": kind, "loc": loc, "msg": msg, "input": value}
     if ctx:
         error["ctx"] = ctx
@@ -77,9 +75,7 @@ def parse_identity_body(raw: bytes, content_type: bytes | None) -> Identity:
     if "identifier" not in data:
         errors.append(_error("missing", ["body", "identifier"], "Field required", data))
     elif not isinstance(identifier, str):
-        errors.append(
-            _error("string_type", ["body", "identifier"], "Input should be a valid string", identifier)
-        )
+        errors.append(_error("string_type", ["body", "identifier"], "Input should be a valid string", identifier))
     traits = data.get("traits", [])
     echo: list[dict[str, Any]] = []
     if traits is None or not isinstance(traits, list):

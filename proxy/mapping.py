@@ -203,9 +203,7 @@ def _index_identity_overrides(overrides: list[dict[str, Any]]) -> dict[str, Segm
             "rules": [
                 {
                     "type": "ALL",
-                    "conditions": [
-                        {"property": "$.identity.identifier", "operator": "IN", "value": [identifier]}
-                    ],
+                    "conditions": [{"property": "$.identity.identifier", "operator": "IN", "value": [identifier]}],
                     "rules": [],
                 }
             ],

@@ -14,9 +14,7 @@ from collections import defaultdict
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
-HTTP_REQUESTS = Counter(
-    "edge_proxy_http_requests", "HTTP requests served, by route and status", ["route", "status"]
-)
+HTTP_REQUESTS = Counter("edge_proxy_http_requests", "HTTP requests served, by route and status", ["route", "status"])
 IDENTITY_CACHE = Counter("edge_proxy_identity_cache", "Identity response cache lookups", ["result"])
 UPSTREAM_FETCHES = Counter(
     "edge_proxy_upstream_fetches",

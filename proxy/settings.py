@@ -172,6 +172,8 @@ class Settings(BaseSettings):
     max_request_body_bytes: int = Field(default=64 * 1024, ge=1024)
     max_concurrent_fetches: int = Field(default=8, ge=1)
     shared_memory_dir: str = "/dev/shm"
+    # Bytes of documents the area may hold (e.g. the container's /dev/shm size); None: whatever is free.
+    shared_memory_max_bytes: int | None = Field(default=None, ge=1024)
 
     @field_validator("api_url")
     @classmethod
@@ -194,9 +196,7 @@ class Settings(BaseSettings):
         for index, pair in enumerate(self.environment_key_pairs):
             for key in (pair.server_side_key, pair.client_side_key):
                 if key in seen:
-                    raise ValueError(
-                        f"environment_key_pairs.{index}: key {mask_key(key)} is configured more than once"
-                    )
+                    raise ValueError(f"environment_key_pairs.{index}: key {mask_key(key)} is configured more than once")
                 seen.add(key)
         if not self.environment_key_pairs and not self.proxy_key:
             raise ValueError("environment_key_pairs: at least one pair is required")
@@ -253,9 +253,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot be read: {exc}") from None
     except json.JSONDecodeError as exc:
-        raise ConfigError(
-            f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
-        ) from None
+        raise ConfigError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: must hold a JSON object, not {type(data).__name__}")
     return data
@@ -301,8 +299,7 @@ def config_warnings(data: dict[str, Any], settings: Settings) -> list[str]:
         warnings.append("config: server.reload has no effect (no code reloading in production serving)")
     if "timeout_keep_alive" in (data.get("server") or {}):
         warnings.append(
-            "config: server.timeout_keep_alive has no Granian equivalent; "
-            "keep-alive is on/off in granian.toml"
+            "config: server.timeout_keep_alive has no Granian equivalent; keep-alive is on/off in granian.toml"
         )
     if settings.endpoint_caches and settings.endpoint_caches.flags.use_cache:
         warnings.append("config: endpoint_caches.flags has no effect: flag responses are always pre-encoded")

@@ -32,7 +32,7 @@ import shutil
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import orjson
 
@@ -144,14 +144,16 @@ class Published:
 class Publisher:
     """The leader's side. Not thread-safe: one leader, one writer."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, max_bytes: int | None = None) -> None:
         self.path = path
+        self.max_bytes = max_bytes
         self._file = open(path / CONTROL, "r+b")  # noqa: SIM115 - kept open for the writer's lifetime
         self._mm = mmap.mmap(self._file.fileno(), CONTROL_SIZE)
         self._words = memoryview(self._mm).cast("Q")
         if self._words[_MAGIC] != MAGIC:
             raise AreaError(f"{path / CONTROL} is not an edge-proxy control file")
         self.generation = self._words[_GENERATION]
+        self._published: dict[str, dict[str, Any]] = {}  # client key → its file, length, crc32
         self._previous_files: set[str] = set()
         self._current_files: set[str] = set()
 
@@ -160,7 +162,12 @@ class Publisher:
         manifest = read_manifest(self.path)
         if manifest is not None:
             self.generation = max(self.generation, manifest["generation"])
-            self._current_files = {e["file"] for e in manifest["environments"].values() if e.get("file")}
+            self._published = {
+                key: {field: entry[field] for field in ("file", "length", "crc32")}
+                for key, entry in manifest["environments"].items()
+                if entry.get("file")
+            }
+            self._current_files = {e["file"] for e in self._published.values()}
         return manifest
 
     def read_document(self, entry: dict[str, Any]) -> bytes | None:
@@ -169,21 +176,22 @@ class Publisher:
     def publish(self, documents: dict[str, bytes], environments: dict[str, dict[str, Any]]) -> int:
         """Write the changed `documents` (client key → bytes), then the manifest of all `environments`.
 
-        `environments` maps client key → manifest entry; entries of changed documents get their file,
-        length and crc32 filled in here. On failure nothing already published is touched.
+        `environments` maps client key → the leader's status for it; the publisher adds where each
+        environment's document is (file, length, crc32). An environment left out is no longer published.
+        On failure nothing already published is touched.
         """
         generation = self.generation + 1
+        self._check_room(sum(len(data) for data in documents.values()))
+        published = {key: self._published[key] for key in environments if key in self._published}
         written: list[Path] = []
         try:
             for client_key, data in documents.items():
                 name = f"env-{key_hash(client_key)}-{generation}.json"
                 _write_atomic(self.path / name, data)
                 written.append(self.path / name)
-                environments[client_key].update(file=name, length=len(data), crc32=zlib.crc32(data))
-            _write_atomic(
-                self.path / MANIFEST,
-                orjson.dumps({"generation": generation, "environments": environments}),
-            )
+                published[client_key] = {"file": name, "length": len(data), "crc32": zlib.crc32(data)}
+            manifest = {key: {**status, **published.get(key, {})} for key, status in environments.items()}
+            _write_atomic(self.path / MANIFEST, orjson.dumps({"generation": generation, "environments": manifest}))
         except OSError as exc:
             for path in written:
                 with contextlib.suppress(OSError):
@@ -193,7 +201,8 @@ class Publisher:
             raise AreaError(f"cannot publish to {self.path}: {exc}") from None
         self._words[_GENERATION] = generation
         self.generation = generation
-        current = {e["file"] for e in environments.values() if e.get("file")}
+        self._published = published
+        current = {e["file"] for e in published.values()}
         # Keep the previous generation's files: a reader may have read the old manifest a moment ago.
         for stale in self._previous_files - current - self._current_files:
             with contextlib.suppress(OSError):
@@ -201,10 +210,31 @@ class Publisher:
         self._previous_files, self._current_files = self._current_files, current
         return generation
 
+    def _check_room(self, needed: int) -> None:
+        """Refuse before writing anything: a half-done publication must not push out what is published."""
+        stats = os.statvfs(self.path)
+        free = stats.f_bavail * stats.f_frsize
+        if needed > free:
+            raise AreaError(_full_message(self.path, free))
+        if self.max_bytes is not None:
+            used = sum(entry.stat().st_size for entry in self.path.glob("env-*.json"))
+            if used + needed > self.max_bytes:
+                raise AreaError(
+                    f"shared-memory area {self.path} would exceed shared_memory_max_bytes "
+                    f"({used + needed} > {self.max_bytes} bytes): raise shared_memory_max_bytes and the size of "
+                    "its filesystem (docker run --shm-size, or a Kubernetes emptyDir with medium: Memory)"
+                )
+
     def close(self) -> None:
         self._words.release()
         self._mm.close()
         self._file.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -289,10 +319,12 @@ class Subscriber:
         self.seen = manifest["generation"]
         return manifest, changed
 
-    def forget(self, client_key: str) -> None:
-        """Make the next poll hand this environment out again (its state failed to build)."""
-        self._loaded.pop(client_key, None)
-
     def close(self) -> None:
         self._words.release()
         self._mm.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

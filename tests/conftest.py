@@ -89,9 +89,7 @@ def alive(pid: int) -> bool:
 class ProxyProcess:
     """`edge-proxy serve` in its own working directory, as a user would start it."""
 
-    def __init__(
-        self, workdir: Path, config: dict[str, Any], workers: int = 1, env: dict[str, str] | None = None
-    ):
+    def __init__(self, workdir: Path, config: dict[str, Any], workers: int = 1, env: dict[str, str] | None = None):
         self.workdir = workdir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"

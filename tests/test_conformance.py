@@ -23,9 +23,7 @@ FIXED = {"12", "13", "18", "44", "46", "47"}
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
     upstream = FakeFlagsmith(conformance_documents()).start()
-    proxy = ProxyProcess(
-        tmp_path_factory.mktemp("conformance"), proxy_config(upstream.api_url), workers=1
-    ).start()
+    proxy = ProxyProcess(tmp_path_factory.mktemp("conformance"), proxy_config(upstream.api_url), workers=1).start()
     try:
         proxy.wait_ready()
         yield proxy
@@ -42,9 +40,7 @@ def send(proxy: ProxyProcess, request: dict[str, Any]) -> httpx.Response:
         content = body.encode()
     elif body is not None:
         content = json.dumps(body).encode()
-    return httpx.request(
-        request["method"], proxy.url + request["path"], headers=headers, content=content, timeout=10
-    )
+    return httpx.request(request["method"], proxy.url + request["path"], headers=headers, content=content, timeout=10)
 
 
 def parsed(response: httpx.Response) -> Any:

@@ -27,9 +27,7 @@ scalars = st.one_of(
     st.integers(-5, 100),
     st.sampled_from(["premium", "free", "GB", "US", "1.2.3", "2.0.0", "18", "3.5", "true", "", "a,b"]),
 )
-feature_values = st.one_of(
-    st.none(), st.booleans(), st.integers(0, 1000), st.sampled_from(["on", "off", "12.34", ""])
-)
+feature_values = st.one_of(st.none(), st.booleans(), st.integers(0, 1000), st.sampled_from(["on", "off", "12.34", ""]))
 
 
 @st.composite
@@ -68,9 +66,7 @@ def conditions(draw: st.DrawFn) -> dict[str, Any]:
     elif operator == "MODULO":
         value = draw(st.sampled_from(["2|0", "3|1", "x|y"]))
     else:
-        value = draw(
-            st.sampled_from(["premium", "18", "1.0.0:semver", "true", "False", "GB", "3.5", "alice"])
-        )
+        value = draw(st.sampled_from(["premium", "18", "1.0.0:semver", "true", "False", "GB", "3.5", "alice"]))
     return {"operator": operator, "property_": prop, "value": value}
 
 
@@ -84,9 +80,7 @@ def rules(draw: st.DrawFn, depth: int = 0) -> dict[str, Any]:
     return rule
 
 
-def feature_state(
-    feature: dict[str, Any], draw: st.DrawFn, segment_priority: int | None = None
-) -> dict[str, Any]:
+def feature_state(feature: dict[str, Any], draw: st.DrawFn, segment_priority: int | None = None) -> dict[str, Any]:
     state: dict[str, Any] = {
         "feature": feature,
         "enabled": draw(st.booleans()),
@@ -200,9 +194,7 @@ def ours(document: dict[str, Any], identifier: str | None, traits: dict[str, Any
     identifier=st.sampled_from(IDENTIFIERS),
     traits=st.dictionaries(st.sampled_from(TRAIT_KEYS), scalars, max_size=4),
 )
-def test_identity_flags_match_the_sdk(
-    document: dict[str, Any], identifier: str, traits: dict[str, Any]
-) -> None:
+def test_identity_flags_match_the_sdk(document: dict[str, Any], identifier: str, traits: dict[str, Any]) -> None:
     assume(not sdk_merges_override_sets(document))
     assert ours(document, identifier, traits) == oracle(document, identifier, traits)
 
@@ -226,9 +218,7 @@ def test_identity_override_beats_segment_override() -> None:
                     "id": 1,
                     "name": "everyone",
                     "rules": [{"type": "ALL", "conditions": [{"operator": "IS_NOT_SET", "property_": "x"}]}],
-                    "feature_states": [
-                        {**base, "feature_state_value": "segment", "feature_segment": {"priority": 0}}
-                    ],
+                    "feature_states": [{**base, "feature_state_value": "segment", "feature_segment": {"priority": 0}}],
                 }
             ]
         },
@@ -254,8 +244,7 @@ def test_override_index_holds_only_each_identitys_own_segment() -> None:
         "feature_states": [state],
         "project": {"segments": []},
         "identity_overrides": [
-            {"identifier": f"user-{i}", "identity_features": [{**state, "feature_state_value": i}]}
-            for i in range(500)
+            {"identifier": f"user-{i}", "identity_features": [{**state, "feature_state_value": i}]} for i in range(500)
         ],
     }
     mapped = map_document(document)

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -42,7 +42,6 @@ class Environment:
     failures: int = 0
     next_due: float = 0.0
     dirty: bool = False  # fetched, not yet published
-    file_entry: dict[str, Any] = field(default_factory=dict)
 
     def manifest_entry(self) -> dict[str, Any]:
         return {
@@ -51,7 +50,6 @@ class Environment:
             "updated_at": self.updated_at.isoformat() if self.updated_at else None,
             "last_success": self.last_success,
             "last_error": self.last_error,
-            **self.file_entry,
         }
 
 
@@ -86,7 +84,6 @@ class Poller:
             env.document = data
             env.updated_at = parse_updated_at(document.get("updated_at"))
             env.name = document.get("name")
-            env.file_entry = {k: entry[k] for k in ("file", "length", "crc32")}
         log.info("resumed at generation %d", self.publisher.generation)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -158,8 +155,6 @@ class Poller:
         metrics.PUBLICATION_SECONDS.observe(time.perf_counter() - started)
         self.publish_error = None
         for key in changed:
-            env = self.environments[key]
-            env.dirty = False
-            env.file_entry = {k: entries[key][k] for k in ("file", "length", "crc32")}
+            self.environments[key].dirty = False
         if changed:
             log.info("published generation %d (%d changed)", generation, len(changed))

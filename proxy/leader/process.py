@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from pathlib import Path
 
@@ -14,6 +15,15 @@ from proxy.settings import Settings
 from proxy.shm import Publisher
 
 log = logging.getLogger("proxy.leader")
+
+
+async def _stop_when_orphaned(parent: int, stop: asyncio.Event) -> None:
+    # If the main process is SIGKILLed nobody stops us: exit rather than poll upstream forever.
+    while not stop.is_set():
+        if os.getppid() != parent:
+            log.error("the main process (pid %d) is gone; leader exiting", parent)
+            stop.set()
+        await asyncio.sleep(0.5)
 
 
 def run_leader(settings: Settings, area: str) -> None:
@@ -33,14 +43,16 @@ async def _main(settings: Settings, area: Path) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    publisher = Publisher(area)
+    publisher = Publisher(area, settings.shared_memory_max_bytes)
     source = make_source(settings)
     poller = Poller(settings, source, publisher)
     poller.resume()
     log.info("leader started, polling %d environment(s)", len(poller.environments))
+    orphan_watch = asyncio.create_task(_stop_when_orphaned(os.getppid(), stop))
     try:
         await poller.run(stop)
     finally:
+        orphan_watch.cancel()
         await source.aclose()
         publisher.close()
         log.info("leader stopped")

@@ -108,9 +108,7 @@ class HttpSource:
             return FetchFailed(f"upstream sent invalid JSON: {exc}")
         elapsed = time.monotonic() - started
         if elapsed > self.poll_frequency:
-            log.warning(
-                "fetching %s took %.1fs, longer than the poll interval", mask_key(server_key), elapsed
-            )
+            log.warning("fetching %s took %.1fs, longer than the poll interval", mask_key(server_key), elapsed)
         return result
 
     async def _follow_pages(

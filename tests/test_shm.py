@@ -1,0 +1,171 @@
+"""The publication protocol: incremental, verified, never torn, and safe when the area is too small."""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from proxy.shm import Area, AreaError, Publisher, Subscriber
+
+
+@pytest.fixture
+def area(tmp_path: Path) -> Iterator[Area]:
+    created = Area(Path("/dev/shm") / f"edge-proxy-test.{os.getpid()}.{tmp_path.name}")
+    created.create()
+    yield created
+    created.remove()
+
+
+def entry(name: str = "env") -> dict[str, object]:
+    return {"server_keys": [f"ser.{name}"], "name": name, "last_success": 1.0, "last_error": None}
+
+
+def test_publish_then_read(area: Area) -> None:
+    with Publisher(area.path) as publisher, Subscriber(area.path) as subscriber:
+        assert not subscriber.changed()
+        publisher.publish({"a": b'{"x":1}'}, {"a": entry()})
+        assert subscriber.changed()
+        manifest, documents = subscriber.poll()
+        assert documents == {"a": b'{"x":1}'}
+        assert manifest["generation"] == 1
+        assert not subscriber.changed()
+
+
+def test_changing_one_of_many_environments_writes_one_document(area: Area) -> None:
+    with Publisher(area.path) as publisher, Subscriber(area.path) as subscriber:
+        entries = {f"env{i}": entry(f"env{i}") for i in range(1000)}
+        publisher.publish({key: f'{{"n":"{key}"}}'.encode() for key in entries}, entries)
+        subscriber.poll()
+        before = set(os.listdir(area.path))
+        publisher.publish({"env7": b'{"n":"changed"}'}, entries)
+        added = set(os.listdir(area.path)) - before
+        assert added == {next(name for name in added if name.startswith("env-"))}  # one new document file
+        _, documents = subscriber.poll()
+        assert documents == {"env7": b'{"n":"changed"}'}
+
+
+def test_a_status_only_publication_carries_no_documents(area: Area) -> None:
+    with Publisher(area.path) as publisher, Subscriber(area.path) as subscriber:
+        publisher.publish({"a": b"{}"}, {"a": entry()})
+        subscriber.poll()
+        publisher.publish({}, {"a": {**entry(), "last_success": 2.0}})
+        manifest, documents = subscriber.poll()
+        assert documents == {}
+        assert manifest["environments"]["a"]["last_success"] == 2.0
+
+
+def test_corrupted_document_is_not_handed_out(area: Area) -> None:
+    with Publisher(area.path) as publisher, Subscriber(area.path) as subscriber:
+        publisher.publish({"a": b'{"x":1}'}, {"a": entry()})
+        (file,) = area.path.glob("env-*.json")
+        file.write_bytes(b'{"x":2}')  # same length, different CRC
+        assert subscriber.poll() is None
+        assert subscriber.changed()  # retried on the next poll
+
+
+def test_area_too_small_fails_clearly_and_keeps_what_is_published(area: Area) -> None:
+    with Publisher(area.path, max_bytes=4096) as publisher, Subscriber(area.path) as subscriber:
+        publisher.publish({"a": b"x" * 1000}, {"a": entry()})
+        with pytest.raises(AreaError, match=r"shared_memory_max_bytes.*--shm-size"):
+            publisher.publish({"a": b"y" * 5000}, {"a": entry()})
+        _, documents = subscriber.poll()
+        assert documents == {"a": b"x" * 1000}
+        assert publisher.generation == 1
+
+
+def test_a_restarted_publisher_resumes_the_generation(area: Area) -> None:
+    with Publisher(area.path) as first:
+        first.publish({"a": b"{}"}, {"a": entry()})
+        first.publish({}, {"a": entry()})
+    with Publisher(area.path) as second:
+        manifest = second.resume()
+        assert manifest is not None and manifest["generation"] == 2
+        assert second.read_document(manifest["environments"]["a"]) == b"{}"
+        assert second.publish({}, {"a": entry()}) == 3
+
+
+def test_an_area_in_use_is_refused(area: Area) -> None:
+    with pytest.raises(AreaError, match="in use by a running edge-proxy"):
+        Area(area.path).create()
+
+
+def test_a_dead_instances_leftovers_are_cleaned(tmp_path: Path) -> None:
+    path = Path("/dev/shm") / f"edge-proxy-test.{os.getpid()}.leftover"
+    path.mkdir()
+    (path / "lock").write_text("999999")  # nobody holds its lock: its owner is dead
+    (path / "env-stale-1.json").write_text("{}")
+    area = Area(path)
+    try:
+        area.create()
+        assert not (path / "env-stale-1.json").exists()
+        assert (path / "control").exists()
+    finally:
+        area.remove()
+    assert not path.exists()
+
+
+# -- torture: one writer at a high rate, several readers verifying every document they get -----------
+
+
+def _document(generation: int, size: int) -> bytes:
+    body = (f"{generation}:" * (size // 8 + 1)).encode()[:size]
+    return body + hashlib.sha256(body).hexdigest().encode()
+
+
+def _verify(data: bytes) -> bool:
+    body, digest = data[:-64], data[-64:]
+    return hashlib.sha256(body).hexdigest().encode() == digest
+
+
+def _writer(path: str, seconds: float, result: multiprocessing.Queue) -> None:
+    publisher = Publisher(Path(path))
+    deadline = time.monotonic() + seconds
+    count = 0
+    while time.monotonic() < deadline:
+        count += 1
+        size = 1000 + (count * 7919) % 200_000
+        entries = {"a": entry("a"), "b": entry("b")}
+        publisher.publish({"a": _document(count, size), "b": _document(-count, size // 2)}, entries)
+    result.put(("writer", count))
+
+
+def _reader(path: str, seconds: float, result: multiprocessing.Queue) -> None:
+    subscriber = Subscriber(Path(path))
+    deadline = time.monotonic() + seconds
+    reads = torn = retries = 0
+    while time.monotonic() < deadline:
+        if not subscriber.changed():
+            continue
+        polled = subscriber.poll()
+        if polled is None:
+            retries += 1
+            continue
+        for data in polled[1].values():
+            reads += 1
+            torn += not _verify(data)
+    result.put(("reader", reads, torn, retries))
+
+
+def test_no_torn_reads_under_a_fast_writer(area: Area) -> None:
+    context = multiprocessing.get_context("spawn")  # readers attach by path, as spawned workers do
+    result = context.Queue()
+    seconds = 4.0
+    processes = [context.Process(target=_writer, args=(str(area.path), seconds, result))]
+    processes += [context.Process(target=_reader, args=(str(area.path), seconds + 0.5, result)) for _ in range(3)]
+    for process in processes:
+        process.start()
+    outcomes = [result.get(timeout=60) for _ in processes]
+    for process in processes:
+        process.join(timeout=30)
+    writes = next(o[1] for o in outcomes if o[0] == "writer")
+    readers = [o for o in outcomes if o[0] == "reader"]
+    assert writes > 500, writes
+    assert all(reads > 100 for _, reads, _, _ in readers), readers
+    assert sum(torn for _, _, torn, _ in readers) == 0, readers
+    print(f"\ntorture: {writes} publications, readers (reads, torn, retries): {[r[1:] for r in readers]}")
