@@ -184,7 +184,9 @@ class ProxyApp:
     async def health(self, request: Request) -> Response:
         store = self.store
         status, body = check_health(self.settings, store.client_keys, store.status, store.build_errors, time.time())
-        return _json(status, body)
+        # Which worker answered, and what it has loaded: for operators (and tests) telling workers apart.
+        headers = [(b"x-edge-proxy-worker", self.pid), (b"x-edge-proxy-generation", str(store.generation).encode())]
+        return Response(status, headers, Content(JSON, body))
 
     async def liveness(self, request: Request) -> Response:
         return Response(200, None, None)

@@ -1,0 +1,192 @@
+"""One leader, N Granian workers, shared memory: real processes, real signals, generous time bounds.
+
+The measured figures (propagation delay, leader restart time) are printed with `-s`; the assertions
+only bound them loosely so a busy 2-core machine does not flake.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ProxyProcess, alive, proxy_config, wait_for
+from tests.fake_upstream import FakeFlagsmith
+
+CLIENT = {"X-Environment-Key": "env_client_key_1"}
+
+
+def ask_one_connection(proxy: ProxyProcess) -> tuple[int, bool]:
+    """(worker pid, show_banner enabled) over one fresh connection, so both answers come from one worker."""
+    connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+    try:
+        connection.request("GET", "/api/v1/flags/?feature=show_banner", headers=CLIENT)
+        enabled = b'"enabled":true' in connection.getresponse().read()
+        connection.request("GET", "/proxy/health/liveness")
+        connection.getresponse().read()
+        connection.request("GET", "/proxy/health")
+        response = connection.getresponse()
+        response.read()
+        return int(response.getheader("x-edge-proxy-worker")), enabled
+    finally:
+        connection.close()
+
+
+def test_one_poller_for_all_workers(upstream: FakeFlagsmith, start_proxy: Callable[..., ProxyProcess]) -> None:
+    proxy = start_proxy(proxy_config(upstream.api_url, api_poll_frequency_seconds=0.5), workers=2)
+    proxy.wait_ready()
+    assert len(proxy.worker_pids()) == 2
+    start_count, started = upstream.count("ser.env_server_key_1"), time.monotonic()
+    time.sleep(3)
+    polls = upstream.count("ser.env_server_key_1") - start_count
+    elapsed = time.monotonic() - started
+    # one poller: about elapsed / interval requests per environment, not × workers
+    assert 3 <= polls <= elapsed / 0.5 + 2, polls
+    assert upstream.count("ser.env_server_key_2") - polls <= start_count + 2
+
+
+def test_a_toggle_reaches_every_worker(upstream: FakeFlagsmith, start_proxy: Callable[..., ProxyProcess]) -> None:
+    interval = 1.0
+    proxy = start_proxy(proxy_config(upstream.api_url, api_poll_frequency_seconds=interval), workers=2)
+    proxy.wait_ready()
+    workers = set(proxy.worker_pids())
+    expected = upstream.toggle("ser.env_server_key_1", "show_banner")
+    toggled_at = time.monotonic()
+    updated: dict[int, float] = {}
+    deadline = toggled_at + 20
+    while time.monotonic() < deadline and set(updated) != workers:
+        pid, enabled = ask_one_connection(proxy)
+        if enabled is expected and pid not in updated:
+            updated[pid] = time.monotonic() - toggled_at
+        time.sleep(0.01)
+    assert set(updated) == workers, (updated, workers)
+    print(f"\npropagation (poll interval {interval}s): {sorted(round(v, 3) for v in updated.values())}")
+    assert max(updated.values()) < interval + 5  # measured figure: interval + ~0.1 s; bound is generous
+
+
+def test_leader_killed_while_serving(upstream: FakeFlagsmith, start_proxy: Callable[..., ProxyProcess]) -> None:
+    proxy = start_proxy(proxy_config(upstream.api_url, api_poll_frequency_seconds=0.5), workers=2)
+    proxy.wait_ready()
+    leader = proxy.leader_pid()
+    assert leader is not None
+    failures: list[str] = []
+    served = 0
+    stop = threading.Event()
+
+    def client_loop() -> None:
+        nonlocal served
+        connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+        deadline = time.monotonic() + 30  # bounded even if the test fails
+        while not stop.is_set() and time.monotonic() < deadline:
+            try:
+                connection.request("GET", "/api/v1/flags/", headers=CLIENT)
+                response = connection.getresponse()
+                response.read()
+                if response.status != 200:
+                    failures.append(str(response.status))
+                served += 1
+            except (OSError, http.client.HTTPException) as exc:
+                failures.append(repr(exc))
+                connection.close()
+                connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+        connection.close()
+
+    thread = threading.Thread(target=client_loop)
+    thread.start()
+    time.sleep(0.5)
+    os.kill(leader, signal.SIGKILL)
+    killed_at = time.monotonic()
+    back = wait_for(lambda: proxy.leader_pid() not in (None, leader), 15, 0.02)
+    restart_time = time.monotonic() - killed_at
+    requests_before = upstream.count()
+    time.sleep(1.5)
+    stop.set()
+    thread.join(35)
+    assert back, proxy.log()
+    print(f"\nleader back after {restart_time:.2f}s; {served} requests served, {len(failures)} failed")
+    assert failures == []
+    assert served > 50
+    assert restart_time < 10
+    # the new leader resumed what was published: conditional requests, answered 304, no refetch
+    resumed = upstream.requests[requests_before:]
+    assert resumed and all(r["ims"] for r in resumed)
+    assert proxy.get("/proxy/health").status_code == 200
+
+
+def test_worker_killed_is_respawned(upstream: FakeFlagsmith, start_proxy: Callable[..., ProxyProcess]) -> None:
+    proxy = start_proxy(proxy_config(upstream.api_url), workers=2)
+    proxy.wait_ready()
+    before = proxy.worker_pids()
+    os.kill(before[0], signal.SIGKILL)
+    assert wait_for(lambda: len(proxy.worker_pids()) == 2 and before[0] not in proxy.worker_pids(), 20), proxy.log()
+    after = proxy.worker_pids()
+    assert before[1] in after
+    # the new worker loaded the published state: every connection gets the flags
+    for _ in range(20):
+        assert proxy.get("/api/v1/flags/", headers=CLIENT).status_code == 200
+
+
+def test_sigterm_leaves_nothing_behind(upstream: FakeFlagsmith, start_proxy: Callable[..., ProxyProcess]) -> None:
+    proxy = start_proxy(proxy_config(upstream.api_url), workers=2)
+    proxy.wait_ready()
+    family = [proxy.pid, *proxy.worker_pids(), proxy.leader_pid()]
+    assert proxy.area.is_dir()
+    assert proxy.stop() == 0
+    assert wait_for(lambda: not any(alive(pid) for pid in family if pid), 10)
+    assert not proxy.area.exists()
+    assert "Traceback" not in proxy.log()
+
+
+def test_start_after_a_sigkilled_predecessor(
+    upstream: FakeFlagsmith, start_proxy: Callable[..., ProxyProcess], tmp_path: Path
+) -> None:
+    first = start_proxy(proxy_config(upstream.api_url), workers=1)
+    first.wait_ready()
+    family = [first.pid, *first.worker_pids(), first.leader_pid()]
+    for pid in family:
+        os.kill(pid, signal.SIGKILL)
+    assert wait_for(lambda: not any(alive(pid) for pid in family), 10)
+    assert first.area.exists()  # what the killed instance left behind
+    second = ProxyProcess(tmp_path / "second", proxy_config(upstream.api_url))
+    second.port, second.url = first.port, first.url
+    second.start()
+    try:
+        second.wait_ready()
+        assert second.get("/api/v1/flags/", headers=CLIENT).status_code == 200
+        assert sorted(p.name for p in second.area.glob("env-*.json")) != []
+    finally:
+        assert second.stop() == 0
+    assert not second.area.exists()
+
+
+def test_orphaned_leader_exits(upstream: FakeFlagsmith, start_proxy: Callable[..., ProxyProcess]) -> None:
+    proxy = start_proxy(proxy_config(upstream.api_url), workers=1)
+    proxy.wait_ready()
+    leader, workers = proxy.leader_pid(), proxy.worker_pids()
+    os.kill(proxy.pid, signal.SIGKILL)
+    try:
+        assert wait_for(lambda: not alive(leader), 10)
+    finally:
+        for pid in workers:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("workers", [2])
+def test_health_is_the_same_on_every_worker(
+    upstream: FakeFlagsmith, start_proxy: Callable[..., ProxyProcess], workers: int
+) -> None:
+    proxy = start_proxy(proxy_config(upstream.api_url), workers=workers)
+    proxy.wait_ready()
+    seen: dict[int, int] = {}
+    deadline = time.monotonic() + 15
+    while len(seen) < workers and time.monotonic() < deadline:
+        pid, _ = ask_one_connection(proxy)
+        seen[pid] = proxy.get("/proxy/health").status_code
+    assert len(seen) == workers and set(seen.values()) == {200}
