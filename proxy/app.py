@@ -192,6 +192,7 @@ class ProxyApp:
         return Response(200, None, None)
 
     async def metrics(self, request: Request) -> Response:
+        self.store.flush_metrics()
         return Response(200, None, Content(metrics.CONTENT_TYPE.encode(), metrics.render()))
 
     # -- 404 / 405 / preflight -------------------------------------------------------------------

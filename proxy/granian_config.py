@@ -32,7 +32,7 @@ def _bool(value: Any) -> bool:
 
 def _int(minimum: int, maximum: int | None = None) -> Callable[[Any], int]:
     def parse(value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int | str):
+        if isinstance(value, bool) or not isinstance(value, int | str) or not str(value).strip().isdigit():
             raise ValueError(f"expected an integer, got {value!r}")
         number = int(value)
         if number < minimum or (maximum is not None and number > maximum):
@@ -44,9 +44,12 @@ def _int(minimum: int, maximum: int | None = None) -> Callable[[Any], int]:
 
 
 def _float(value: Any) -> float:
-    if isinstance(value, bool):
-        raise ValueError(f"expected a number, got {value!r}")
-    number = float(value)
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected a number, got {value!r}") from None
     if number <= 0:
         raise ValueError(f"must be positive, got {number}")
     return number

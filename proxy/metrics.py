@@ -2,7 +2,7 @@
 
 `PROMETHEUS_MULTIPROC_DIR` must be set before `prometheus_client` is first imported; `edge-proxy serve`
 sets it to a folder inside the shared-memory area before anything else. Request counting on the hot
-path is a plain dict increment per worker; `flush_request_counts` moves the counts into the
+path is a plain dict increment per worker; `flush` moves the counts into the
 multiprocess counters off the request path (a multiprocess `inc()` costs about 0.7 µs).
 """
 
@@ -45,19 +45,25 @@ ENVIRONMENTS_STALE = Gauge(
 
 # Per-worker counts, flushed in the background: (route, status) → count.
 request_counts: defaultdict[tuple[str, int], int] = defaultdict(int)
-_flushed: dict[tuple[str, int], int] = {}
+_flushed: dict[object, int] = {}
 
 
-def flush_request_counts() -> None:
-    for key, count in list(request_counts.items()):
-        delta = count - _flushed.get(key, 0)
-        if delta:
-            HTTP_REQUESTS.labels(route=key[0], status=str(key[1])).inc(delta)
-            _flushed[key] = count
+def _flush(key: object, count: int, child: Counter) -> None:
+    delta = count - _flushed.get(key, 0)
+    if delta:
+        child.inc(delta)
+        _flushed[key] = count
+
+
+def flush(cache_hits: int = 0, cache_misses: int = 0) -> None:
+    """Move this worker's plain counters into the multiprocess metrics (off the request path)."""
+    for (route, status), count in list(request_counts.items()):
+        _flush((route, status), count, HTTP_REQUESTS.labels(route=route, status=str(status)))
+    _flush("cache_hit", cache_hits, IDENTITY_CACHE.labels(result="hit"))
+    _flush("cache_miss", cache_misses, IDENTITY_CACHE.labels(result="miss"))
 
 
 def render() -> bytes:
-    flush_request_counts()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)

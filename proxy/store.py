@@ -51,6 +51,10 @@ class Store:
             raise ServiceUnavailable("environment document not loaded yet; try again shortly")
         return kind, state
 
+    def flush_metrics(self) -> None:
+        cache = self.cache
+        metrics.flush(cache.hits if cache else 0, cache.misses if cache else 0)
+
     def apply(self, manifest: dict[str, Any], built: dict[str, EnvironmentState]) -> None:
         """Swap in new states and status (on the event loop, no await: requests see old or new)."""
         self.status = manifest["environments"]
@@ -113,7 +117,7 @@ class Follower:
                         self.store.apply(manifest, built)
                 now = time.monotonic()
                 if now - flushed_at >= 1.0:
-                    metrics.flush_request_counts()
+                    self.store.flush_metrics()
                     flushed_at = now
             except asyncio.CancelledError:
                 raise
