@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import shutil
 import signal
 import threading
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ProxyProcess, alive, proxy_config, wait_for
+from tests.conftest import ProxyProcess, alive, conformance_documents, proxy_config, wait_for
 from tests.fake_upstream import FakeFlagsmith
 
 CLIENT = {"X-Environment-Key": "env_client_key_1"}
@@ -176,6 +177,7 @@ def test_orphaned_leader_exits(upstream: FakeFlagsmith, start_proxy: Callable[..
         for pid in workers:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(proxy.area, ignore_errors=True)  # what the killed main process would have removed
 
 
 @pytest.mark.parametrize("workers", [2])
@@ -190,3 +192,28 @@ def test_health_is_the_same_on_every_worker(
         pid, _ = ask_one_connection(proxy)
         seen[pid] = proxy.get("/proxy/health").status_code
     assert len(seen) == workers and set(seen.values()) == {200}
+
+
+def test_a_document_that_fails_to_build_keeps_the_previous_state(
+    upstream: FakeFlagsmith, start_proxy: Callable[..., ProxyProcess]
+) -> None:
+    proxy = start_proxy(proxy_config(upstream.api_url, api_poll_frequency_seconds=0.3), workers=2)
+    proxy.wait_ready()
+    before = proxy.get("/api/v1/flags/", headers=CLIENT).json()
+    workers = proxy.worker_pids()
+    # Valid enough for the leader, but a multivariate value without its option cannot be mapped.
+    document = conformance_documents()["ser.env_server_key_1"]
+    broken = next(s for s in document["feature_states"] if s["multivariate_feature_state_values"])
+    del broken["multivariate_feature_state_values"][0]["multivariate_feature_option"]
+    document["updated_at"] = "2030-01-01T00:00:00+00:00"
+    upstream.set_document("ser.env_server_key_1", document)
+
+    def reported() -> bool:
+        health = proxy.get("/proxy/health").json()
+        return "failed_to_build" in health.get("environments", {})
+
+    assert wait_for(reported, 15), proxy.log()
+    assert "failed to build, keeping the previous state" in proxy.log()
+    for _ in range(20):
+        assert proxy.get("/api/v1/flags/", headers=CLIENT).json() == before
+    assert proxy.worker_pids() == workers  # no worker crashed

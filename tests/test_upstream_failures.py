@@ -39,8 +39,13 @@ def test_bad_answers_keep_the_last_good_document(
         upstream.delay = 1.5  # longer than the 0.5 s timeout
     else:
         upstream.garbage = mode
-    # stale after poll + grace × pairs = 0.3 + 0.5 × 2 = 1.3 s
-    assert wait_for(lambda: proxy.get("/proxy/health").status_code == 503, 15), proxy.log()
+
+    # stale after poll + grace × pairs = 0.3 + 0.5 × 2 = 1.3 s, each environment on its own clock
+    def both_stale() -> bool:
+        health = proxy.get("/proxy/health").json()
+        return len(health.get("environments", {}).get("stale", [])) == 2
+
+    assert wait_for(both_stale, 15), proxy.log()
     health = proxy.get("/proxy/health").json()
     assert health["status"] == "error"
     assert health["reason"] == "environment document(s) stale."
