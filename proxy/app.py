@@ -267,6 +267,9 @@ def _plain(method: Handler) -> Handler:
         return await method(request)
 
     handler.__name__ = handler.__qualname__ = method.__name__
+    # Real classes, not the strings `from __future__ import annotations` leaves: BlackSheep wraps a handler
+    # whose return annotation is not `Response` in an extra `ensure_response` layer (measured +1 µs).
+    handler.__annotations__ = {"request": Request, "return": Response}
     return handler
 
 

@@ -23,11 +23,36 @@ class DocumentError(ValueError):
     """The document lacks something the engine needs; the previous good state is kept."""
 
 
+class OverrideIndex:
+    """identifier → that identity's override segment, built on first use and kept.
+
+    Indexing is a single pass over the raw entries, so building a state for a document with thousands of
+    overrides stays cheap; an identity's segment is mapped only when that identity is evaluated.
+    """
+
+    __slots__ = ("_built", "_raw")
+
+    def __init__(self, overrides: list[dict[str, Any]]) -> None:
+        self._raw: dict[str, list[list[dict[str, Any]]]] = {}
+        for override in overrides:
+            if states := override.get("identity_features"):
+                self._raw.setdefault(override["identifier"], []).append(states)
+        self._built: dict[str, SegmentContext[Any, Any]] = {}
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    def get(self, identifier: str) -> SegmentContext[Any, Any] | None:
+        segment = self._built.get(identifier)
+        if segment is None and identifier in self._raw:
+            segment = self._built[identifier] = _override_segment(identifier, self._raw[identifier])
+        return segment
+
+
 @dataclass(frozen=True, slots=True)
 class MappedEnvironment:
     context: EvaluationContext[Any, Any]
-    # identifier → the one segment that applies that identity's overrides
-    override_segments: dict[str, SegmentContext[Any, Any]]
+    override_segments: OverrideIndex
     # feature id → feature type ("STANDARD" / "MULTIVARIATE"), from the top-level feature states
     feature_types: dict[int, str]
 
@@ -107,7 +132,7 @@ def map_document(document: dict[str, Any]) -> MappedEnvironment:
     }
     return MappedEnvironment(
         context=context,
-        override_segments=_index_identity_overrides(document.get("identity_overrides") or []),
+        override_segments=OverrideIndex(document.get("identity_overrides") or []),
         feature_types=feature_types,
     )
 
@@ -175,13 +200,9 @@ def _rules(rules: Iterable[dict[str, Any]]) -> list[SegmentRule]:
     ]
 
 
-def _index_identity_overrides(overrides: list[dict[str, Any]]) -> dict[str, SegmentContext[Any, Any]]:
-    merged: dict[str, dict[str, FeatureContext[Any]]] = {}
-    for override in overrides:
-        states = override.get("identity_features") or []
-        if not states:
-            continue
-        features = merged.setdefault(override["identifier"], {})
+def _override_segment(identifier: str, entries: list[list[dict[str, Any]]]) -> SegmentContext[Any, Any]:
+    features: dict[str, FeatureContext[Any]] = {}
+    for states in entries:
         for state in sorted(states, key=lambda s: s["feature"]["name"]):
             name = state["feature"]["name"]
             # An identifier listed twice: its first entry wins, as the first synthetic segment does.
@@ -197,18 +218,15 @@ def _index_identity_overrides(overrides: list[dict[str, Any]]) -> dict[str, Segm
                 },
             )
     return {
-        identifier: {
-            "key": IDENTITY_OVERRIDE_SEGMENT_KEY,
-            "name": "identity_overrides",
-            "rules": [
-                {
-                    "type": "ALL",
-                    "conditions": [{"property": "$.identity.identifier", "operator": "IN", "value": [identifier]}],
-                    "rules": [],
-                }
-            ],
-            "overrides": list(features.values()),
-            "metadata": {"source": "identity_overrides"},
-        }
-        for identifier, features in merged.items()
+        "key": IDENTITY_OVERRIDE_SEGMENT_KEY,
+        "name": "identity_overrides",
+        "rules": [
+            {
+                "type": "ALL",
+                "conditions": [{"property": "$.identity.identifier", "operator": "IN", "value": [identifier]}],
+                "rules": [],
+            }
+        ],
+        "overrides": list(features.values()),
+        "metadata": {"source": "identity_overrides"},
     }

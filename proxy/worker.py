@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import pickle
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -40,6 +41,9 @@ def decode_settings(value: str) -> Settings:
 
 
 def create_app() -> Application:
+    # States are built in a thread; a shorter GIL switch interval (default 5 ms) lets the serving loop
+    # in more often while a large document is being built.
+    sys.setswitchinterval(0.001)
     settings = decode_settings(os.environ[SETTINGS_ENV])
     configure_logging(settings.logging)
     return create_worker_app(settings, Path(os.environ[AREA_ENV]))

@@ -250,7 +250,8 @@ def test_override_index_holds_only_each_identitys_own_segment() -> None:
     mapped = map_document(document)
     assert mapped.context["segments"] == {}
     assert len(mapped.override_segments) == 500
-    assert mapped.override_segments["user-7"]["overrides"][0]["value"] == 7
+    assert mapped.override_segments.get("user-7")["overrides"][0]["value"] == 7
+    assert mapped.override_segments.get("nobody") is None
     assert ours(document, "user-7", {}) == [("f", True, 7)]
 
 

@@ -1,0 +1,107 @@
+"""Micro-benchmarks of the request path and the publication path (pytest-benchmark).
+
+Run: `make bench` (or `.venv/bin/pytest benchmarks --benchmark-enable --benchmark-only`).
+Recorded results: benchmarks/results/README.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from flag_engine.engine import get_evaluation_result
+from flagsmith.mappers import map_context_and_identity_data_to_context, map_environment_document_to_context
+
+from benchmarks.documents import about_one_megabyte, base_document, with_overrides
+from proxy.environment import EnvironmentState, KeyKind
+from proxy.settings import Settings
+from proxy.shm import Area, Publisher, Subscriber
+from proxy.store import Store
+
+TRAITS = {"plan": "premium", "age": 30, "country": "GB"}
+
+
+def state_of(document: dict[str, Any]) -> EnvironmentState:
+    return EnvironmentState(document["api_key"], orjson.dumps(document), 1)
+
+
+@pytest.fixture(scope="module")
+def store() -> Store:
+    document = base_document()
+    settings = Settings(
+        environment_key_pairs=[{"server_side_key": "ser.env_server_key_1", "client_side_key": document["api_key"]}]
+    )
+    store = Store(settings)
+    store.states = {document["api_key"]: state_of(document)}
+    return store
+
+
+def test_flags_lookup(benchmark: Any, store: Store) -> None:
+    """Key → state → pre-encoded body: what GET /api/v1/flags/ costs beyond the framework."""
+    key = b"env_client_key_1"
+
+    def lookup() -> bytes:
+        kind, state = store.resolve(key)
+        return state.views[kind].flags.plain
+
+    assert benchmark(lookup).startswith(b"[")
+
+
+def test_identity_uncached(benchmark: Any) -> None:
+    state = state_of(base_document())
+
+    def evaluate() -> bytes:
+        flags = state.identity_flags(KeyKind.CLIENT, "user-42", TRAITS)
+        return orjson.dumps({"identifier": "user-42", "traits": [], "flags": flags})
+
+    assert benchmark(evaluate)
+
+
+@pytest.mark.parametrize("overrides", [0, 1800])
+def test_identity_cost_does_not_grow_with_overrides(benchmark: Any, overrides: int) -> None:
+    state = state_of(with_overrides(overrides))
+    benchmark(state.identity_flags, KeyKind.CLIENT, "override-user-7", TRAITS)
+
+
+@pytest.mark.parametrize("overrides", [0, 60])
+def test_sdk_style_per_request_mapping(benchmark: Any, overrides: int) -> None:
+    """For contrast: what the Python proxy does per request (map the document, then evaluate)."""
+    document = with_overrides(overrides)
+
+    def evaluate() -> Any:
+        context = map_environment_document_to_context(copy.deepcopy(document))
+        context = map_context_and_identity_data_to_context(context, "override-user-7", TRAITS)
+        return get_evaluation_result(context)
+
+    benchmark(evaluate)
+
+
+@pytest.fixture
+def area(tmp_path: Path) -> Any:
+    created = Area(Path("/dev/shm") / f"edge-proxy-bench.{os.getpid()}.{tmp_path.name}")
+    created.create()
+    yield created
+    created.remove()
+
+
+def test_generation_check(benchmark: Any, area: Area) -> None:
+    """A worker's 'anything new?' check."""
+    with Subscriber(area.path) as subscriber:
+        assert benchmark(subscriber.changed) is False
+
+
+def test_publish_one_megabyte(benchmark: Any, area: Area) -> None:
+    data = orjson.dumps(about_one_megabyte())
+    entries = {"a": {"server_keys": ["ser.a"], "name": "a", "last_success": 1.0, "last_error": None}}
+    with Publisher(area.path) as publisher:
+        benchmark(lambda: publisher.publish({"a": data}, dict(entries)))
+
+
+def test_build_state_one_megabyte(benchmark: Any) -> None:
+    """Worker-side cost of swapping in a 1 MB document (runs in a thread, off the event loop)."""
+    data = orjson.dumps(about_one_megabyte())
+    benchmark.pedantic(EnvironmentState, args=("k", data, 1), rounds=10, iterations=1)

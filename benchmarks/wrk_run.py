@@ -1,0 +1,187 @@
+"""HTTP throughput and latency with wrk against real `edge-proxy serve` processes.
+
+Starts the fake upstream (127.0.0.1) and a proxy, runs each scenario with wrk, and appends a markdown
+table to benchmarks/results/wrk.md with the machine, Python version, commit and command lines.
+
+    .venv/bin/python benchmarks/wrk_run.py [--duration 10] [--workers 1 2] [--scenarios flags ...]
+
+With one worker the proxy is pinned to CPU 1 and wrk to CPU 0 (`taskset`), as in the peers' baseline.
+The `swap` scenario measures GET /api/v1/flags/ latency while a ~1 MB document changes upstream every
+second (each change is rebuilt by every worker), against the same run without changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+
+from benchmarks.documents import about_one_megabyte
+from tests.conftest import ProxyProcess, conformance_documents, proxy_config
+from tests.fake_upstream import FakeFlagsmith
+
+HERE = Path(__file__).parent
+CLIENT = "X-Environment-Key: env_client_key_1"
+SERVER = "X-Environment-Key: ser.env_server_key_1"
+
+SCENARIOS: dict[str, tuple[str, list[str]]] = {
+    "flags": ("/api/v1/flags/", ["-H", CLIENT]),
+    "flag_single": ("/api/v1/flags/?feature=banner_text", ["-H", CLIENT]),
+    "flags_gzip": ("/api/v1/flags/", ["-H", CLIENT, "-H", "Accept-Encoding: gzip"]),
+    "post_identity": ("/api/v1/identities/", ["-H", CLIENT, "-s", str(HERE / "wrk" / "post_identity.lua")]),
+    "get_identity": ("/api/v1/identities/?identifier=x", ["-H", CLIENT]),
+    "get_identity_random": ("/", ["-H", CLIENT, "-s", str(HERE / "wrk" / "get_identity_random.lua")]),
+    "post_identity_random": (
+        "/api/v1/identities/",
+        ["-H", CLIENT, "-s", str(HERE / "wrk" / "post_identity_random.lua")],
+    ),
+    "environment_document": ("/api/v1/environment-document/", ["-H", SERVER]),
+}
+
+
+def run_wrk(url: str, extra: list[str], duration: int, connections: int, pin: str | None) -> dict[str, Any]:
+    command = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", *extra, url]
+    if pin is not None:
+        command = ["taskset", "-c", pin, *command]
+    output = subprocess.run(command, capture_output=True, text=True, timeout=duration + 60).stdout
+    rps = float(re.search(r"Requests/sec:\s+([0-9.]+)", output).group(1))
+    latencies = dict(re.findall(r"^\s+(50|90|99)%\s+([0-9.]+\w+)", output, re.M))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    return {
+        "rps": rps,
+        "p50": latencies.get("50"),
+        "p99": latencies.get("99"),
+        "non2xx": int(errors.group(1)) if errors else 0,
+        "command": " ".join(command),
+    }
+
+
+def start(tmp: Path, upstream: FakeFlagsmith, workers: int, **config: Any) -> ProxyProcess:
+    proxy = ProxyProcess(tmp / f"w{workers}-{time.monotonic_ns()}", proxy_config(upstream.api_url, **config), workers)
+    proxy.start()
+    if workers == 1:
+        subprocess.run(["taskset", "-a", "-p", "-c", "1", str(proxy.pid)], capture_output=True, check=False)
+    proxy.wait_ready()
+    if workers == 1:  # pin the worker and leader too (started after the main process was pinned)
+        for pid in [*proxy.worker_pids(), proxy.leader_pid()]:
+            subprocess.run(["taskset", "-a", "-p", "-c", "1", str(pid)], capture_output=True, check=False)
+    return proxy
+
+
+def throughput(args: argparse.Namespace, tmp: Path) -> list[str]:
+    rows = []
+    upstream = FakeFlagsmith(conformance_documents()).start()
+    try:
+        for workers in args.workers:
+            proxy = start(tmp, upstream, workers)
+            pin = "0" if workers == 1 else None
+            try:
+                for name in args.scenarios:
+                    path, extra = SCENARIOS[name]
+                    run_wrk(proxy.url + path, extra, 2, args.connections, pin)  # warm-up
+                    result = run_wrk(proxy.url + path, extra, args.duration, args.connections, pin)
+                    rows.append(
+                        f"| {workers} | {name} | {result['rps']:,.0f} | {result['p50']} | {result['p99']} "
+                        f"| {result['non2xx']} |"
+                    )
+                    print(rows[-1], flush=True)
+            finally:
+                proxy.stop()
+    finally:
+        upstream.stop()
+    return rows
+
+
+def _toggle_until(upstream: FakeFlagsmith, stop_at: float) -> None:
+    while time.monotonic() < stop_at:
+        upstream.toggle("ser.env_server_key_1", "show_banner")
+        time.sleep(1.0)
+
+
+def swap_latency(args: argparse.Namespace, tmp: Path) -> list[str]:
+    """p99 of GET /api/v1/flags/ while a ~1 MB environment document is swapped in every second."""
+    rows = []
+    big = about_one_megabyte()
+    documents = conformance_documents()
+    documents["ser.env_server_key_1"] = big
+    upstream = FakeFlagsmith(documents).start()
+    try:
+        for workers in args.workers:
+            proxy = start(tmp, upstream, workers, api_poll_frequency_seconds=0.5)
+            pin = "0" if workers == 1 else None
+            try:
+                url = proxy.url + "/api/v1/flags/"
+                # a small environment's flags, so the measured requests are cheap and the swap shows
+                extra = ["-H", "X-Environment-Key: env_client_key_2"]
+                run_wrk(url, extra, 2, args.connections, pin)
+                quiet = run_wrk(url, extra, args.duration, args.connections, pin)
+                stop_at = time.monotonic() + args.duration + 1
+                thread = threading.Thread(target=_toggle_until, args=(upstream, stop_at), daemon=True)
+                thread.start()
+                busy = run_wrk(url, extra, args.duration, args.connections, pin)
+                thread.join(args.duration + 5)
+                for label, result in (("no changes", quiet), ("1 MB document changed every 1 s", busy)):
+                    rows.append(
+                        f"| {workers} | {label} | {result['rps']:,.0f} | {result['p50']} | {result['p99']} "
+                        f"| {result['non2xx']} |"
+                    )
+                    print(rows[-1], flush=True)
+            finally:
+                proxy.stop()
+    finally:
+        upstream.stop()
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=[*SCENARIOS, "swap"])
+    parser.add_argument("--swap", action="store_true", help="also run the swap-latency scenario")
+    parser.add_argument("--output", default=str(HERE / "results" / "wrk.md"))
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        print("wrk not found: apt-get install -y wrk", file=sys.stderr)
+        return 1
+    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"edge-proxy-wrk-{os.getpid()}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    header = (
+        f"\n## {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, commit {commit}\n\n"
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs ({platform.processor() or 'n/a'}), "
+        f"Python {platform.python_version()}. wrk -t1 -c{args.connections} -d{args.duration}s --latency; "
+        "1 worker: proxy pinned to CPU 1, wrk to CPU 0; 2 workers: unpinned, wrk on the same 2 CPUs.\n\n"
+    )
+    sections = [header]
+    scenarios = [s for s in args.scenarios if s != "swap"]
+    if scenarios:
+        args.scenarios = scenarios
+        sections.append("| workers | scenario | req/s | p50 | p99 | non-2xx |\n|---|---|---|---|---|---|\n")
+        sections.append("\n".join(throughput(args, tmp)) + "\n")
+    if args.swap:
+        sections.append(
+            "\nLatency of GET /api/v1/flags/ (another, small environment) while a 1 MB document is rebuilt:\n\n"
+            "| workers | upstream | req/s | p50 | p99 | non-2xx |\n|---|---|---|---|---|---|\n"
+        )
+        sections.append("\n".join(swap_latency(args, tmp)) + "\n")
+    with open(args.output, "a") as out:
+        out.write("".join(sections))
+    print(f"appended to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
