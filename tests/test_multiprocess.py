@@ -111,12 +111,12 @@ def test_leader_killed_while_serving(upstream: FakeFlagsmith, start_proxy: Calla
     thread.join(35)
     assert back, proxy.log()
     print(f"\nleader back after {restart_time:.2f}s; {served} requests served, {len(failures)} failed")
-    assert failures == []
+    assert failures == [], failures[:5]
     assert served > 50
     assert restart_time < 10
     # the new leader resumed what was published: conditional requests, answered 304, no refetch
     resumed = upstream.requests[requests_before:]
-    assert resumed and all(r["ims"] for r in resumed)
+    assert resumed and all(r["ims"] for r in resumed), (resumed, proxy.log())
     assert proxy.get("/proxy/health").status_code == 200
 
 
