@@ -19,6 +19,7 @@ from blacksheep import Application, Content, Request, Response
 from blacksheep.server.routing import Router
 
 from proxy import metrics
+from proxy.analytics import parse_analytics_body
 from proxy.environment import GZIP_MIN_BYTES, Body, EnvironmentState, KeyKind
 from proxy.errors import NotFound, PayloadTooLarge, ProxyError, Unauthorized
 from proxy.health import check_health
@@ -45,6 +46,7 @@ ROUTES: dict[str, tuple[str, tuple[str, ...]]] = {
     "/api/v1/flags/": ("flags", ("GET", "HEAD")),
     "/api/v1/identities/": ("identities", ("GET", "HEAD", "POST")),
     "/api/v1/environment-document/": ("environment_document", ("GET", "HEAD")),
+    "/api/v1/analytics/flags/": ("analytics", ("POST",)),
     "/health": ("health", ("GET", "HEAD")),
     "/proxy/health": ("health", ("GET", "HEAD")),
     "/proxy/health/readiness": ("health", ("GET", "HEAD")),
@@ -165,6 +167,13 @@ class ProxyApp:
                     raise PayloadTooLarge(f"request body exceeds {self.max_body} bytes")
         return bytes(chunks)
 
+    # -- analytics -------------------------------------------------------------------------------
+    async def analytics(self, request: Request) -> Response:
+        _, client_key = self.store.client_key(request.get_first_header(b"x-environment-key"))
+        counts = parse_analytics_body(await self._read_body(request))
+        self.store.analytics.record(client_key, counts)
+        return _json(200, b"{}")
+
     # -- environment document --------------------------------------------------------------------
     async def environment_document(self, request: Request) -> Response:
         key = request.get_first_header(b"x-environment-key")
@@ -283,6 +292,7 @@ def build_app(settings: Settings, store: Store) -> Application:
             "POST": _plain(routes.identities_post),
         },
         "/api/v1/environment-document/": {"GET": _plain(routes.environment_document)},
+        "/api/v1/analytics/flags/": {"POST": _plain(routes.analytics)},
         "/health": {"GET": _plain(routes.health)},
         "/proxy/health": {"GET": _plain(routes.health)},
         "/proxy/health/readiness": {"GET": _plain(routes.health)},

@@ -36,6 +36,11 @@ STATE_BUILD_SECONDS = Histogram(
     "Time for a worker to build one environment's state",
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
+ANALYTICS_EVENTS = Counter(
+    "edge_proxy_analytics_events",
+    "Flag evaluations reported by SDKs, by outcome (forwarded, rejected, dropped)",
+    ["outcome"],
+)
 LEADER_RESTARTS = Counter("edge_proxy_leader_restarts", "Times the leader process was restarted")
 ENVIRONMENTS_STALE = Gauge(
     "edge_proxy_environments_unhealthy",

@@ -169,6 +169,7 @@ class Settings(BaseSettings):
     health_check: HealthCheckSettings = HealthCheckSettings()
     proxy_key: str | None = Field(default=None, min_length=1)
     usage_flush_interval_seconds: int = Field(default=60, ge=1)
+    analytics_flush_interval_seconds: float = Field(default=10, gt=0)
     max_request_body_bytes: int = Field(default=64 * 1024, ge=1024)
     max_concurrent_fetches: int = Field(default=8, ge=1)
     shared_memory_dir: str = "/dev/shm"

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from proxy import metrics
+from proxy.analytics import AnalyticsBuffer
 from proxy.cache import ResponseCache
 from proxy.environment import EnvironmentState, KeyKind
 from proxy.errors import ServiceUnavailable, Unauthorized
@@ -40,12 +41,16 @@ class Store:
         cache = settings.identity_cache
         self.cache = ResponseCache(cache.cache_max_size, cache.cache_max_bytes) if cache.use_cache else None
         self.generation = 0
+        self.analytics = AnalyticsBuffer()
 
-    def resolve(self, key: bytes | None) -> tuple[KeyKind, EnvironmentState]:
+    def client_key(self, key: bytes | None) -> tuple[KeyKind, str]:
         found = self.keys.get(key) if key else None
         if found is None:
             raise Unauthorized(f"unknown key '{(key or b'').decode('utf-8', 'replace')}'")
-        kind, client_key = found
+        return found
+
+    def resolve(self, key: bytes | None) -> tuple[KeyKind, EnvironmentState]:
+        kind, client_key = self.client_key(key)
         state = self.states.get(client_key)
         if state is None:
             raise ServiceUnavailable("environment document not loaded yet; try again shortly")
@@ -118,6 +123,7 @@ class Follower:
                 now = time.monotonic()
                 if now - flushed_at >= 1.0:
                     self.store.flush_metrics()
+                    self.store.analytics.hand_over(self.subscriber.path)
                     flushed_at = now
             except asyncio.CancelledError:
                 raise

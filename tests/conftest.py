@@ -121,6 +121,7 @@ class ProxyProcess:
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group, as in a terminal (see the Ctrl-C test)
             )
         return self
 

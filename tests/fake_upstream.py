@@ -22,6 +22,7 @@ class FakeFlagsmith:
         self.documents = {key: copy.deepcopy(doc) for key, doc in documents.items()}
         self.lock = threading.Lock()
         self.requests: list[dict[str, Any]] = []
+        self.analytics: list[dict[str, Any]] = []  # POST /api/v1/analytics/flags/: {"key", "body"}
         self.fail: int | None = None
         self.garbage: str | None = None
         self.delay = 0.0
@@ -77,6 +78,17 @@ class FakeFlagsmith:
 
             def log_message(self, *args: Any) -> None:
                 pass
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length)
+                if urlsplit(self.path).path != "/api/v1/analytics/flags/":
+                    return self._send(404, b'{"detail":"Not Found"}')
+                if fake.fail:
+                    return self._send(fake.fail, b'{"detail":"failure on demand"}')
+                with fake.lock:
+                    fake.analytics.append({"key": self.headers.get("X-Environment-Key"), "body": json.loads(body)})
+                return self._send(200, b"{}")
 
             def do_GET(self) -> None:
                 parts = urlsplit(self.path)

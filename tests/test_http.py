@@ -183,3 +183,12 @@ def test_metrics_count_requests(proxy: ProxyProcess) -> None:
     match = re.search(r'^edge_proxy_http_requests_total\{route="flags",status="200"\} ([0-9.]+)$', text, re.M)
     assert match and float(match.group(1)) >= 3
     assert 'edge_proxy_upstream_fetches_total{outcome="ok"}' in text
+
+
+def test_analytics_are_validated(proxy: ProxyProcess) -> None:
+    url = proxy.url + "/api/v1/analytics/flags/"
+    assert httpx.post(url, json={"show_banner": 2}, headers=CLIENT).status_code == 200
+    assert httpx.post(url, json={"show_banner": 2}, headers={"X-Environment-Key": "nope"}).status_code == 401
+    bad = httpx.post(url, json={"show_banner": "many"}, headers=CLIENT)
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "show_banner"]
+    assert httpx.post(url, json=[1], headers=CLIENT).status_code == 422

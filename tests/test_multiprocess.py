@@ -76,6 +76,7 @@ def test_leader_killed_while_serving(upstream: FakeFlagsmith, start_proxy: Calla
     proxy.wait_ready()
     leader = proxy.leader_pid()
     assert leader is not None
+    generation_before = int(proxy.get("/proxy/health").headers["x-edge-proxy-generation"])
     failures: list[str] = []
     served = 0
     stop = threading.Event()
@@ -117,7 +118,9 @@ def test_leader_killed_while_serving(upstream: FakeFlagsmith, start_proxy: Calla
     # the new leader resumed what was published: conditional requests, answered 304, no refetch
     resumed = upstream.requests[requests_before:]
     assert resumed and all(r["ims"] for r in resumed), (resumed, proxy.log())
-    assert proxy.get("/proxy/health").status_code == 200
+    health = proxy.get("/proxy/health")
+    assert health.status_code == 200
+    assert int(health.headers["x-edge-proxy-generation"]) > generation_before  # resumed, never backwards
 
 
 def test_worker_killed_is_respawned(upstream: FakeFlagsmith, start_proxy: Callable[..., ProxyProcess]) -> None:
@@ -217,3 +220,42 @@ def test_a_document_that_fails_to_build_keeps_the_previous_state(
     for _ in range(20):
         assert proxy.get("/api/v1/flags/", headers=CLIENT).json() == before
     assert proxy.worker_pids() == workers  # no worker crashed
+
+
+def test_analytics_from_every_worker_are_forwarded_once(
+    upstream: FakeFlagsmith, start_proxy: Callable[..., ProxyProcess]
+) -> None:
+    config = proxy_config(upstream.api_url, analytics_flush_interval_seconds=0.5)
+    proxy = start_proxy(config, workers=2)
+    proxy.wait_ready()
+    upstream.fail = 503  # the first flushes fail: counts are kept and retried
+    for _ in range(10):  # fresh connections spread over both workers
+        for key in ("env_client_key_1", "ser.env_server_key_1"):
+            connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+            body = b'{"show_banner": 3, "banner_text": 1}'
+            connection.request("POST", "/api/v1/analytics/flags/", body, {"X-Environment-Key": key})
+            assert connection.getresponse().status == 200
+            connection.close()
+    time.sleep(2)
+    upstream.fail = None
+
+    def totals() -> dict[str, int]:
+        summed: dict[str, int] = {}
+        for report in upstream.analytics:
+            assert report["key"] == "ser.env_server_key_1"  # forwarded with the server key
+            for name, count in report["body"].items():
+                summed[name] = summed.get(name, 0) + count
+        return summed
+
+    assert wait_for(lambda: totals() == {"show_banner": 60, "banner_text": 20}, 15), totals()
+
+
+def test_ctrl_c_shuts_down_cleanly(upstream: FakeFlagsmith, start_proxy: Callable[..., ProxyProcess]) -> None:
+    proxy = start_proxy(proxy_config(upstream.api_url), workers=2)
+    proxy.wait_ready()
+    family = [proxy.pid, *proxy.worker_pids(), proxy.leader_pid()]
+    os.killpg(proxy.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole (our own) process group
+    assert proxy.process is not None and proxy.process.wait(30) == 0
+    assert wait_for(lambda: not any(alive(pid) for pid in family if pid), 10)
+    assert not proxy.area.exists()
+    assert "restarting in" not in proxy.log()  # the leader ignored SIGINT; the watchdog did not respawn it

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 from pathlib import Path
 
+from proxy.analytics import AnalyticsForwarder
 from proxy.leader.poller import Poller
 from proxy.leader.sources import make_source
 from proxy.logs import configure_logging
@@ -49,10 +51,15 @@ async def _main(settings: Settings, area: Path) -> None:
     poller.resume()
     log.info("leader started, polling %d environment(s)", len(poller.environments))
     orphan_watch = asyncio.create_task(_stop_when_orphaned(os.getppid(), stop))
+    analytics = asyncio.create_task(AnalyticsForwarder(settings, area).run(stop))
     try:
         await poller.run(stop)
     finally:
         orphan_watch.cancel()
+        stop.set()
+        # one last analytics flush (workers hand their counts over as they stop), bounded in time
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(analytics, timeout=settings.api_poll_timeout_seconds + 1)
         await source.aclose()
         publisher.close()
         log.info("leader stopped")
