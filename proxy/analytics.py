@@ -9,21 +9,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import httpx
 import orjson
 
 from proxy import __version__
+from proxy.handover import collect
 from proxy.identity_request import RequestInvalid
 from proxy.settings import Settings, mask_key
 
 log = logging.getLogger("proxy.analytics")
 
-DIRECTORY = "analytics"
+FOLDER = "analytics"
 MAX_PENDING_FEATURES = 100_000  # per environment: bounds memory if upstream rejects for a long time
 
 
@@ -49,56 +49,13 @@ def parse_analytics_body(raw: bytes) -> dict[str, int]:
     return data
 
 
-class AnalyticsBuffer:
-    """A worker's counts since its last hand-over: client key → feature name → count."""
-
-    def __init__(self) -> None:
-        self.counts: defaultdict[str, Counter[str]] = defaultdict(Counter)
-        self._sequence = 0
-
-    def record(self, client_key: str, counts: dict[str, int]) -> None:
-        self.counts[client_key].update(counts)
-
-    def hand_over(self, area: Path) -> None:
-        """Write the counts for the leader (atomically, by rename) and start afresh."""
-        if not self.counts:
-            return
-        folder = area / DIRECTORY
-        folder.mkdir(exist_ok=True)
-        self._sequence += 1
-        name = f"{os.getpid()}-{self._sequence}.json"
-        tmp = folder / f".{name}.tmp"
-        tmp.write_bytes(orjson.dumps(self.counts))
-        os.rename(tmp, folder / name)
-        self.counts = defaultdict(Counter)
-
-
-def collect(area: Path) -> dict[str, Counter[str]]:
-    """Sum and remove every worker's hand-over file."""
-    total: defaultdict[str, Counter[str]] = defaultdict(Counter)
-    folder = area / DIRECTORY
-    if not folder.is_dir():
-        return total
-    for path in folder.glob("[0-9]*.json"):
-        try:
-            data: dict[str, Any] = orjson.loads(path.read_bytes())
-        except (OSError, orjson.JSONDecodeError):
-            log.warning("dropping an unreadable analytics hand-over %s", path.name)
-        else:
-            for client_key, counts in data.items():
-                total[client_key].update(counts)
-        with contextlib.suppress(OSError):
-            path.unlink()
-    return total
-
-
 class AnalyticsForwarder:
     """The leader's side: every interval, collect and forward; failed batches are retried next time."""
 
-    def __init__(self, settings: Settings, area: Path) -> None:
+    def __init__(self, settings: Settings, area: Path, server_key_of: Callable[[str], str | None]) -> None:
         self.area = area
         self.interval = settings.analytics_flush_interval_seconds
-        self.server_keys = {pair.client_side_key: pair.server_side_key for pair in settings.environment_key_pairs}
+        self.server_key_of = server_key_of  # the leader knows discovered environments too
         self.url = None if settings.api_url.lower().startswith("file:") else settings.api_url + "/analytics/flags/"
         self.timeout = settings.api_poll_timeout_seconds
         self.pending: defaultdict[str, Counter[str]] = defaultdict(Counter)
@@ -120,11 +77,11 @@ class AnalyticsForwarder:
     async def flush(self, client: httpx.AsyncClient) -> None:
         from proxy import metrics
 
-        for client_key, counts in collect(self.area).items():
+        for client_key, counts in collect(self.area, FOLDER).items():
             self.pending[client_key].update(counts)
         for client_key in list(self.pending):
             counts = self.pending[client_key]
-            server_key = self.server_keys.get(client_key)
+            server_key = self.server_key_of(client_key)
             if self.url is None or server_key is None or not counts:
                 metrics.ANALYTICS_EVENTS.labels(outcome="dropped").inc(sum(counts.values()))
                 del self.pending[client_key]

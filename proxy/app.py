@@ -97,6 +97,7 @@ class ProxyApp:
         self.allow_any_origin = "*" in settings.allow_origins
         self.allowed_origins = {origin.encode() for origin in settings.allow_origins}
         self.pid = str(os.getpid()).encode()
+        self.usage = store.usage
 
     # -- flags -----------------------------------------------------------------------------------
     async def flags(self, request: Request) -> Response:
@@ -108,8 +109,8 @@ class ProxyApp:
             body = view.single.get(feature)
             if body is None:
                 raise NotFound(f"feature '{feature}' not found")
-            return _send(request, body, state)
-        return _send(request, view.flags, state)
+            return self._ok(request, body, state, "flags")
+        return self._ok(request, view.flags, state, "flags")
 
     # -- identities ------------------------------------------------------------------------------
     async def identities_get(self, request: Request) -> Response:
@@ -151,6 +152,12 @@ class ProxyApp:
         elif gzip_wanted and body.gzip is None and len(body.plain) >= GZIP_MIN_BYTES:
             body = Body.of(body.plain)
             cache.put(state.client_key, cache_key, body)
+        return self._ok(request, body, state, "identities")
+
+    def _ok(self, request: Request, body: Body, state: EnvironmentState, resource: str) -> Response:
+        # Usage reporting (with a proxy_key) counts successful answers per environment and resource.
+        if self.usage is not None:
+            self.usage.counts[state.client_key][resource] += 1
         return _send(request, body, state)
 
     async def _read_body(self, request: Request) -> bytes:
@@ -184,7 +191,7 @@ class ProxyApp:
             since = request.get_first_header(b"if-modified-since")
             if since is not None and _not_modified(since, state):
                 return Response(304, [(b"last-modified", state.last_modified)], None)
-        response = _send(request, state.document, state)
+        response = self._ok(request, state.document, state, "environment-document")
         if state.last_modified is not None:
             response.add_header(b"last-modified", state.last_modified)
         return response
@@ -192,7 +199,10 @@ class ProxyApp:
     # -- health and metrics ----------------------------------------------------------------------
     async def health(self, request: Request) -> Response:
         store = self.store
-        status, body = check_health(self.settings, store.client_keys, store.status, store.build_errors, time.time())
+        waiting = bool(self.settings.proxy_key) and not store.discovered
+        status, body = check_health(
+            self.settings, store.client_keys, store.status, store.build_errors, time.time(), waiting
+        )
         # Which worker answered, and what it has loaded: for operators (and tests) telling workers apart.
         headers = [(b"x-edge-proxy-worker", self.pid), (b"x-edge-proxy-generation", str(store.generation).encode())]
         return Response(status, headers, Content(JSON, body))

@@ -29,6 +29,7 @@ def check_health(
     status: Mapping[str, Mapping[str, Any]],
     build_errors: Mapping[str, str],
     now: float,
+    waiting_for_discovery: bool = False,
 ) -> tuple[int, bytes]:
     grace = settings.health_check.environment_update_grace_period_seconds
     threshold = None if grace is None else settings.api_poll_frequency_seconds + grace * len(client_keys)
@@ -47,19 +48,22 @@ def check_health(
 
     fresh = len(client_keys) - len(not_loaded) - len(stale)
     if settings.health_check.fail_readiness_when == ReadinessMode.all_stale:
-        failing = fresh == 0
+        failing = bool(client_keys) and fresh == 0
         reason = NOT_UPDATED if not successes else STALE
     else:
         failing = bool(not_loaded or stale)
         reason = NOT_UPDATED if not_loaded else STALE
-    last_update = min(successes) if successes and (not not_loaded or failing is False) else None
+    if waiting_for_discovery:  # with a proxy_key, nothing is known to serve before the first sync
+        failing, reason = True, NOT_UPDATED
+    # as the Python proxy: no timestamp until every environment has loaded, unless that is tolerated
+    last_update = min(successes) if successes and not (not_loaded and failing) else None
 
     body: dict[str, Any] = {
         "status": "error" if failing else "ok",
         "reason": reason if failing else None,
         "last_successful_update": _iso(last_update) if last_update is not None else None,
     }
-    details = {
+    details: dict[str, Any] = {
         name: [_describe(key, status) for key in keys]
         for name, keys in (
             ("stale", stale),
@@ -68,6 +72,8 @@ def check_health(
         )
         if keys
     }
+    if waiting_for_discovery:
+        details["proxy_config"] = "not synced yet"
     if details:
         body["environments"] = details
     return (503 if failing else 200), orjson.dumps(body)

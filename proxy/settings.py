@@ -200,7 +200,9 @@ class Settings(BaseSettings):
                     raise ValueError(f"environment_key_pairs.{index}: key {mask_key(key)} is configured more than once")
                 seen.add(key)
         if not self.environment_key_pairs and not self.proxy_key:
-            raise ValueError("environment_key_pairs: at least one pair is required")
+            raise ValueError("environment_key_pairs: at least one pair is required (or a proxy_key)")
+        if self.proxy_key and self.api_url.lower().startswith("file:"):
+            raise ValueError("proxy_key: proxy-config discovery needs an http(s) api_url, not a file source")
         return self
 
     @property
@@ -304,11 +306,6 @@ def config_warnings(data: dict[str, Any], settings: Settings) -> list[str]:
         )
     if settings.endpoint_caches and settings.endpoint_caches.flags.use_cache:
         warnings.append("config: endpoint_caches.flags has no effect: flag responses are always pre-encoded")
-    if settings.proxy_key:
-        warnings.append(
-            "config: proxy_key is accepted, but proxy-config discovery and usage reporting are not "
-            "implemented yet; only environment_key_pairs are served"
-        )
     return warnings
 
 

@@ -173,7 +173,9 @@ class Publisher:
     def read_document(self, entry: dict[str, Any]) -> bytes | None:
         return read_verified(self.path, entry)
 
-    def publish(self, documents: dict[str, bytes], environments: dict[str, dict[str, Any]]) -> int:
+    def publish(
+        self, documents: dict[str, bytes], environments: dict[str, dict[str, Any]], meta: dict[str, Any] | None = None
+    ) -> int:
         """Write the changed `documents` (client key → bytes), then the manifest of all `environments`.
 
         `environments` maps client key → the leader's status for it; the publisher adds where each
@@ -191,7 +193,10 @@ class Publisher:
                 written.append(self.path / name)
                 published[client_key] = {"file": name, "length": len(data), "crc32": zlib.crc32(data)}
             manifest = {key: {**status, **published.get(key, {})} for key, status in environments.items()}
-            _write_atomic(self.path / MANIFEST, orjson.dumps({"generation": generation, "environments": manifest}))
+            _write_atomic(
+                self.path / MANIFEST,
+                orjson.dumps({"generation": generation, "environments": manifest, "meta": meta or {}}),
+            )
         except OSError as exc:
             for path in written:
                 with contextlib.suppress(OSError):

@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 from proxy import metrics
-from proxy.analytics import AnalyticsBuffer
 from proxy.cache import ResponseCache
 from proxy.environment import EnvironmentState, KeyKind
 from proxy.errors import ServiceUnavailable, Unauthorized
+from proxy.handover import CountsBuffer
 from proxy.settings import Settings, mask_key
 from proxy.shm import Subscriber
 
@@ -29,25 +30,37 @@ FOLLOW_INTERVAL = 0.05  # seconds between generation checks: propagation adds at
 class Store:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        # every configured key → (kind, client key); bytes, as the header arrives
-        self.keys: dict[bytes, tuple[KeyKind, str]] = {}
-        for pair in settings.environment_key_pairs:
-            self.keys[pair.client_side_key.encode()] = (KeyKind.CLIENT, pair.client_side_key)
-            self.keys[pair.server_side_key.encode()] = (KeyKind.SERVER, pair.client_side_key)
-        self.client_keys = [pair.client_side_key for pair in settings.environment_key_pairs]
+        # client key → {server key: expiry}; configured pairs, then whatever the leader discovered
+        self.static: dict[str, dict[str, float | None]] = {
+            pair.client_side_key: {pair.server_side_key: None} for pair in settings.environment_key_pairs
+        }
+        self._index(self.static)
         self.states: dict[str, EnvironmentState] = {}
         self.status: dict[str, dict[str, Any]] = {}  # the leader's per-environment status (manifest)
         self.build_errors: dict[str, str] = {}
         cache = settings.identity_cache
         self.cache = ResponseCache(cache.cache_max_size, cache.cache_max_bytes) if cache.use_cache else None
         self.generation = 0
-        self.analytics = AnalyticsBuffer()
+        self.discovered = False  # with a proxy_key: has the leader synced the proxy config yet?
+        self.analytics = CountsBuffer("analytics")
+        self.usage = CountsBuffer("usage") if settings.proxy_key else None
+
+    def _index(self, environments: dict[str, dict[str, float | None]]) -> None:
+        # every key → (kind, client key, expiry); bytes, as the header arrives
+        keys: dict[bytes, tuple[KeyKind, str, float | None]] = {}
+        for client_key, server_keys in environments.items():
+            keys[client_key.encode()] = (KeyKind.CLIENT, client_key, None)
+            for server_key, expires in server_keys.items():
+                keys[server_key.encode()] = (KeyKind.SERVER, client_key, expires)
+        self.keys = keys
+        self.client_keys = list(environments)
 
     def client_key(self, key: bytes | None) -> tuple[KeyKind, str]:
         found = self.keys.get(key) if key else None
-        if found is None:
+        # a discovered server key stops resolving when it expires, even between polls
+        if found is None or (found[2] is not None and found[2] < time.time()):
             raise Unauthorized(f"unknown key '{(key or b'').decode('utf-8', 'replace')}'")
-        return found
+        return found[0], found[1]
 
     def resolve(self, key: bytes | None) -> tuple[KeyKind, EnvironmentState]:
         kind, client_key = self.client_key(key)
@@ -56,6 +69,12 @@ class Store:
             raise ServiceUnavailable("environment document not loaded yet; try again shortly")
         return kind, state
 
+    def hand_over(self, area: Path) -> None:
+        """Give the leader this worker's analytics and usage counts."""
+        self.analytics.hand_over(area)
+        if self.usage is not None:
+            self.usage.hand_over(area)
+
     def flush_metrics(self) -> None:
         cache = self.cache
         metrics.flush(cache.hits if cache else 0, cache.misses if cache else 0)
@@ -63,10 +82,15 @@ class Store:
     def apply(self, manifest: dict[str, Any], built: dict[str, EnvironmentState]) -> None:
         """Swap in new states and status (on the event loop, no await: requests see old or new)."""
         self.status = manifest["environments"]
-        if built:
-            self.states = {**self.states, **built}
+        self.discovered = (manifest.get("meta") or {}).get("discovered_at") is not None
+        served = {key: entry.get("server_keys") or {} for key, entry in self.status.items()}
+        served.update(self.static)
+        self._index(served)  # discovery may have added, removed or rotated keys
+        gone = [key for key in self.states if key not in served]
+        if built or gone:
+            self.states = {**{k: v for k, v in self.states.items() if k in served}, **built}
             if self.cache is not None:
-                for client_key in built:
+                for client_key in [*built, *gone]:
                     self.cache.drop_environment(client_key)
         self.generation = manifest["generation"]
 
@@ -123,7 +147,7 @@ class Follower:
                 now = time.monotonic()
                 if now - flushed_at >= 1.0:
                     self.store.flush_metrics()
-                    self.store.analytics.hand_over(self.subscriber.path)
+                    self.store.hand_over(self.subscriber.path)
                     flushed_at = now
             except asyncio.CancelledError:
                 raise

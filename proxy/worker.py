@@ -66,7 +66,7 @@ def create_worker_app(settings: Settings, area: Path) -> Application:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-            store.analytics.hand_over(area)  # what this worker counted since its last hand-over
+            store.hand_over(area)  # what this worker counted since its last hand-over
             subscriber.close()
 
     return app

@@ -23,6 +23,11 @@ class FakeFlagsmith:
         self.lock = threading.Lock()
         self.requests: list[dict[str, Any]] = []
         self.analytics: list[dict[str, Any]] = []  # POST /api/v1/analytics/flags/: {"key", "body"}
+        self.proxy_key = "pk.test-proxy-key"
+        self.proxy_config: list[dict[str, Any]] = []  # GET /api/v1/proxy/config/
+        self.proxy_config_fail: int | None = None
+        self.usage: list[dict[str, Any]] = []  # POST /api/v1/proxy/usage/: {"idempotency_key", "rows"}
+        self.usage_fail: int | None = None
         self.fail: int | None = None
         self.garbage: str | None = None
         self.delay = 0.0
@@ -82,7 +87,18 @@ class FakeFlagsmith:
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length)
-                if urlsplit(self.path).path != "/api/v1/analytics/flags/":
+                path = urlsplit(self.path).path
+                if path == "/api/v1/proxy/usage/":
+                    if self.headers.get("X-Proxy-Key") != fake.proxy_key:
+                        return self._send(401, b'{"detail":"bad proxy key"}')
+                    if fake.usage_fail:
+                        return self._send(fake.usage_fail, b'{"detail":"failure on demand"}')
+                    with fake.lock:
+                        fake.usage.append(
+                            {"idempotency_key": self.headers.get("Idempotency-Key"), "rows": json.loads(body)}
+                        )
+                    return self._send(202, b"{}")
+                if path != "/api/v1/analytics/flags/":
                     return self._send(404, b'{"detail":"Not Found"}')
                 if fake.fail:
                     return self._send(fake.fail, b'{"detail":"failure on demand"}')
@@ -107,6 +123,13 @@ class FakeFlagsmith:
                     document = copy.deepcopy(fake.documents.get(key or ""))
                 if delay:
                     threading.Event().wait(delay)
+                if parts.path == "/api/v1/proxy/config/":
+                    if fake.proxy_config_fail:
+                        return self._send(fake.proxy_config_fail, b'{"detail":"failure on demand"}')
+                    if self.headers.get("X-Proxy-Key") != fake.proxy_key:
+                        return self._send(401, b'{"detail":"bad proxy key"}')
+                    with fake.lock:
+                        return self._send(200, json.dumps(fake.proxy_config).encode())
                 if parts.path.rstrip("/") != "/api/v1/environment-document":
                     return self._send(404, b'{"detail":"Not Found"}')
                 if fail:

@@ -21,6 +21,7 @@ import orjson
 
 from proxy import metrics
 from proxy.environment import parse_updated_at
+from proxy.leader.discovery import Discovery
 from proxy.leader.sources import Fetched, FetchFailed, NotModified, Source
 from proxy.settings import Settings, mask_key
 from proxy.shm import AreaError, Publisher
@@ -32,8 +33,9 @@ BACKOFF_FIRST = 0.5
 
 @dataclass(slots=True)
 class Environment:
-    server_key: str
     client_key: str
+    server_keys: dict[str, float | None]  # server key → expiry (epoch seconds) or None
+    static: bool = True  # from environment_key_pairs: never removed by discovery
     document: bytes | None = None
     updated_at: datetime | None = None
     name: str | None = None
@@ -43,9 +45,14 @@ class Environment:
     next_due: float = 0.0
     dirty: bool = False  # fetched, not yet published
 
+    @property
+    def server_key(self) -> str:
+        """The key used to fetch the document: the first one (discovered keys are sorted)."""
+        return next(iter(self.server_keys))
+
     def manifest_entry(self) -> dict[str, Any]:
         return {
-            "server_keys": [self.server_key],
+            "server_keys": self.server_keys,
             "name": self.name,
             "updated_at": self.updated_at.isoformat() if self.updated_at else None,
             "last_success": self.last_success,
@@ -54,26 +61,38 @@ class Environment:
 
 
 class Poller:
-    def __init__(self, settings: Settings, source: Source, publisher: Publisher) -> None:
+    def __init__(
+        self, settings: Settings, source: Source, publisher: Publisher, discovery: Discovery | None = None
+    ) -> None:
         self.settings = settings
         self.source = source
         self.publisher = publisher
         self.interval = settings.api_poll_frequency_seconds
         self.environments = {
-            pair.client_side_key: Environment(pair.server_side_key, pair.client_side_key)
+            pair.client_side_key: Environment(pair.client_side_key, {pair.server_side_key: None})
             for pair in settings.environment_key_pairs
         }
+        self._static_keys = {key for env in self.environments.values() for key in (env.client_key, *env.server_keys)}
         self._limit = asyncio.Semaphore(settings.max_concurrent_fetches)
         self.publish_error: str | None = None
+        self.discovery = discovery
+        self._next_discovery = 0.0
+        self.discovered_at: float | None = None  # last successful proxy-config sync
+        self._needs_publish = False
 
     def resume(self) -> None:
         """Take over what a previous leader published, so nothing is refetched that can be reused."""
         manifest = self.publisher.resume()
         if manifest is None:
             return
+        self.discovered_at = (manifest.get("meta") or {}).get("discovered_at")
         for client_key, entry in manifest["environments"].items():
             env = self.environments.get(client_key)
-            if env is None or env.server_key not in entry.get("server_keys", ()):
+            server_keys = entry.get("server_keys") or {}
+            if env is None and self.discovery is not None and server_keys:
+                # a discovered environment: keep serving it until discovery says otherwise
+                env = self.environments[client_key] = Environment(client_key, server_keys, static=False)
+            if env is None or env.server_key not in server_keys:
                 continue
             env.last_success = entry.get("last_success")
             env.last_error = entry.get("last_error")
@@ -88,14 +107,55 @@ class Poller:
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
+            if self.discovery is not None and time.monotonic() >= self._next_discovery:
+                await self.discover()
+                self._next_discovery = time.monotonic() + self.interval
+            # Environments due within a short window share one round, hence one publication.
+            horizon = time.monotonic() + min(0.25, self.interval / 10)
+            due = [env for env in self.environments.values() if env.next_due <= horizon]
             now = time.monotonic()
-            due = [env for env in self.environments.values() if env.next_due <= now]
             if due:
                 await self.poll(due)
+            elif self._needs_publish:
+                self.publish()
             next_due = min((env.next_due for env in self.environments.values()), default=now + self.interval)
             delay = max(0.01, next_due - time.monotonic())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=delay)
+
+    def server_key_of(self, client_key: str) -> str | None:
+        env = self.environments.get(client_key)
+        return env.server_key if env is not None else None
+
+    async def discover(self) -> None:
+        """Reconcile the discovered environments (static ones are never touched)."""
+        assert self.discovery is not None
+        desired = await self.discovery.fetch(time.time())
+        if desired is None:
+            metrics.UPSTREAM_FETCHES.labels(outcome="proxy_config_error").inc()
+            return
+        if self.discovered_at is None:
+            self._needs_publish = True  # readiness waits for the first sync
+        self.discovered_at = time.time()
+        changed = removed = 0
+        for client_key, server_keys in desired.items():
+            if client_key in self._static_keys or self._static_keys.intersection(server_keys):
+                continue
+            env = self.environments.get(client_key)
+            if env is None:
+                self.environments[client_key] = Environment(client_key, server_keys, static=False)
+                changed += 1
+            elif env.server_keys != server_keys:
+                env.server_keys = server_keys  # rotation: dropped keys stop resolving at once
+                changed += 1
+        for client_key, env in list(self.environments.items()):
+            if not env.static and client_key not in desired:
+                del self.environments[client_key]
+                log.info("environment removed from proxy config: %s", mask_key(client_key))
+                removed += 1
+        if changed or removed:
+            self._needs_publish = True
+            log.info("proxy config applied: %d changed, %d removed", changed, removed)
 
     async def poll(self, environments: list[Environment]) -> None:
         await asyncio.gather(*(self._refresh(env) for env in environments))
@@ -146,7 +206,7 @@ class Poller:
         entries = {key: env.manifest_entry() for key, env in self.environments.items()}
         started = time.perf_counter()
         try:
-            generation = self.publisher.publish(changed, entries)
+            generation = self.publisher.publish(changed, entries, {"discovered_at": self.discovered_at})
         except AreaError as exc:
             self.publish_error = str(exc)
             metrics.PUBLICATION_ERRORS.inc()
@@ -156,5 +216,6 @@ class Poller:
         self.publish_error = None
         for key in changed:
             self.environments[key].dirty = False
+        self._needs_publish = False
         if changed:
             log.info("published generation %d (%d changed)", generation, len(changed))

@@ -10,8 +10,10 @@ import signal
 from pathlib import Path
 
 from proxy.analytics import AnalyticsForwarder
+from proxy.leader.discovery import Discovery
 from proxy.leader.poller import Poller
 from proxy.leader.sources import make_source
+from proxy.leader.usage import UsageReporter
 from proxy.logs import configure_logging
 from proxy.settings import Settings
 from proxy.shm import Publisher
@@ -47,19 +49,25 @@ async def _main(settings: Settings, area: Path) -> None:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     publisher = Publisher(area, settings.shared_memory_max_bytes)
     source = make_source(settings)
-    poller = Poller(settings, source, publisher)
+    discovery = Discovery(settings) if settings.proxy_key else None
+    poller = Poller(settings, source, publisher, discovery)
     poller.resume()
     log.info("leader started, polling %d environment(s)", len(poller.environments))
     orphan_watch = asyncio.create_task(_stop_when_orphaned(os.getppid(), stop))
-    analytics = asyncio.create_task(AnalyticsForwarder(settings, area).run(stop))
+    analytics = asyncio.create_task(AnalyticsForwarder(settings, area, poller.server_key_of).run(stop))
+    usage = asyncio.create_task(UsageReporter(settings, area).run(stop)) if settings.proxy_key else None
     try:
         await poller.run(stop)
     finally:
         orphan_watch.cancel()
         stop.set()
-        # one last analytics flush (workers hand their counts over as they stop), bounded in time
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(analytics, timeout=settings.api_poll_timeout_seconds + 1)
+        # last flushes (workers hand their counts over as they stop), bounded in time
+        for task in (analytics, usage):
+            if task is not None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(task, timeout=settings.api_poll_timeout_seconds + 1)
         await source.aclose()
+        if discovery is not None:
+            await discovery.aclose()
         publisher.close()
         log.info("leader stopped")
