@@ -189,6 +189,21 @@ def proxy_config(api_url: str, **overrides: Any) -> dict[str, Any]:
     return config
 
 
+@contextlib.contextmanager
+def serving(
+    workdir: Path, documents: dict[str, dict[str, Any]], config: Callable[[str], dict[str, Any]]
+) -> Iterator[ProxyProcess]:
+    """A fake upstream serving `documents` and a ready proxy configured by `config(api_url)`; both stopped after."""
+    upstream = FakeFlagsmith(documents).start()
+    proxy = ProxyProcess(workdir, config(upstream.api_url)).start()
+    try:
+        proxy.wait_ready()
+        yield proxy
+    finally:
+        proxy.stop()
+        upstream.stop()
+
+
 @pytest.fixture
 def upstream() -> Iterator[FakeFlagsmith]:
     fake = FakeFlagsmith(conformance_documents()).start()

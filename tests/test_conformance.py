@@ -13,8 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import EXAMPLES, ProxyProcess, conformance_documents, load_json, proxy_config
-from tests.fake_upstream import FakeFlagsmith
+from tests.conftest import EXAMPLES, ProxyProcess, conformance_documents, load_json, proxy_config, serving
 
 CASES = sorted(p for p in EXAMPLES.glob("[0-9][0-9]_*.json"))
 FIXED = {"12", "13", "18", "44", "46", "47"}
@@ -22,14 +21,8 @@ FIXED = {"12", "13", "18", "44", "46", "47"}
 
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
-    upstream = FakeFlagsmith(conformance_documents()).start()
-    proxy = ProxyProcess(tmp_path_factory.mktemp("conformance"), proxy_config(upstream.api_url), workers=1).start()
-    try:
-        proxy.wait_ready()
+    with serving(tmp_path_factory.mktemp("conformance"), conformance_documents(), proxy_config) as proxy:
         yield proxy
-    finally:
-        proxy.stop()
-        upstream.stop()
 
 
 def send(proxy: ProxyProcess, request: dict[str, Any]) -> httpx.Response:

@@ -8,8 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import ENGINE_DATA, ProxyProcess, load_json
-from tests.fake_upstream import FakeFlagsmith
+from tests.conftest import ENGINE_DATA, ProxyProcess, load_json, serving
 
 SERVER_KEY = "ser.engine_test_data"
 EXPECTED = load_json(ENGINE_DATA / "v1_identities_expected_composite_key.json")
@@ -20,18 +19,13 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
     document = load_json(ENGINE_DATA / "v1_environment_n9fbf9h3v4fFgH3U3ngWhb.json")["environment"]
     # The v1 document predates `name` and `updated_at`, which real documents carry.
     document = {**document, "name": "engine-test-data", "updated_at": "2023-11-08T00:00:00+00:00"}
-    upstream = FakeFlagsmith({SERVER_KEY: document}).start()
-    config = {
-        "environment_key_pairs": [{"server_side_key": SERVER_KEY, "client_side_key": EXPECTED["api_key"]}],
-        "api_url": upstream.api_url,
-    }
-    proxy = ProxyProcess(tmp_path_factory.mktemp("engine"), config).start()
-    try:
-        proxy.wait_ready()
+    pairs = [{"server_side_key": SERVER_KEY, "client_side_key": EXPECTED["api_key"]}]
+    with serving(
+        tmp_path_factory.mktemp("engine"),
+        {SERVER_KEY: document},
+        lambda api_url: {"environment_key_pairs": pairs, "api_url": api_url},
+    ) as proxy:
         yield proxy
-    finally:
-        proxy.stop()
-        upstream.stop()
 
 
 def by_name(flags: list[dict[str, Any]]) -> list[dict[str, Any]]:

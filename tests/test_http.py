@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import ProxyProcess, conformance_documents, proxy_config
-from tests.fake_upstream import FakeFlagsmith
+from tests.conftest import ProxyProcess, conformance_documents, proxy_config, serving
 
 CLIENT = {"X-Environment-Key": "env_client_key_1", "Accept-Encoding": "identity"}
 SERVER = {"X-Environment-Key": "ser.env_server_key_1", "Accept-Encoding": "identity"}
@@ -19,15 +19,11 @@ GOOD_ORIGIN = "https://app.example.com"
 
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
-    upstream = FakeFlagsmith(conformance_documents()).start()
-    config = proxy_config(upstream.api_url, allow_origins=[GOOD_ORIGIN], max_request_body_bytes=4096)
-    proxy = ProxyProcess(tmp_path_factory.mktemp("http"), config, workers=1).start()
-    try:
-        proxy.wait_ready()
+    def config(api_url: str) -> dict[str, Any]:
+        return proxy_config(api_url, allow_origins=[GOOD_ORIGIN], max_request_body_bytes=4096)
+
+    with serving(tmp_path_factory.mktemp("http"), conformance_documents(), config) as proxy:
         yield proxy
-    finally:
-        proxy.stop()
-        upstream.stop()
 
 
 def post(proxy: ProxyProcess, content: bytes, headers: dict[str, str] | None = None) -> httpx.Response:

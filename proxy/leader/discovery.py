@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import orjson
 
-from proxy import __version__
+from proxy.leader.upstream import upstream_client
 from proxy.settings import SERVER_KEY_PREFIX, Settings
 
 log = logging.getLogger("proxy.leader")
@@ -58,11 +58,7 @@ class Discovery:
     def __init__(self, settings: Settings) -> None:
         assert settings.proxy_key is not None
         self.url = settings.api_url + "/proxy/config/"
-        self.client = httpx.AsyncClient(
-            timeout=settings.api_poll_timeout_seconds,
-            follow_redirects=False,
-            headers={"User-Agent": f"flagsmith-edge-proxy-python/{__version__}", "X-Proxy-Key": settings.proxy_key},
-        )
+        self.client = upstream_client(settings, {"X-Proxy-Key": settings.proxy_key})
 
     async def fetch(self, now: float) -> Desired | None:
         """The environments to serve, or None when the answer cannot be trusted (logged)."""

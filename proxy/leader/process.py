@@ -9,7 +9,7 @@ import os
 import signal
 from pathlib import Path
 
-from proxy.analytics import AnalyticsForwarder
+from proxy.leader.analytics import AnalyticsForwarder
 from proxy.leader.discovery import Discovery
 from proxy.leader.poller import Poller
 from proxy.leader.sources import make_source

@@ -18,7 +18,7 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 import orjson
 
-from proxy import __version__
+from proxy.leader.upstream import upstream_client
 from proxy.mapping import DocumentError, validate_document
 from proxy.settings import Settings, file_source_dir, mask_key
 
@@ -72,13 +72,7 @@ class HttpSource:
         self.url = settings.api_url + "/environment-document/"
         self.origin = _origin(self.url)
         self.poll_frequency = settings.api_poll_frequency_seconds
-        # trust_env (the default) honours HTTPS_PROXY / HTTP_PROXY / NO_PROXY and SSL_CERT_FILE.
-        self.client = httpx.AsyncClient(
-            timeout=settings.api_poll_timeout_seconds,
-            follow_redirects=False,
-            headers={"User-Agent": f"flagsmith-edge-proxy-python/{__version__}"},
-            transport=transport,
-        )
+        self.client = upstream_client(settings, transport=transport)
 
     async def aclose(self) -> None:
         await self.client.aclose()

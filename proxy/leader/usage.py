@@ -9,7 +9,6 @@ resent unchanged, under the same idempotency key, at the next flush; new counts 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import uuid
 from collections import Counter, defaultdict
@@ -19,8 +18,8 @@ from typing import Any
 import httpx
 import orjson
 
-from proxy import __version__
 from proxy.handover import collect
+from proxy.leader.upstream import flush_every, upstream_client
 from proxy.settings import Settings
 
 log = logging.getLogger("proxy.leader")
@@ -36,23 +35,13 @@ class UsageReporter:
         self.url = settings.api_url + "/proxy/usage/"
         self.interval = settings.usage_flush_interval_seconds
         self.proxy_key = settings.proxy_key
-        self.timeout = settings.api_poll_timeout_seconds
+        self.settings = settings
         self.counts: defaultdict[str, Counter[str]] = defaultdict(Counter)
         self.pending: list[tuple[str, list[dict[str, Any]]]] = []  # (idempotency key, rows)
 
     async def run(self, stop: asyncio.Event) -> None:
-        async with httpx.AsyncClient(
-            timeout=self.timeout,
-            follow_redirects=False,
-            headers={"User-Agent": f"flagsmith-edge-proxy-python/{__version__}", "X-Proxy-Key": self.proxy_key},
-        ) as client:
-            while not stop.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=self.interval)
-                try:
-                    await self.flush(client)
-                except Exception:  # never let usage reporting take the leader down
-                    log.exception("usage flush failed")
+        async with upstream_client(self.settings, {"X-Proxy-Key": self.proxy_key}) as client:
+            await flush_every(self.interval, stop, lambda: self.flush(client), "usage")
 
     def batches(self) -> list[tuple[str, list[dict[str, Any]]]]:
         for client_key, counts in collect(self.area, FOLDER).items():
