@@ -10,6 +10,7 @@ import http.client
 import os
 import shutil
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -259,3 +260,27 @@ def test_ctrl_c_shuts_down_cleanly(upstream: FakeFlagsmith, start_proxy: Callabl
     assert wait_for(lambda: not any(alive(pid) for pid in family if pid), 10)
     assert not proxy.area.exists()
     assert "restarting in" not in proxy.log()  # the leader ignored SIGINT; the watchdog did not respawn it
+
+
+def test_sigterm_drains_a_request_in_flight(upstream: FakeFlagsmith, start_proxy: Callable[..., ProxyProcess]) -> None:
+    proxy = start_proxy(proxy_config(upstream.api_url), workers=1)
+    proxy.wait_ready()
+    body = b'{"identifier":"slow-user","traits":[]}'
+    head = (
+        b"POST /api/v1/identities/ HTTP/1.1\r\nHost: proxy\r\nX-Environment-Key: env_client_key_1\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+    )
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as client:
+        client.sendall(head + body[:10])  # the request is in flight: its body is still arriving
+        time.sleep(0.3)
+        os.kill(proxy.pid, signal.SIGTERM)
+        time.sleep(0.5)
+        client.sendall(body[10:])
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = client.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    assert proxy.process is not None and proxy.process.wait(30) == 0

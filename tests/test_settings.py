@@ -220,3 +220,20 @@ def test_shipped_granian_file_is_valid_and_commented() -> None:
     for line in shipped.read_text().splitlines():
         if line.strip() and not line.startswith("#") and "=" in line:
             assert "#" in line, f"uncommented key: {line}"
+
+
+def test_worker_count_follows_the_cgroup_quota(tmp_path: Path) -> None:
+    affinity = len(os.sched_getaffinity(0))
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("50000 100000\n")  # docker run --cpus=0.5
+    assert available_cpus(v2) == 1
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert available_cpus(v2) == affinity
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert available_cpus(v1) == 1
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert available_cpus(v1) == affinity
