@@ -42,10 +42,11 @@ ANALYTICS_EVENTS = Counter(
     ["outcome"],
 )
 LEADER_RESTARTS = Counter("edge_proxy_leader_restarts", "Times the leader process was restarted")
-ENVIRONMENTS_STALE = Gauge(
-    "edge_proxy_environments_unhealthy",
-    "Environments without a fresh document, as seen by the last health check",
-    multiprocess_mode="mostrecent",
+ENVIRONMENT_LAST_SUCCESS = Gauge(
+    "edge_proxy_environment_last_success_timestamp_seconds",
+    "When upstream last answered well (200 or 304) for an environment (key masked); alert on its age",
+    ["environment"],
+    multiprocess_mode="max",  # set by the leader only; a restarted leader continues upwards
 )
 
 # Per-worker counts, flushed in the background: (route, status) → count.

@@ -179,6 +179,7 @@ def test_metrics_count_requests(proxy: ProxyProcess) -> None:
     match = re.search(r'^edge_proxy_http_requests_total\{route="flags",status="200"\} ([0-9.]+)$', text, re.M)
     assert match and float(match.group(1)) >= 3
     assert 'edge_proxy_upstream_fetches_total{outcome="ok"}' in text
+    assert 'edge_proxy_environment_last_success_timestamp_seconds{environment="en…_1"}' in text
 
 
 def test_analytics_are_validated(proxy: ProxyProcess) -> None:

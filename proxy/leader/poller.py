@@ -187,6 +187,7 @@ class Poller:
         env.failures = 0
         env.last_error = None
         env.last_success = time.time()
+        metrics.ENVIRONMENT_LAST_SUCCESS.labels(environment=mask_key(env.client_key)).set(env.last_success)
         env.next_due = now + self.interval
         if isinstance(result, NotModified):
             metrics.UPSTREAM_FETCHES.labels(outcome="not_modified").inc()
