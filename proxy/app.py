@@ -13,6 +13,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from email.utils import parsedate_to_datetime
+from typing import Any
 
 import orjson
 from blacksheep import Application, Content, Request, Response
@@ -25,7 +26,6 @@ from proxy.errors import NotFound, PayloadTooLarge, ProxyError, Unauthorized
 from proxy.health import check_health
 from proxy.identity_request import (
     RequestInvalid,
-    is_json_content_type,
     parse_identity_body,
     parse_identity_query,
     query_param,
@@ -116,34 +116,33 @@ class ProxyApp:
     async def identities_get(self, request: Request) -> Response:
         kind, state = self.store.resolve(request.get_first_header(b"x-environment-key"))
         identifier = parse_identity_query(request._raw_query)
-        cache_key = (kind, b"?" + identifier.encode())
-        return self._identity(request, kind, state, cache_key, lambda: (identifier, [], {}))
+        return self._identity(request, kind, state, identifier, [], {})
 
     async def identities_post(self, request: Request) -> Response:
         key = request.get_first_header(b"x-environment-key")
         self.store.resolve(key)  # 401/503 before reading a body
         raw = await self._read_body(request)
-        content_type = request.get_first_header(b"content-type")
-        if not is_json_content_type(content_type):
-            parse_identity_body(raw, content_type)  # raises the 422
+        identifier, echo, traits = parse_identity_body(raw, request.get_first_header(b"content-type"))
         # Resolve again: a new state may have been swapped in while the body was read.
         kind, state = self.store.resolve(key)
-        # Keyed on the raw body: a repeated request is answered without even parsing it.
-        return self._identity(request, kind, state, (kind, raw), lambda: parse_identity_body(raw, content_type))
+        return self._identity(request, kind, state, identifier, echo, traits)
 
     def _identity(
         self,
         request: Request,
         kind: KeyKind,
         state: EnvironmentState,
-        cache_key: tuple[KeyKind, bytes],
-        parse: Callable[[], tuple[str, list, dict]],
+        identifier: str,
+        echo: list[dict[str, Any]],
+        traits: dict[str, Any],
     ) -> Response:
         cache = self.store.cache
+        # (kind, identifier, traits as echoed): the response depends on nothing else. The type is part of
+        # the key because 1, 1.0 and True are equal (and hash alike) in Python but not in the response.
+        cache_key = (kind, identifier, tuple((t["trait_key"], type(v := t["trait_value"]), v) for t in echo))
         body = cache.get(state.client_key, cache_key) if cache is not None else None
         gzip_wanted = _accepts_gzip(request)
         if body is None:
-            identifier, echo, traits = parse()
             flags = state.identity_flags(kind, identifier, traits)
             data = orjson.dumps({"identifier": identifier, "traits": echo, "flags": flags})
             body = Body.of(data) if gzip_wanted else Body(data, None)
@@ -166,9 +165,12 @@ class ProxyApp:
             raise PayloadTooLarge(f"request body exceeds {self.max_body} bytes")
         if request.content is None:
             return b""
-        if length is not None and length.isdigit():
-            # A declared length within the cap: one read (Granian hands the body over in one piece).
-            return await request.read() or b""
+        if (length is not None and length.isdigit()) or not hasattr(request.content, "stream"):
+            # A declared length within the cap (or a body already in memory): one read.
+            body = await request.read() or b""
+            if len(body) > self.max_body:
+                raise PayloadTooLarge(f"request body exceeds {self.max_body} bytes")
+            return body
         chunks = bytearray()  # chunked: count as it arrives
         async for chunk in request.content.stream():
             if chunk:

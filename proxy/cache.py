@@ -62,9 +62,5 @@ class ResponseCache:
 
 
 def _cost(full_key: tuple[str, Hashable], body: Body) -> int:
-    # Bodies dominate; the request key (raw body or query bytes) and entry overhead are estimated.
-    request_key = full_key[1]
-    key_bytes = (
-        sum(len(part) for part in request_key if isinstance(part, bytes)) if isinstance(request_key, tuple) else 0
-    )
-    return len(body.plain) + len(body.gzip or b"") + key_bytes + 200
+    # Bodies dominate (the key's identifier and traits are echoed in them); entry overhead is estimated.
+    return 2 * len(body.plain) + len(body.gzip or b"") + 200

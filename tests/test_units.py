@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 
 import orjson
 import pytest
+from blacksheep import Content
+from blacksheep.testing import TestClient
 
+from proxy.app import build_app
 from proxy.cache import ResponseCache
 from proxy.environment import Body, EnvironmentState, KeyKind
 from proxy.health import NOT_UPDATED, STALE, check_health
 from proxy.identity_request import RequestInvalid, is_json_content_type, parse_identity_body, parse_identity_query
 from proxy.mapping import DocumentError, validate_document
 from proxy.settings import Settings
+from proxy.store import Store
 from tests.conftest import EXAMPLES
 
 PAIRS = [
@@ -116,3 +121,36 @@ def test_document_validation_names_the_field() -> None:
         validate_document(
             {"api_key": "k", "project": {"segments": []}, "feature_states": [{"feature": {"id": 1, "name": "f"}}]}
         )
+
+
+def test_identity_cache_key_is_canonical_and_type_exact() -> None:
+    document = json.loads((EXAMPLES / "upstream_env1_document.json").read_text())
+    config = Settings(
+        environment_key_pairs=[{"server_side_key": "ser.env_server_key_1", "client_side_key": "env_client_key_1"}]
+    )
+    store = Store(config)
+    store.states = {"env_client_key_1": EnvironmentState("env_client_key_1", orjson.dumps(document), 1)}
+    app = build_app(config, store)
+    headers = {"x-environment-key": "env_client_key_1", "accept-encoding": "identity"}
+
+    async def post(body: bytes) -> bytes:
+        client = TestClient(app)
+        response = await client.post("/api/v1/identities/", headers=headers, content=Content(b"application/json", body))
+        assert response.status == 200
+        return await response.read()
+
+    async def scenario() -> None:
+        await app.start()
+        first = await post(b'{"identifier": "u", "traits": [{"trait_key": "beta", "trait_value": true}]}')
+        # the same request, formatted differently, with an ignored field: the cached answer serves it
+        again = await post(
+            b'{"traits": [{"trait_value": true, "trait_key": "beta", "transient": true}], "identifier": "u"}'
+        )
+        assert first == again
+        assert store.cache is not None and (store.cache.hits, store.cache.misses) == (1, 1)
+        # 1 == True in Python, but not in the echoed response: a different entry
+        other = await post(b'{"identifier": "u", "traits": [{"trait_key": "beta", "trait_value": 1}]}')
+        assert orjson.loads(other)["traits"] == [{"trait_key": "beta", "trait_value": 1}]
+        assert store.cache.misses == 2
+
+    asyncio.run(scenario())
