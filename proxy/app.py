@@ -41,27 +41,30 @@ PREFLIGHT_METHODS = b"DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT"
 
 Handler = Callable[[Request], Awaitable[Response]]
 
-# canonical path → (metrics route label, methods); every route also answers with or without the slash
-ROUTES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "/api/v1/flags/": ("flags", ("GET", "HEAD")),
-    "/api/v1/identities/": ("identities", ("GET", "HEAD", "POST")),
-    "/api/v1/environment-document/": ("environment_document", ("GET", "HEAD")),
-    "/api/v1/analytics/flags/": ("analytics", ("POST",)),
-    "/health": ("health", ("GET", "HEAD")),
-    "/proxy/health": ("health", ("GET", "HEAD")),
-    "/proxy/health/readiness": ("health", ("GET", "HEAD")),
-    "/proxy/health/liveness": ("liveness", ("GET", "HEAD")),
-    "/metrics": ("metrics", ("GET", "HEAD")),
+# path → (metrics label, {method: ProxyApp handler}). Every GET route also answers HEAD, and every route
+# answers with or without its trailing slash.
+ROUTES: dict[str, tuple[str, dict[str, str]]] = {
+    "/api/v1/flags/": ("flags", {"GET": "flags"}),
+    "/api/v1/identities/": ("identities", {"GET": "identities_get", "POST": "identities_post"}),
+    "/api/v1/environment-document/": ("environment_document", {"GET": "environment_document"}),
+    "/api/v1/analytics/flags/": ("analytics", {"POST": "analytics"}),
+    "/health": ("health", {"GET": "health"}),
+    "/proxy/health": ("health", {"GET": "health"}),
+    "/proxy/health/readiness": ("health", {"GET": "health"}),
+    "/proxy/health/liveness": ("liveness", {"GET": "liveness"}),
+    "/metrics": ("metrics", {"GET": "metrics"}),
 }
 
 
-def _spellings(path: str) -> tuple[str, str]:
-    bare = path.rstrip("/")
-    return bare, bare + "/"
+def _allowed(methods: dict[str, str]) -> bytes:
+    return ", ".join(sorted({*methods, *(["HEAD"] if "GET" in methods else [])})).encode()
 
 
-ROUTE_BY_PATH: dict[bytes, tuple[str, tuple[str, ...]]] = {
-    spelling.encode(): route for path, route in ROUTES.items() for spelling in _spellings(path)
+# raw path (both spellings) → (metrics label, the Allow header for a 405)
+ROUTE_BY_PATH: dict[bytes, tuple[str, bytes]] = {
+    spelling: (label, _allowed(methods))
+    for path, (label, methods) in ROUTES.items()
+    for spelling in (path.rstrip("/").encode(), path.rstrip("/").encode() + b"/")
 }
 
 
@@ -226,9 +229,7 @@ class ProxyApp:
         route = ROUTE_BY_PATH.get(request._path)
         if route is None:
             return _json(404, b'{"detail":"Not Found"}')
-        return Response(
-            405, [(b"allow", ", ".join(route[1]).encode())], Content(JSON, b'{"detail":"Method Not Allowed"}')
-        )
+        return Response(405, [(b"allow", route[1])], Content(JSON, b'{"detail":"Method Not Allowed"}'))
 
     def _preflight(self, request: Request) -> Response:
         response = Response(200, None, Content(b"text/plain; charset=utf-8", b"OK"))
@@ -300,23 +301,10 @@ def _plain(method: Handler) -> Handler:
 def build_app(settings: Settings, store: Store) -> Application:
     routes = ProxyApp(settings, store)
     router = Router()
-    handlers: dict[str, dict[str, Handler]] = {
-        "/api/v1/flags/": {"GET": _plain(routes.flags)},
-        "/api/v1/identities/": {
-            "GET": _plain(routes.identities_get),
-            "POST": _plain(routes.identities_post),
-        },
-        "/api/v1/environment-document/": {"GET": _plain(routes.environment_document)},
-        "/api/v1/analytics/flags/": {"POST": _plain(routes.analytics)},
-        "/health": {"GET": _plain(routes.health)},
-        "/proxy/health": {"GET": _plain(routes.health)},
-        "/proxy/health/readiness": {"GET": _plain(routes.health)},
-        "/proxy/health/liveness": {"GET": _plain(routes.liveness)},
-        "/metrics": {"GET": _plain(routes.metrics)},
-    }
     # BlackSheep matches a route with or without its trailing slash: one registration serves both.
-    for path, methods in handlers.items():
-        for method, handler in methods.items():
+    for path, (_, methods) in ROUTES.items():
+        for method, name in methods.items():
+            handler = _plain(getattr(routes, name))
             router.add(method, path, handler)
             if method == "GET":
                 router.add("HEAD", path, handler)
