@@ -95,7 +95,9 @@ class Store:
         self.generation = manifest["generation"]
 
 
-def build_states(documents: dict[str, bytes], generation: int, build_errors: dict[str, str]) -> dict[str, Any]:
+def build_states(
+    documents: dict[str, bytes], generation: int, build_errors: dict[str, str]
+) -> dict[str, EnvironmentState]:
     """Build states for changed documents; a failure keeps the previous state and is reported."""
     built: dict[str, EnvironmentState] = {}
     for client_key, data in documents.items():

@@ -74,7 +74,6 @@ class Poller:
         }
         self._static_keys = {key for env in self.environments.values() for key in (env.client_key, *env.server_keys)}
         self._limit = asyncio.Semaphore(settings.max_concurrent_fetches)
-        self.publish_error: str | None = None
         self.discovery = discovery
         self._next_discovery = 0.0
         self.discovered_at: float | None = None  # last successful proxy-config sync
@@ -209,12 +208,10 @@ class Poller:
         try:
             generation = self.publisher.publish(changed, entries, {"discovered_at": self.discovered_at})
         except AreaError as exc:
-            self.publish_error = str(exc)
             metrics.PUBLICATION_ERRORS.inc()
             log.error("publication failed, workers keep the previous generation: %s", exc)
             return
         metrics.PUBLICATION_SECONDS.observe(time.perf_counter() - started)
-        self.publish_error = None
         for key in changed:
             self.environments[key].dirty = False
         self._needs_publish = False
