@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import re
 import shutil
 import signal
 import socket
@@ -284,3 +285,16 @@ def test_sigterm_drains_a_request_in_flight(upstream: FakeFlagsmith, start_proxy
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
     assert proxy.process is not None and proxy.process.wait(30) == 0
+
+
+def test_an_area_too_small_is_reported(upstream: FakeFlagsmith, start_proxy: Callable[..., ProxyProcess]) -> None:
+    # each conformance document is ~12.5 KB: one fits, both do not
+    config = proxy_config(upstream.api_url, api_poll_frequency_seconds=0.5, shared_memory_max_bytes=20_000)
+    proxy = start_proxy(config)
+    proxy.wait_live()
+    assert wait_for(lambda: "raise shared_memory_max_bytes" in proxy.log(), 15), proxy.log()
+    assert "docker run --shm-size" in proxy.log()
+    assert proxy.get("/proxy/health/readiness").status_code == 503
+    assert proxy.get("/api/v1/flags/", headers=CLIENT).status_code == 503
+    metrics = proxy.get("/metrics").text
+    assert re.search(r"^edge_proxy_publication_errors_total [1-9]", metrics, re.M), metrics
