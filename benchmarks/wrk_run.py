@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -67,39 +68,43 @@ def run_wrk(url: str, extra: list[str], duration: int, connections: int, pin: st
     }
 
 
-def start(tmp: Path, upstream: FakeFlagsmith, workers: int, **config: Any) -> ProxyProcess:
-    proxy = ProxyProcess(tmp / f"w{workers}-{time.monotonic_ns()}", proxy_config(upstream.api_url, **config), workers)
-    proxy.start()
-    if workers == 1:
-        subprocess.run(["taskset", "-a", "-p", "-c", "1", str(proxy.pid)], capture_output=True, check=False)
-    proxy.wait_ready()
-    if workers == 1:  # pin the worker and leader too (started after the main process was pinned)
-        for pid in [*proxy.worker_pids(), proxy.leader_pid()]:
-            subprocess.run(["taskset", "-a", "-p", "-c", "1", str(pid)], capture_output=True, check=False)
-    return proxy
-
-
-def throughput(args: argparse.Namespace, tmp: Path) -> list[str]:
-    rows = []
-    upstream = FakeFlagsmith(conformance_documents()).start()
+def proxies(
+    tmp: Path, documents: dict[str, Any], workers_list: list[int], **config: Any
+) -> Iterator[tuple[FakeFlagsmith, ProxyProcess, int, str | None]]:
+    """For each worker count: (upstream, a ready proxy, workers, the CPU to pin wrk to); each proxy is stopped
+    before the next starts, and the upstream at the end (use in a `for` loop run to completion)."""
+    upstream = FakeFlagsmith(documents).start()
     try:
-        for workers in args.workers:
-            proxy = start(tmp, upstream, workers)
-            pin = "0" if workers == 1 else None
+        for workers in workers_list:
+            proxy = ProxyProcess(
+                tmp / f"w{workers}-{time.monotonic_ns()}", proxy_config(upstream.api_url, **config), workers
+            )
+            proxy.start()
             try:
-                for name in args.scenarios:
-                    path, extra = SCENARIOS[name]
-                    run_wrk(proxy.url + path, extra, 2, args.connections, pin)  # warm-up
-                    result = run_wrk(proxy.url + path, extra, args.duration, args.connections, pin)
-                    rows.append(
-                        f"| {workers} | {name} | {result['rps']:,.0f} | {result['p50']} | {result['p99']} "
-                        f"| {result['non2xx']} |"
-                    )
-                    print(rows[-1], flush=True)
+                proxy.wait_ready()
+                if workers == 1:  # the proxy's processes on CPU 1, wrk on CPU 0
+                    for pid in [proxy.pid, *proxy.worker_pids(), proxy.leader_pid()]:
+                        subprocess.run(["taskset", "-a", "-p", "-c", "1", str(pid)], capture_output=True, check=False)
+                yield upstream, proxy, workers, "0" if workers == 1 else None
             finally:
                 proxy.stop()
     finally:
         upstream.stop()
+
+
+def row(workers: int, label: str, result: dict[str, Any]) -> str:
+    line = f"| {workers} | {label} | {result['rps']:,.0f} | {result['p50']} | {result['p99']} | {result['non2xx']} |"
+    print(line, flush=True)
+    return line
+
+
+def throughput(args: argparse.Namespace, tmp: Path) -> list[str]:
+    rows = []
+    for _, proxy, workers, pin in proxies(tmp, conformance_documents(), args.workers):
+        for name in args.scenarios:
+            path, extra = SCENARIOS[name]
+            run_wrk(proxy.url + path, extra, 2, args.connections, pin)  # warm-up
+            rows.append(row(workers, name, run_wrk(proxy.url + path, extra, args.duration, args.connections, pin)))
     return rows
 
 
@@ -112,35 +117,20 @@ def _toggle_until(upstream: FakeFlagsmith, stop_at: float) -> None:
 def swap_latency(args: argparse.Namespace, tmp: Path) -> list[str]:
     """p99 of GET /api/v1/flags/ while a ~1 MB environment document is swapped in every second."""
     rows = []
-    big = about_one_megabyte()
-    documents = conformance_documents()
-    documents["ser.env_server_key_1"] = big
-    upstream = FakeFlagsmith(documents).start()
-    try:
-        for workers in args.workers:
-            proxy = start(tmp, upstream, workers, api_poll_frequency_seconds=0.5)
-            pin = "0" if workers == 1 else None
-            try:
-                url = proxy.url + "/api/v1/flags/"
-                # a small environment's flags, so the measured requests are cheap and the swap shows
-                extra = ["-H", "X-Environment-Key: env_client_key_2"]
-                run_wrk(url, extra, 2, args.connections, pin)
-                quiet = run_wrk(url, extra, args.duration, args.connections, pin)
-                stop_at = time.monotonic() + args.duration + 1
-                thread = threading.Thread(target=_toggle_until, args=(upstream, stop_at), daemon=True)
-                thread.start()
-                busy = run_wrk(url, extra, args.duration, args.connections, pin)
-                thread.join(args.duration + 5)
-                for label, result in (("no changes", quiet), ("1 MB document changed every 1 s", busy)):
-                    rows.append(
-                        f"| {workers} | {label} | {result['rps']:,.0f} | {result['p50']} | {result['p99']} "
-                        f"| {result['non2xx']} |"
-                    )
-                    print(rows[-1], flush=True)
-            finally:
-                proxy.stop()
-    finally:
-        upstream.stop()
+    documents = {**conformance_documents(), "ser.env_server_key_1": about_one_megabyte()}
+    for upstream, proxy, workers, pin in proxies(tmp, documents, args.workers, api_poll_frequency_seconds=0.5):
+        url = proxy.url + "/api/v1/flags/"
+        # a small environment's flags, so the measured requests are cheap and the swap shows
+        extra = ["-H", "X-Environment-Key: env_client_key_2"]
+        run_wrk(url, extra, 2, args.connections, pin)
+        rows.append(row(workers, "no changes", run_wrk(url, extra, args.duration, args.connections, pin)))
+        thread = threading.Thread(
+            target=_toggle_until, args=(upstream, time.monotonic() + args.duration + 1), daemon=True
+        )
+        thread.start()
+        busy = run_wrk(url, extra, args.duration, args.connections, pin)
+        thread.join(args.duration + 5)
+        rows.append(row(workers, "1 MB document changed every 1 s", busy))
     return rows
 
 
