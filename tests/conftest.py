@@ -103,6 +103,7 @@ class ProxyProcess:
         }
         self.workers = workers
         self.process: subprocess.Popen[bytes] | None = None
+        self.upstream: FakeFlagsmith | None = None  # set by `serving`
 
     def start(self) -> ProxyProcess:
         with open(self.log_path, "ab") as log:
@@ -196,6 +197,7 @@ def serving(
     """A fake upstream serving `documents` and a ready proxy configured by `config(api_url)`; both stopped after."""
     upstream = FakeFlagsmith(documents).start()
     proxy = ProxyProcess(workdir, config(upstream.api_url)).start()
+    proxy.upstream = upstream
     try:
         proxy.wait_ready()
         yield proxy
