@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import ProxyProcess, conformance_documents, proxy_config, serving
+from tests.conftest import ProxyProcess, conformance_documents, proxy_config, serving, wait_for
 
 CLIENT = {"X-Environment-Key": "env_client_key_1", "Accept-Encoding": "identity"}
 SERVER = {"X-Environment-Key": "ser.env_server_key_1", "Accept-Encoding": "identity"}
@@ -189,3 +189,17 @@ def test_analytics_are_validated(proxy: ProxyProcess) -> None:
     bad = httpx.post(url, json={"show_banner": "many"}, headers=CLIENT)
     assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "show_banner"]
     assert httpx.post(url, json=[1], headers=CLIENT).status_code == 422
+
+
+def test_json_logs_and_access_log(tmp_path_factory: pytest.TempPathFactory) -> None:
+    def config(api_url: str) -> dict[str, Any]:
+        return proxy_config(api_url, logging={"log_format": "json", "enable_access_log": True})
+
+    with serving(tmp_path_factory.mktemp("logs"), conformance_documents(), config) as proxy:
+        proxy.get("/api/v1/flags/", headers=CLIENT)
+        assert wait_for(lambda: "/api/v1/flags/" in proxy.log(), 10), proxy.log()
+        lines = [line for line in proxy.log().splitlines() if line.strip()]
+    entries = [json.loads(line) for line in lines]  # every line is one JSON object
+    assert all({"timestamp", "level", "logger", "message"} <= entry.keys() for entry in entries)
+    assert any(entry["logger"] == "granian.access" and "/api/v1/flags/" in entry["message"] for entry in entries)
+    assert not any("env_server_key" in line for line in lines)  # keys are masked in logs
