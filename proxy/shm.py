@@ -71,8 +71,9 @@ def _full_message(path: Path, free: int | None = None) -> str:
 class Area:
     """The area's lifetime, owned by the main process: create (cleaning a dead predecessor's), remove."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, min_free_bytes: int = MIN_FREE_BYTES) -> None:
         self.path = path
+        self.min_free_bytes = min_free_bytes
         self._lock_fd: int | None = None
 
     def create(self) -> None:
@@ -88,7 +89,7 @@ class Area:
             os.write(self._lock_fd, str(os.getpid()).encode())
             stats = os.statvfs(self.path)
             free = stats.f_bavail * stats.f_frsize
-            if free < MIN_FREE_BYTES:
+            if free < self.min_free_bytes:
                 raise AreaError(_full_message(self.path, free))
             with open(self.path / CONTROL, "wb") as control:
                 control.write(bytes(CONTROL_SIZE))
@@ -99,6 +100,9 @@ class Area:
                 words.release()
                 mm.close()
             (self.path / "metrics").mkdir()
+        except AreaError:
+            self.remove()
+            raise
         except OSError as exc:
             self.remove()
             if exc.errno == errno.ENOSPC:

@@ -169,3 +169,10 @@ def test_no_torn_reads_under_a_fast_writer(area: Area) -> None:
     assert all(reads > 100 for _, reads, _, _ in readers), readers
     assert sum(torn for _, _, torn, _ in readers) == 0, readers
     print(f"\ntorture: {writes} publications, readers (reads, torn, retries): {[r[1:] for r in readers]}")
+
+
+def test_an_area_without_room_refuses_to_start(tmp_path: Path) -> None:
+    path = Path("/dev/shm") / f"edge-proxy-test.{os.getpid()}.full"
+    with pytest.raises(AreaError, match=r"is full \(\d+ KiB free\): raise the size.*--shm-size"):
+        Area(path, min_free_bytes=2**60).create()  # more than any /dev/shm has
+    assert not path.exists()  # nothing left behind
