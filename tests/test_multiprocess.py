@@ -12,6 +12,7 @@ import re
 import shutil
 import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ProxyProcess, alive, conformance_documents, proxy_config, wait_for
+from tests.conftest import EDGE_PROXY, ProxyProcess, alive, conformance_documents, proxy_config, wait_for
 from tests.fake_upstream import FakeFlagsmith
 
 CLIENT = {"X-Environment-Key": "env_client_key_1"}
@@ -298,3 +299,21 @@ def test_an_area_too_small_is_reported(upstream: FakeFlagsmith, start_proxy: Cal
     assert proxy.get("/api/v1/flags/", headers=CLIENT).status_code == 503
     metrics = proxy.get("/metrics").text
     assert re.search(r"^edge_proxy_publication_errors_total [1-9]", metrics, re.M), metrics
+
+
+def test_a_second_instance_on_the_same_port_is_refused(
+    upstream: FakeFlagsmith, start_proxy: Callable[..., ProxyProcess]
+) -> None:
+    first = start_proxy(proxy_config(upstream.api_url))
+    first.wait_ready()
+    second = subprocess.run(
+        [EDGE_PROXY, "serve", "--port", str(first.port)],
+        env=first.env,
+        cwd=first.workdir,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert second.returncode == 2
+    assert "is in use by a running edge-proxy" in second.stderr
+    assert first.get("/api/v1/flags/", headers=CLIENT).status_code == 200  # the first one is untouched
