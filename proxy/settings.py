@@ -304,6 +304,8 @@ def config_warnings(data: dict[str, Any], settings: Settings) -> list[str]:
         warnings.append(
             "config: server.timeout_keep_alive has no Granian equivalent; keep-alive is on/off in granian.toml"
         )
+    if settings.server.proxy_headers:
+        warnings.append("config: server.proxy_headers has no effect: responses never depend on the client address")
     if settings.endpoint_caches and settings.endpoint_caches.flags.use_cache:
         warnings.append("config: endpoint_caches.flags has no effect: flag responses are always pre-encoded")
     return warnings
