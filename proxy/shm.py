@@ -172,6 +172,12 @@ class Publisher:
                 if entry.get("file")
             }
             self._current_files = {e["file"] for e in self._published.values()}
+        # A killed leader may have left older documents and half-written temporaries: the next
+        # publication removes the documents (readers may still be on them now), the temporaries go now.
+        self._previous_files = {p.name for p in self.path.glob("env-*.json")} - self._current_files
+        for tmp in self.path.glob(".*.tmp"):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
         return manifest
 
     def read_document(self, entry: dict[str, Any]) -> bytes | None:

@@ -176,3 +176,19 @@ def test_an_area_without_room_refuses_to_start(tmp_path: Path) -> None:
     with pytest.raises(AreaError, match=r"is full \(\d+ KiB free\): raise the size.*--shm-size"):
         Area(path, min_free_bytes=2**60).create()  # more than any /dev/shm has
     assert not path.exists()  # nothing left behind
+
+
+def test_a_restarted_publisher_cleans_up_what_a_killed_one_left(area: Area) -> None:
+    with Publisher(area.path) as first:
+        first.publish({"a": b"1"}, {"a": entry()})
+        first.publish({"a": b"2"}, {"a": entry()})  # generation 1's file is kept one publication longer
+    (area.path / ".env-x-3.json.999.tmp").write_bytes(b"half")  # killed mid-write
+    with Publisher(area.path) as second:
+        second.resume()
+        assert not list(area.path.glob(".*.tmp"))
+        second.publish({"a": b"3"}, {"a": entry()})
+        second.publish({}, {"a": entry()})
+        second.publish({}, {"a": entry()})
+        with Subscriber(area.path) as subscriber:
+            assert subscriber.poll()[1] == {"a": b"3"}
+    assert len(list(area.path.glob("env-*.json"))) == 1
