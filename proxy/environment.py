@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from proxy.evaluation import drop_disabled, evaluate, feature_objects
+from proxy.evaluation import evaluate, feature_objects, visible_to
 from proxy.mapping import MappedEnvironment, map_document
 
 # Bodies smaller than this are sent uncompressed, as the Python proxy does.
@@ -90,7 +90,7 @@ class EnvironmentState:
         client_visible = frozenset(name for name, feature in self.features.items() if feature["id"] not in server_only)
         hide_disabled = bool(project.get("hide_disabled_flags"))
         # One environment evaluation serves both kinds: only the filters differ.
-        all_flags = evaluate(self.mapped, self.features, None)
+        all_flags = evaluate(self.mapped, self.features)
         self.views = (
             self._view(all_flags, client_visible, hide_disabled),
             self._view(all_flags, None, False),
@@ -98,9 +98,7 @@ class EnvironmentState:
 
     @staticmethod
     def _view(all_flags: list[dict[str, Any]], visible: frozenset[str] | None, hide_disabled: bool) -> KindView:
-        flags = [f for f in all_flags if visible is None or f["feature"]["name"] in visible]
-        if hide_disabled:
-            flags = drop_disabled(flags)
+        flags = visible_to(all_flags, visible, hide_disabled)
         return KindView(
             visible=visible,
             hide_disabled=hide_disabled,
@@ -110,8 +108,8 @@ class EnvironmentState:
 
     def identity_flags(self, kind: KeyKind, identifier: str, traits: dict[str, Any]) -> list[dict[str, Any]]:
         view = self.views[kind]
-        flags = evaluate(self.mapped, self.features, view.visible, identifier, traits)
-        return drop_disabled(flags) if view.hide_disabled else flags
+        flags = evaluate(self.mapped, self.features, identifier, traits)
+        return visible_to(flags, view.visible, view.hide_disabled)
 
 
 def parse_updated_at(value: Any) -> datetime | None:

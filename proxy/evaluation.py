@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from flag_engine.engine import get_evaluation_result
@@ -28,30 +28,21 @@ def feature_objects(mapped: MappedEnvironment) -> dict[str, dict[str, Any]]:
 def evaluate(
     mapped: MappedEnvironment,
     features: Mapping[str, dict[str, Any]],
-    visible: frozenset[str] | None,
     identifier: str | None = None,
     traits: Mapping[str, Any] | None = None,
 ) -> list[Flag]:
-    """Evaluate the environment (no identifier) or one identity; keep the document's flag order.
-
-    `visible` is the set of flag names the key kind may see before the enabled filter; None means all.
-    """
+    """Evaluate the environment (no identifier) or one identity; keep the document's flag order."""
     context = mapped.context if identifier is None else identity_context(mapped, identifier, traits or {})
-    result = get_evaluation_result(context)["flags"]
-    return shape_flags(result.values(), features, visible)
-
-
-def shape_flags(
-    results: Iterable[Mapping[str, Any]],
-    features: Mapping[str, dict[str, Any]],
-    visible: frozenset[str] | None,
-) -> list[Flag]:
     return [
         {"feature": features[r["name"]], "enabled": r["enabled"], "feature_state_value": r["value"]}
-        for r in results
-        if visible is None or r["name"] in visible
+        for r in get_evaluation_result(context)["flags"].values()
     ]
 
 
-def drop_disabled(flags: list[Flag]) -> list[Flag]:
-    return [flag for flag in flags if flag["enabled"]]
+def visible_to(flags: list[Flag], visible: frozenset[str] | None, hide_disabled: bool) -> list[Flag]:
+    """What one key kind sees: only `visible` names (None: all), and no disabled flag if `hide_disabled`."""
+    return [
+        flag
+        for flag in flags
+        if (visible is None or flag["feature"]["name"] in visible) and (flag["enabled"] or not hide_disabled)
+    ]

@@ -184,7 +184,7 @@ def oracle(document: dict[str, Any], identifier: str | None, traits: dict[str, A
 
 def ours(document: dict[str, Any], identifier: str | None, traits: dict[str, Any]) -> list[tuple[Any, ...]]:
     mapped = map_document(copy.deepcopy(document))
-    flags = evaluate(mapped, feature_objects(mapped), None, identifier, traits)
+    flags = evaluate(mapped, feature_objects(mapped), identifier, traits)
     return [(f["feature"]["name"], f["enabled"], f["feature_state_value"]) for f in flags]
 
 
