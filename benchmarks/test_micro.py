@@ -26,7 +26,7 @@ TRAITS = {"plan": "premium", "age": 30, "country": "GB"}
 
 
 def state_of(document: dict[str, Any]) -> EnvironmentState:
-    return EnvironmentState(document["api_key"], orjson.dumps(document), 1)
+    return EnvironmentState(document["api_key"], orjson.dumps(document))
 
 
 @pytest.fixture(scope="module")
@@ -104,4 +104,4 @@ def test_publish_one_megabyte(benchmark: Any, area: Area) -> None:
 def test_build_state_one_megabyte(benchmark: Any) -> None:
     """Worker-side cost of swapping in a 1 MB document (runs in a thread, off the event loop)."""
     data = orjson.dumps(about_one_megabyte())
-    benchmark.pedantic(EnvironmentState, args=("k", data, 1), rounds=10, iterations=1)
+    benchmark.pedantic(EnvironmentState, args=("k", data), rounds=10, iterations=1)

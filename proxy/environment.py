@@ -58,29 +58,21 @@ class EnvironmentState:
         "client_key",
         "document",
         "features",
-        "generation",
         "last_modified",
         "mapped",
-        "name",
         "updated_at",
-        "updated_at_epoch",
         "updated_at_header",
         "views",
     )
 
-    def __init__(self, client_key: str, document_bytes: bytes, generation: int) -> None:
+    def __init__(self, client_key: str, document_bytes: bytes) -> None:
         document = orjson.loads(document_bytes)
         self.mapped: MappedEnvironment = map_document(document)
         self.client_key = client_key
-        self.generation = generation
-        self.name: str = document.get("name") or ""
         self.document = Body.of(document_bytes)
         self.updated_at: datetime | None = parse_updated_at(document.get("updated_at"))
-        self.updated_at_epoch = self.updated_at.timestamp() if self.updated_at else None
         # Flagsmith's API sends epoch seconds of `updated_at`; browser SDKs read it to skip stale updates.
-        self.updated_at_header: bytes | None = (
-            repr(self.updated_at_epoch).encode() if self.updated_at_epoch is not None else None
-        )
+        self.updated_at_header: bytes | None = repr(self.updated_at.timestamp()).encode() if self.updated_at else None
         self.last_modified: bytes | None = (
             format_datetime(self.updated_at.replace(microsecond=0), usegmt=True).encode() if self.updated_at else None
         )

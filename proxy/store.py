@@ -95,15 +95,13 @@ class Store:
         self.generation = manifest["generation"]
 
 
-def build_states(
-    documents: dict[str, bytes], generation: int, build_errors: dict[str, str]
-) -> dict[str, EnvironmentState]:
+def build_states(documents: dict[str, bytes], build_errors: dict[str, str]) -> dict[str, EnvironmentState]:
     """Build states for changed documents; a failure keeps the previous state and is reported."""
     built: dict[str, EnvironmentState] = {}
     for client_key, data in documents.items():
         started = time.perf_counter()
         try:
-            built[client_key] = EnvironmentState(client_key, data, generation)
+            built[client_key] = EnvironmentState(client_key, data)
         except Exception as exc:
             build_errors[client_key] = f"{type(exc).__name__}: {exc}"
             metrics.STATE_BUILD_ERRORS.inc()
@@ -128,7 +126,7 @@ class Follower:
         polled = self.subscriber.poll() if self.subscriber.published else None
         if polled is not None:
             manifest, documents = polled
-            built = build_states(documents, manifest["generation"], self.store.build_errors)
+            built = build_states(documents, self.store.build_errors)
             self.store.apply(manifest, built)
 
     async def run(self) -> None:
@@ -142,9 +140,7 @@ class Follower:
                         manifest, documents = polled
                         built = {}
                         if documents:
-                            built = await loop.run_in_executor(
-                                None, build_states, documents, manifest["generation"], self.store.build_errors
-                            )
+                            built = await loop.run_in_executor(None, build_states, documents, self.store.build_errors)
                         self.store.apply(manifest, built)
                 now = time.monotonic()
                 if now - flushed_at >= 1.0:

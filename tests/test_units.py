@@ -104,7 +104,7 @@ def test_identity_body_parsing() -> None:
 
 def test_environment_state_pre_encodes_everything() -> None:
     document = json.loads((EXAMPLES / "upstream_env2_document.json").read_text())
-    state = EnvironmentState("env_client_key_2", orjson.dumps(document), 1)
+    state = EnvironmentState("env_client_key_2", orjson.dumps(document))
     client, server = state.views
     assert orjson.loads(gzip.decompress(client.flags.gzip)) == orjson.loads(client.flags.plain)
     assert len(orjson.loads(server.flags.plain)) == 20
@@ -129,7 +129,7 @@ def test_identity_cache_key_is_canonical_and_type_exact() -> None:
         environment_key_pairs=[{"server_side_key": "ser.env_server_key_1", "client_side_key": "env_client_key_1"}]
     )
     store = Store(config)
-    store.states = {"env_client_key_1": EnvironmentState("env_client_key_1", orjson.dumps(document), 1)}
+    store.states = {"env_client_key_1": EnvironmentState("env_client_key_1", orjson.dumps(document))}
     app = build_app(config, store)
     headers = {"x-environment-key": "env_client_key_1", "accept-encoding": "identity"}
 
