@@ -3,26 +3,11 @@
 //   k6 run -e BASE_URL=http://localhost:8000 -e SERVER_KEY=ser.demo_server_key k6/environment_document.js
 import http from "k6/http";
 import { check } from "k6";
+import { BASE_URL, arrivalOptions } from "./common.js";
 
-const BASE_URL = __ENV.BASE_URL || "http://localhost:8000";
 const SERVER_KEY = __ENV.SERVER_KEY || "ser.demo_server_key";
 
-export const options = {
-  scenarios: {
-    document: {
-      executor: "constant-arrival-rate",
-      rate: Number(__ENV.RATE || 200),
-      timeUnit: "1s",
-      duration: __ENV.DURATION || "30s",
-      preAllocatedVUs: Number(__ENV.VUS || 50),
-    },
-  },
-  thresholds: {
-    http_req_failed: ["rate<0.001"],
-    http_req_duration: [`p(99)<${__ENV.P99_MS || 100}`],
-    checks: ["rate>0.999"],
-  },
-};
+export const options = arrivalOptions("document", 200, 100);
 
 let lastModified = null;
 

@@ -3,28 +3,13 @@
 //   k6 run -e BASE_URL=http://localhost:8000 -e ENV_KEY=demo_client_key -e RATE=300 -e USERS=100000 k6/identities.js
 import http from "k6/http";
 import { check } from "k6";
+import { BASE_URL, arrivalOptions } from "./common.js";
 
-const BASE_URL = __ENV.BASE_URL || "http://localhost:8000";
 const ENV_KEY = __ENV.ENV_KEY || "demo_client_key";
 const USERS = Number(__ENV.USERS || 100000);
 const PLANS = ["free", "premium", "enterprise"];
 
-export const options = {
-  scenarios: {
-    identities: {
-      executor: "constant-arrival-rate",
-      rate: Number(__ENV.RATE || 300),
-      timeUnit: "1s",
-      duration: __ENV.DURATION || "30s",
-      preAllocatedVUs: Number(__ENV.VUS || 50),
-    },
-  },
-  thresholds: {
-    http_req_failed: ["rate<0.001"],
-    http_req_duration: [`p(99)<${__ENV.P99_MS || 100}`],
-    checks: ["rate>0.999"],
-  },
-};
+export const options = arrivalOptions("identities", 300, 100);
 
 export default function () {
   const user = Math.floor(Math.random() * USERS);
