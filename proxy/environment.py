@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from proxy.evaluation import evaluate, feature_objects, visible_to
+from proxy.evaluation import FlagResult, evaluate, evaluate_results, feature_objects, visible_results, visible_to
 from proxy.mapping import MappedEnvironment, map_document
 
 # Bodies smaller than this are sent uncompressed, as the Python proxy does.
@@ -102,6 +102,14 @@ class EnvironmentState:
         view = self.views[kind]
         flags = evaluate(self.mapped, self.features, identifier, traits)
         return visible_to(flags, view.visible, view.hide_disabled)
+
+    def identity_results(
+        self, kind: KeyKind, identifier: str | None, traits: dict[str, Any] | None = None
+    ) -> list[FlagResult]:
+        """Flags with reasons and variants as `kind` sees them; no identifier: the environment's flags."""
+        view = self.views[kind]
+        results = evaluate_results(self.mapped, self.features, identifier, traits)
+        return visible_results(results, view.visible, view.hide_disabled)
 
 
 def parse_updated_at(value: Any) -> datetime | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from flag_engine.engine import get_evaluation_result
@@ -36,6 +37,42 @@ def evaluate(
     return [
         {"feature": features[r["name"]], "enabled": r["enabled"], "feature_state_value": r["value"]}
         for r in get_evaluation_result(context)["flags"].values()
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class FlagResult:
+    """One evaluated flag with what OpenFeature-style clients need besides enabled and value.
+
+    `reason` is flag-engine 11's reason string (`DEFAULT`, `STATIC`, `TARGETING_MATCH; segment=<name>`,
+    `SPLIT; weight=<w>`); `variant` its variant (None, `"control"` or a variant key).
+    """
+
+    feature: dict[str, Any]  # the shared {id, name, type} object
+    enabled: bool
+    value: Any
+    reason: str
+    variant: str | None
+
+
+def evaluate_results(
+    mapped: MappedEnvironment,
+    features: Mapping[str, dict[str, Any]],
+    identifier: str | None = None,
+    traits: Mapping[str, Any] | None = None,
+) -> list[FlagResult]:
+    """As `evaluate`, with reasons and variants; the document's flag order."""
+    context = mapped.context if identifier is None else identity_context(mapped, identifier, traits or {})
+    return [
+        FlagResult(features[r["name"]], r["enabled"], r["value"], r["reason"], r.get("variant"))
+        for r in get_evaluation_result(context)["flags"].values()
+    ]
+
+
+def visible_results(results: list[FlagResult], visible: frozenset[str] | None, hide_disabled: bool) -> list[FlagResult]:
+    """`visible_to` for FlagResults."""
+    return [
+        r for r in results if (visible is None or r.feature["name"] in visible) and (r.enabled or not hide_disabled)
     ]
 
 
