@@ -119,5 +119,6 @@ def parse_updated_at(value: Any) -> datetime | None:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         return None
-    # A naive timestamp is read as UTC (the Python proxy reads it as local time, a quirk).
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    # A naive timestamp is read as UTC (the Python proxy reads it as local time, a quirk); an offset such as
+    # +02:00 is converted, since HTTP dates (Last-Modified) must be GMT.
+    return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
