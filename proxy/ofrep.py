@@ -33,7 +33,7 @@ from proxy.environment import GZIP_MIN_BYTES, Body, EnvironmentState, KeyKind, c
 from proxy.errors import PayloadTooLarge, ProxyError
 from proxy.evaluation import FlagResult
 from proxy.handover import CountsBuffer
-from proxy.identity_request import MAX_TRAIT_STRING, is_json_content_type
+from proxy.identity_request import MAX_TRAIT_STRING
 from proxy.store import Store
 
 JSON = b"application/json"
@@ -80,10 +80,11 @@ def request_key(request: Request) -> bytes | None:
     return request.get_first_header(b"x-api-key")
 
 
-def parse_context(raw: bytes, content_type: bytes | None) -> tuple[str | None, dict[str, Any]]:
-    """`{"context": {...}}` → (identifier or None for environment flags, traits). Raises OfrepError."""
-    if not is_json_content_type(content_type):
-        raise OfrepError(400, "PARSE_ERROR", "the request body must be JSON (Content-Type: application/json)")
+def parse_context(raw: bytes) -> tuple[str | None, dict[str, Any]]:
+    """`{"context": {...}}` → (identifier or None for environment flags, traits). Raises OfrepError.
+
+    The body is read as JSON whatever its Content-Type says (`curl -d` sends a form type): the protocol
+    has only JSON bodies, and nothing here needs the header to be right."""
     if not raw.strip():
         raise OfrepError(400, "PARSE_ERROR", 'the request body is empty: send {"context": {...}}')
     try:
@@ -249,7 +250,7 @@ class OfrepRoutes:
         try:
             self.store.resolve(key)  # 401/503 before reading a body
             raw = await self.read_body(request)
-            identifier, traits = parse_context(raw, request.get_first_header(b"content-type"))
+            identifier, traits = parse_context(raw)
             # Resolve again: a new state may have been swapped in while the body was read.
             kind, state = self.store.resolve(key)
         except PayloadTooLarge as error:
