@@ -3,7 +3,7 @@
 A Flagsmith flag has `enabled` and `feature_state_value`; an OFREP flag has one `value`. The mapping
 follows the defaults of Flagsmith's own OpenFeature provider (`openfeature-provider-flagsmith`:
 `use_boolean_config_value=False`, `return_value_for_disabled_flags=False`, `use_flagsmith_defaults=False`),
-so a flag evaluated through either gives the same value:
+so a flag evaluated through either gives the same value wherever one value can (README, "OpenFeature"):
 
 * disabled → `false`, reason `DISABLED` (a boolean evaluation gets `false`, any other type its code default);
 * enabled with no value (null, `""`) or a boolean value → `true` (booleans come from `enabled`);
@@ -179,7 +179,8 @@ def one_value(value: Any) -> Any:
 
 @dataclass(frozen=True, slots=True)
 class Evaluation(Body):
-    """One context's encoded answers: `plain`/`gzip` is the bulk body; `single` each flag's answer."""
+    """One context's encoded answers: `plain`/`gzip` is the bulk body; `single` each flag's answer (about
+    as many bytes again, which the cache's 2 × plain cost estimate covers)."""
 
     etag: bytes
     single: dict[str, tuple[int, bytes]]
