@@ -27,7 +27,7 @@ from openfeature.flag_evaluation import FlagEvaluationDetails, Reason
 
 from proxy.identity_request import MAX_TRAIT_STRING
 from proxy.ofrep import MAX_CONTEXT_ENTRIES
-from tests.conftest import ProxyProcess, conformance_documents, proxy_config, serving
+from tests.conftest import ProxyProcess, conformance_documents, proxy_config, serving, wait_for
 
 NODE_DIR = Path(__file__).parent / "ofrep_node"
 MAX_BODY = 16384
@@ -514,3 +514,41 @@ def test_engine_errors_and_unknown_reasons() -> None:
     )
     assert route_of(b"/ofrep/v1/evaluate/flags/") == ("ofrep_flags", b"POST")
     assert route_of(b"/ofrep/v1/evaluate/flags/a/b") is None
+
+
+def test_the_identity_cache_keeps_whole_evaluations() -> None:
+    from proxy.cache import ResponseCache
+    from proxy.evaluation import FlagResult
+    from proxy.ofrep import Evaluation, encode_evaluation
+
+    results = [
+        FlagResult({"id": i, "name": f"f{i}", "type": "STANDARD"}, True, "x" * 100, "STATIC", None) for i in range(20)
+    ]
+    evaluation = encode_evaluation(results)
+    cache = ResponseCache(10, 1024 * 1024)
+    cache.put("env", ("ofrep", 0, "u", ()), evaluation)
+    cached = cache.get("env", ("ofrep", 0, "u", ()))
+    assert isinstance(cached, Evaluation) and cached == evaluation
+    # The single answers are counted: about as many bytes again as the bulk body.
+    assert cache.size_bytes > 2 * len(evaluation.plain)
+
+
+def test_usage_reporting_counts_ofrep_answers_as_flags_and_identities(upstream, start_proxy) -> None:
+    from tests.test_discovery import discovering, environment, key
+
+    upstream.proxy_config = [environment(CLIENT_1, key(SERVER_1))]
+    proxy = start_proxy(discovering(upstream, usage_flush_interval_seconds=1))
+    proxy.wait_ready()
+    for body in ({"context": {}}, {"context": {"targetingKey": "u"}}):
+        assert post(proxy, "/banner_text", body, CLIENT_1).status_code == 200
+        assert post(proxy, "", body, CLIENT_1).status_code == 200
+    assert post(proxy, "/no_such_flag", {"context": {}}, CLIENT_1).status_code == 404  # not an answer
+
+    def reported() -> dict[str, int]:
+        totals: dict[str, int] = {}
+        for report in upstream.usage:
+            for row in report["rows"]:
+                totals[row["resource"]] = totals.get(row["resource"], 0) + row["count"]
+        return totals
+
+    assert wait_for(lambda: reported() == {"flags": 2, "identities": 2}, 15), (reported(), proxy.log())
