@@ -258,11 +258,11 @@ def config_path(environ: dict[str, str] | None = None) -> Path:
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        return {}
     try:
         data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError) as exc:
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError) as exc:  # unreadable, or in a folder we may not enter
         raise ConfigError(f"{path}: cannot be read: {exc}") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
