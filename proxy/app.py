@@ -36,6 +36,7 @@ from proxy.errors import (
 )
 from proxy.health import check_health
 from proxy.identity_request import parse_identity_body, parse_identity_query, query_param
+from proxy.ofrep import OfrepRoutes
 from proxy.settings import Settings
 from proxy.store import Store
 
@@ -59,6 +60,8 @@ ROUTES: dict[str, tuple[str, dict[str, str]]] = {
     "/proxy/health/readiness": ("health", {"GET": "health"}),
     "/proxy/health/liveness": ("liveness", {"GET": "liveness"}),
     "/metrics": ("metrics", {"GET": "metrics"}),
+    "/ofrep/v1/evaluate/flags/{key}": ("ofrep_flag", {"POST": "ofrep_flag"}),
+    "/ofrep/v1/evaluate/flags": ("ofrep_flags", {"POST": "ofrep_flags"}),
 }
 
 
@@ -70,8 +73,27 @@ def _allowed(methods: dict[str, str]) -> bytes:
 ROUTE_BY_PATH: dict[bytes, tuple[str, bytes]] = {
     spelling: (label, _allowed(methods))
     for path, (label, methods) in ROUTES.items()
+    if "{" not in path
     for spelling in (path.rstrip("/").encode(), path.rstrip("/").encode() + b"/")
 }
+# paths ending in one `{param}` segment: (prefix up to the parameter, metrics label, Allow header)
+ROUTE_BY_PREFIX: list[tuple[bytes, str, bytes]] = [
+    (path[: path.index("{")].encode(), label, _allowed(methods))
+    for path, (label, methods) in ROUTES.items()
+    if "{" in path
+]
+
+
+def route_of(path: bytes) -> tuple[str, bytes] | None:
+    """(metrics label, Allow header) of the route `path` belongs to, whatever method it was sent with."""
+    route = ROUTE_BY_PATH.get(path)
+    if route is None:
+        for prefix, label, allow in ROUTE_BY_PREFIX:
+            if path.startswith(prefix):
+                param = path[len(prefix) :].removesuffix(b"/")
+                if param and b"/" not in param:
+                    return label, allow
+    return route
 
 
 def _accepts_gzip(request: Request) -> bool:
@@ -108,6 +130,7 @@ class ProxyApp:
         self.allowed_origins = {origin.encode() for origin in settings.allow_origins}
         self.pid = str(os.getpid()).encode()
         self.usage = store.usage
+        self.ofrep = OfrepRoutes(store, self._read_body)
 
     # -- flags -----------------------------------------------------------------------------------
     async def flags(self, request: Request) -> Response:
@@ -227,6 +250,13 @@ class ProxyApp:
             response.add_header(b"last-modified", state.last_modified)
         return response
 
+    # -- OpenFeature remote evaluation (proxy/ofrep.py) -------------------------------------------
+    async def ofrep_flag(self, request: Request) -> Response:
+        return await self.ofrep.flag(request)
+
+    async def ofrep_flags(self, request: Request) -> Response:
+        return await self.ofrep.flags(request)
+
     # -- health and metrics ----------------------------------------------------------------------
     async def health(self, request: Request) -> Response:
         store = self.store
@@ -251,7 +281,7 @@ class ProxyApp:
     async def fallback(self, request: Request) -> Response:
         if request.method == "OPTIONS" and request.get_first_header(b"access-control-request-method"):
             return self._preflight(request)
-        route = ROUTE_BY_PATH.get(request._path)
+        route = route_of(request._path)
         if route is None:
             return _json(404, NOT_FOUND_BODY)
         return Response(405, [(b"allow", route[1])], Content(JSON, METHOD_NOT_ALLOWED_BODY))
@@ -291,7 +321,7 @@ class ProxyApp:
         origin = request.get_first_header(b"origin")
         if origin is not None:
             self._add_cors(response, origin)
-        route = ROUTE_BY_PATH.get(request._path)
+        route = route_of(request._path)
         metrics.request_counts[(route[0] if route else "other", response.status)] += 1
         return response
 
@@ -301,7 +331,8 @@ class ProxyApp:
         # Echo the origin (never `*` with credentials), let browser SDKs read the document timestamp.
         response.add_header(b"access-control-allow-origin", origin)
         response.add_header(b"access-control-allow-credentials", b"true")
-        response.add_header(b"access-control-expose-headers", DOCUMENT_UPDATED_AT)
+        # ETag: browser OFREP providers poll the bulk endpoint with If-None-Match.
+        response.add_header(b"access-control-expose-headers", DOCUMENT_UPDATED_AT + b", etag")
         vary = response.get_first_header(b"vary")
         response.set_header(b"vary", vary + b", Origin" if vary else b"Origin")
 

@@ -6,6 +6,7 @@ dropped (`drop_environment`, run by the background loader, never on the request 
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections import OrderedDict
 from collections.abc import Hashable
@@ -40,7 +41,7 @@ class ResponseCache:
     def put(self, client_key: str, key: Hashable, body: Body) -> None:
         full_key = (client_key, key)
         # orjson's output keeps its growth buffer (a 57 KB body held 260 KB): keep an exact-size copy.
-        body = Body(bytes(memoryview(body.plain)), body.gzip)
+        body = dataclasses.replace(body, plain=bytes(memoryview(body.plain)))  # keeps a subclass's fields
         cost = _cost(full_key, body)
         if cost > self.max_bytes:
             return
@@ -68,7 +69,7 @@ def _cost(full_key: tuple[str, Hashable], body: Body) -> int:
     """What an entry really holds: the bodies, the key (identifier and every trait as Python objects, which
     is several times the bytes they take in the body: measured 3.8x with 1,300 short traits) and the
     dict/OrderedDict entry overhead."""
-    return len(body.plain) + len(body.gzip or b"") + _key_cost(full_key[1]) + ENTRY_OVERHEAD
+    return body.size() + _key_cost(full_key[1]) + ENTRY_OVERHEAD
 
 
 ENTRY_OVERHEAD = 300  # OrderedDict node, Body object, the key tuple and its hash slot (bytes, measured)

@@ -37,6 +37,10 @@ class Body:
     def of(cls, data: bytes) -> Body:
         return cls(data, compress(data) if len(data) >= GZIP_MIN_BYTES else None)
 
+    def size(self) -> int:
+        """Bytes held (a subclass holding more says so: the response cache counts this)."""
+        return len(self.plain) + len(self.gzip or b"")
+
 
 def compress(data: bytes) -> bytes:
     # mtime=0 keeps the bytes deterministic across workers and restarts.
