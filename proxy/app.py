@@ -38,6 +38,7 @@ from proxy.health import check_health
 from proxy.identity_request import parse_identity_body, parse_identity_query, query_param
 from proxy.ofrep import OfrepRoutes
 from proxy.settings import Settings
+from proxy.status import authorized, status_body
 from proxy.store import Store
 
 log = logging.getLogger("proxy.app")
@@ -60,6 +61,7 @@ ROUTES: dict[str, tuple[str, dict[str, str]]] = {
     "/proxy/health/readiness": ("health", {"GET": "health"}),
     "/proxy/health/liveness": ("liveness", {"GET": "liveness"}),
     "/metrics": ("metrics", {"GET": "metrics"}),
+    "/proxy/status": ("status", {"GET": "status"}),
     "/ofrep/v1/evaluate/flags/{key}": ("ofrep_flag", {"POST": "ofrep_flag"}),
     "/ofrep/v1/evaluate/flags": ("ofrep_flags", {"POST": "ofrep_flags"}),
 }
@@ -269,6 +271,11 @@ class ProxyApp:
         if self.settings.health_check.show_details:
             headers.append((b"x-edge-proxy-worker", self.pid))
         return Response(status, headers, Content(JSON, body))
+
+    async def status(self, request: Request) -> Response:
+        if not authorized(self.settings, request.get_first_header(b"authorization")):
+            raise Unauthorized("GET /proxy/status needs 'Authorization: Bearer <status_token>'")
+        return _json(200, status_body(self.settings, self.store))
 
     async def liveness(self, request: Request) -> Response:
         return Response(200, None, None)

@@ -2,7 +2,10 @@
 
 Body: `status`, `reason`, `last_successful_update` (UTC, `Z`), plus `environments` naming the stale,
 never-loaded or failed-to-build ones when there are any. An environment is stale when its last good
-answer from upstream is older than `poll + grace × number of pairs` (the Python proxy's rule).
+answer from upstream is older than `poll + grace × number of pairs` (the Python proxy's rule). One served
+from a persisted snapshot (no upstream answer yet) counts as ready while the snapshot is younger than
+`health_check.snapshot_max_age_seconds`, unless `health_check.snapshot_counts_as_ready` is off. `sources`
+names each environment's source (`upstream`, `file`, `snapshot`) and the age of its data in seconds.
 """
 
 from __future__ import annotations
@@ -36,9 +39,16 @@ def check_health(
     not_loaded: list[str] = []
     stale: list[str] = []
     successes: list[float] = []
+    checks = settings.health_check
     for client_key in client_keys:
         entry = status.get(client_key) or {}
         last = entry.get("last_success")
+        if entry.get("source") == "snapshot" and entry.get("file"):
+            age = now - (entry.get("snapshot_saved_at") or 0)
+            max_age = checks.snapshot_max_age_seconds
+            if not checks.snapshot_counts_as_ready or (max_age is not None and age > max_age):
+                stale.append(client_key)
+            continue
         if last is None or not entry.get("file"):
             not_loaded.append(client_key)
             continue
@@ -81,7 +91,16 @@ def check_health(
         details["proxy_config"] = "not synced yet"
     if details:
         body["environments"] = details
+    body["sources"] = [_source(key, status, now) for key in client_keys]
     return (503 if failing else 200), orjson.dumps(body)
+
+
+def _source(client_key: str, status: Mapping[str, Mapping[str, Any]], now: float) -> dict[str, Any]:
+    entry = status.get(client_key) or {}
+    source = entry.get("source") if entry.get("file") else None
+    since = entry.get("snapshot_saved_at") if source == "snapshot" else entry.get("last_success")
+    age = round(now - since, 1) if source and since is not None else None
+    return {"key": mask_key(client_key), "source": source, "age_seconds": age}
 
 
 def _describe(client_key: str, status: Mapping[str, Mapping[str, Any]], show_details: bool) -> dict[str, Any]:

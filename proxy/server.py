@@ -20,6 +20,7 @@ from proxy.leader.process import drain_seconds, run_leader
 from proxy.logs import logging_config
 from proxy.settings import Settings
 from proxy.shm import Area
+from proxy.status import WORKERS_ENV
 from proxy.worker import AREA_ENV, SETTINGS_ENV, encode_settings
 
 log = logging.getLogger("proxy.server")
@@ -150,6 +151,7 @@ def serve(settings: Settings, options: dict[str, Any], area: Area) -> int:
 
     os.environ[AREA_ENV] = str(area.path)
     os.environ[SETTINGS_ENV] = encode_settings(settings)
+    os.environ[WORKERS_ENV] = str(options["workers"])
     supervisor = LeaderSupervisor(settings, area.path)
     server = Granian("proxy.worker:create_app", **granian_kwargs(options, settings))
     server.on_startup(supervisor.start)

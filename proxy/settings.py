@@ -147,6 +147,10 @@ class HealthCheckSettings(_Frozen):
     # Health is unauthenticated: by default it names an error's kind only; the full text (which may name
     # internal hosts) and the answering worker's pid only when this is on. Logs and metrics always have them.
     show_details: bool = False
+    # An environment served from a persisted snapshot (no upstream answer yet) counts as ready while the
+    # snapshot is younger than this (seconds; None: any age); false: only upstream answers make it ready.
+    snapshot_counts_as_ready: bool = True
+    snapshot_max_age_seconds: float | None = Field(default=7 * 24 * 3600, gt=0)
 
 
 class Settings(BaseSettings):
@@ -184,6 +188,12 @@ class Settings(BaseSettings):
     shared_memory_dir: str = "/dev/shm"
     # Bytes of documents the area may hold (e.g. the container's /dev/shm size); None: whatever is free.
     shared_memory_max_bytes: int | None = Field(default=None, ge=1024)
+    # Persisted snapshots of the last good documents (a directory, e.g. a volume shared by replicas, or a
+    # Redis URL): a cold start serves from them until upstream answers. One of the two, or neither.
+    snapshot_dir: str | None = Field(default=None, min_length=1)
+    snapshot_redis_url: str | None = Field(default=None, min_length=1)
+    # When set, GET /proxy/status needs `Authorization: Bearer <token>`; it then also shows error texts.
+    status_token: str | None = Field(default=None, min_length=1)
 
     @field_validator("api_url")
     @classmethod
@@ -210,6 +220,10 @@ class Settings(BaseSettings):
                 seen.add(key)
         if not self.environment_key_pairs and not self.proxy_key:
             raise ValueError("environment_key_pairs: at least one pair is required (or a proxy_key)")
+        if self.snapshot_dir and self.snapshot_redis_url:
+            raise ValueError("snapshot_dir, snapshot_redis_url: set one snapshot store, not both")
+        if self.snapshot_redis_url and urlsplit(self.snapshot_redis_url).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("snapshot_redis_url: must be a redis://, rediss:// or unix:// URL")
         if self.proxy_key and self.api_url.lower().startswith("file:"):
             raise ValueError("proxy_key: proxy-config discovery needs an http(s) api_url, not a file source")
         return self
@@ -338,6 +352,10 @@ def masked_settings(settings: Settings) -> dict[str, Any]:
     if data.get("proxy_key"):
         data["proxy_key"] = mask_key(data["proxy_key"])
     data["api_url"] = mask_url(data["api_url"])
+    if data.get("snapshot_redis_url"):
+        data["snapshot_redis_url"] = mask_url(data["snapshot_redis_url"])
+    if data.get("status_token"):
+        data["status_token"] = "***"
     return data
 
 

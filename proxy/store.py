@@ -41,6 +41,7 @@ class Store:
         cache = settings.identity_cache
         self.cache = ResponseCache(cache.cache_max_size, cache.cache_max_bytes) if cache.use_cache else None
         self.generation = 0
+        self.meta: dict[str, Any] = {}
         self.discovered = False  # with a proxy_key: has the leader synced the proxy config yet?
         self.analytics = CountsBuffer("analytics")
         self.usage = CountsBuffer("usage") if settings.proxy_key else None
@@ -82,7 +83,8 @@ class Store:
     def apply(self, manifest: dict[str, Any], built: dict[str, EnvironmentState]) -> None:
         """Swap in new states and status (on the event loop, no await: requests see old or new)."""
         self.status = manifest["environments"]
-        self.discovered = (manifest.get("meta") or {}).get("discovered_at") is not None
+        self.meta = manifest.get("meta") or {}  # leader restarts, snapshot store status (/proxy/status)
+        self.discovered = self.meta.get("discovered_at") is not None
         served = {key: entry.get("server_keys") or {} for key, entry in self.status.items()}
         served.update(self.static)
         self._index(served)  # discovery may have added, removed or rotated keys

@@ -28,6 +28,7 @@ import orjson
 from proxy import metrics
 from proxy.environment import EnvironmentState, parse_updated_at
 from proxy.leader.discovery import Discovery
+from proxy.leader.snapshots import Snapshots
 from proxy.leader.sources import Fetched, FetchFailed, NotModified, Source
 from proxy.settings import Settings, mask_key
 from proxy.shm import AreaError, Publisher
@@ -53,6 +54,14 @@ class Environment:
     failures: int = 0
     next_due: float = 0.0
     dirty: bool = False  # fetched, not yet published
+    # for /proxy/status and health: where the document came from, and the state in LaunchDarkly's terms
+    source: str | None = None  # "upstream", "file" or "snapshot"
+    state: str = "initializing"  # "valid" (last fetch good), "interrupted" (failing, serving), "initializing"
+    state_since: float = 0.0
+    last_200: float | None = None
+    last_304: float | None = None
+    snapshot_saved_at: float | None = None  # when the snapshot served (source "snapshot") was written
+    unsaved: bool = False  # a new document not yet written to the snapshot store
 
     @property
     def server_key(self) -> str:
@@ -67,7 +76,17 @@ class Environment:
             "last_success": self.last_success,
             "last_error": self.last_error,
             "error_kind": self.error_kind,
+            "source": self.source,
+            "state": self.state,
+            "state_since": self.state_since,
+            "last_200": self.last_200,
+            "last_304": self.last_304,
+            "snapshot_saved_at": self.snapshot_saved_at,
         }
+
+    def enter(self, state: str) -> None:
+        if state != self.state:
+            self.state, self.state_since = state, time.time()
 
 
 class Poller:
@@ -90,6 +109,9 @@ class Poller:
         self._environments_changed = asyncio.Event()
         self._publish_wanted = asyncio.Event()
         self._publish_soon = asyncio.Event()
+        self.snapshots: Snapshots | None = None  # set by the leader when a snapshot store is configured
+        self.leader_restarts = 0
+        self._started_at = time.time()
 
     def resume(self) -> None:
         """Take over what a previous leader published, so nothing is refetched that can be reused."""
@@ -97,6 +119,7 @@ class Poller:
         if manifest is None:
             return
         self.discovered_at = (manifest.get("meta") or {}).get("discovered_at")
+        self.leader_restarts = (manifest.get("meta") or {}).get("leader_restarts", 0) + 1
         for client_key, entry in manifest["environments"].items():
             env = self.environments.get(client_key)
             server_keys = entry.get("server_keys") or {}
@@ -107,6 +130,10 @@ class Poller:
                 continue
             env.last_success = entry.get("last_success")
             env.last_error = entry.get("last_error")
+            env.error_kind = entry.get("error_kind")
+            for field in ("source", "state", "state_since", "last_200", "last_304", "snapshot_saved_at"):
+                if entry.get(field) is not None:
+                    setattr(env, field, entry[field])
             data = self.publisher.read_document(entry)
             if data is None:
                 continue
@@ -143,6 +170,8 @@ class Poller:
             await asyncio.gather(*(task for _, task in tasks.values()), *helpers, return_exceptions=True)
 
     async def _environment_loop(self, env: Environment, stop: asyncio.Event) -> None:
+        if env.document is None and self.snapshots is not None:
+            await self._restore(env)
         while not stop.is_set():
             delay = env.next_due - time.monotonic()
             if delay > 0:
@@ -157,6 +186,30 @@ class Poller:
                 log.exception("environment %s: refresh failed unexpectedly", mask_key(env.client_key))
                 env.next_due = time.monotonic() + self.interval
             self._want_publish(soon=env.dirty)
+            if env.unsaved and self.snapshots is not None:
+                env.unsaved = False
+                await self.snapshots.save(env.client_key, env.document or b"", env.updated_at)
+                self._want_publish(soon=False)  # the store's status, for /proxy/status
+
+    async def _restore(self, env: Environment) -> None:
+        """Before upstream answers: serve the persisted snapshot, if there is a good one."""
+        assert self.snapshots is not None
+        snapshot = await self.snapshots.restore(env.client_key)
+        if snapshot is None or env.document is not None:
+            return
+        document = orjson.loads(snapshot.document)
+        env.document = snapshot.document
+        env.updated_at = parse_updated_at(document.get("updated_at"))
+        env.name = document.get("name")
+        env.source = "snapshot"
+        env.snapshot_saved_at = snapshot.saved_at
+        env.dirty = True
+        log.info(
+            "environment %s: serving the snapshot saved %.0fs ago until upstream answers",
+            mask_key(env.client_key),
+            time.time() - snapshot.saved_at,
+        )
+        self._want_publish(soon=True)
 
     async def _discovery_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -247,6 +300,7 @@ class Poller:
             env.failures += 1
             env.last_error = result.reason
             env.error_kind = result.kind
+            env.enter("interrupted" if env.document else "initializing")
             backoff = min(self.interval, BACKOFF_FIRST * 2 ** (env.failures - 1))
             env.next_due = now + backoff * random.uniform(0.8, 1.2)
             metrics.UPSTREAM_FETCHES.labels(outcome="error").inc()
@@ -262,16 +316,21 @@ class Poller:
         env.failures = 0
         env.last_error = env.error_kind = None
         env.last_success = time.time()
+        env.source = "file" if self.settings.api_url.lower().startswith("file:") else "upstream"
+        env.snapshot_saved_at = None
+        env.enter("valid")
         metrics.ENVIRONMENT_LAST_SUCCESS.labels(environment=mask_key(env.client_key)).set(env.last_success)
         env.next_due = now + self.interval
         if isinstance(result, NotModified):
+            env.last_304 = env.last_success
             metrics.UPSTREAM_FETCHES.labels(outcome="not_modified").inc()
             return
         metrics.UPSTREAM_FETCHES.labels(outcome="ok").inc()
+        env.last_200 = env.last_success
         data = orjson.dumps(result.document)
         if data != env.document:
             env.document = data
-            env.dirty = True
+            env.dirty = env.unsaved = True
             env.updated_at = parse_updated_at(result.document.get("updated_at"))
             env.name = result.document.get("name")
             log.info("environment %s: new document (%d bytes)", mask_key(env.client_key), len(data))
@@ -287,12 +346,20 @@ class Poller:
             return FetchFailed(f"document cannot be served: {type(exc).__name__}: {exc}", "invalid_document")
         return result
 
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "discovered_at": self.discovered_at,
+            "leader_restarts": self.leader_restarts,
+            "leader_started_at": self._started_at,
+            "snapshots": self.snapshots.status() if self.snapshots is not None else None,
+        }
+
     def publish(self) -> bool:
         changed = {key: env.document for key, env in self.environments.items() if env.dirty and env.document}
         entries = {key: env.manifest_entry() for key, env in self.environments.items()}
         started = time.perf_counter()
         try:
-            generation = self.publisher.publish(changed, entries, {"discovered_at": self.discovered_at})
+            generation = self.publisher.publish(changed, entries, self._meta())
         except AreaError as exc:
             metrics.PUBLICATION_ERRORS.inc()
             log.error("publication failed, workers keep the previous generation: %s", exc)

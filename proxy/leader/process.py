@@ -11,6 +11,7 @@ from pathlib import Path
 from proxy.leader.analytics import AnalyticsForwarder
 from proxy.leader.discovery import Discovery
 from proxy.leader.poller import Poller
+from proxy.leader.snapshots import Snapshots, make_store
 from proxy.leader.sources import make_source
 from proxy.leader.usage import UsageReporter
 from proxy.logs import configure_logging
@@ -60,6 +61,13 @@ async def _main(settings: Settings, area: Path) -> None:
     discovery = Discovery(settings) if settings.proxy_key else None
     poller = Poller(settings, source, publisher, discovery)
     poller.resume()
+    try:
+        store = make_store(settings)
+    except Exception as exc:  # e.g. the directory cannot be created: serve without snapshots, say why
+        log.error("snapshot store unavailable, serving without snapshots: %s", exc)
+        store = None
+    if store is not None:
+        poller.snapshots = Snapshots(store)
     log.info("leader started, polling %d environment(s)", len(poller.environments))
     orphan_watch = asyncio.create_task(_stop_when_orphaned(os.getppid(), stop))
     analytics = asyncio.create_task(AnalyticsForwarder(settings, area, poller.server_key_of).run(stop))
@@ -80,4 +88,6 @@ async def _main(settings: Settings, area: Path) -> None:
         if discovery is not None:
             await discovery.aclose()
         publisher.close()
+        if poller.snapshots is not None:
+            poller.snapshots.close()
         log.info("leader stopped")

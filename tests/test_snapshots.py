@@ -1,0 +1,410 @@
+"""Persisted snapshots and /proxy/status: real proxies, the fake Flagsmith API, a real `redis-server`.
+
+An outage at start is an upstream that answers 503 (or nothing at all); the proxy must serve from the
+snapshot store within 2 s of its start, say so in health, and switch to upstream at its first good answer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from proxy.leader.snapshots import (
+    DirectoryStore,
+    RedisStore,
+    Snapshot,
+    SnapshotError,
+    SnapshotStore,
+    decode,
+    encode,
+)
+from proxy.shm import key_hash
+from tests.conftest import KEYS, ProxyProcess, conformance_documents, free_port, proxy_config, wait_for
+from tests.fake_upstream import FakeFlagsmith
+
+CLIENT_1 = {"X-Environment-Key": "env_client_key_1"}
+SERVER_1 = {"X-Environment-Key": "ser.env_server_key_1"}
+FAST = {"api_poll_frequency_seconds": 0.5}
+SERVE_WITHIN = 2.0  # seconds from start to serving from a snapshot (the issue's bound)
+
+
+class RedisServer:
+    """`redis-server` on a free 127.0.0.1 port, no persistence, in its own directory; stopped by pid."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        import redis
+
+        client = redis.Redis(port=self.port)
+        assert wait_for(lambda: self._pings(client), 10), "redis-server did not start"
+        client.close()
+
+    @staticmethod
+    def _pings(client: Any) -> bool:
+        with contextlib.suppress(Exception):
+            return bool(client.ping())
+        return False
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    if shutil.which("redis-server") is None:
+        pytest.skip(
+            "redis-server is not installed (make test installs it with apt-get: `apt-get install redis-server`)"
+        )
+    server = RedisServer(tmp_path / "redis")
+    yield server
+    server.stop()
+
+
+def store_settings(kind: str, tmp_path: Path, redis_server: RedisServer | None) -> dict[str, Any]:
+    if kind == "directory":
+        return {"snapshot_dir": str(tmp_path / "snapshots")}
+    assert redis_server is not None
+    return {"snapshot_redis_url": redis_server.url}
+
+
+@pytest.fixture(params=["directory", "redis"])
+def store_kind(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, RedisServer | None]]:
+    if request.param == "redis":
+        yield "redis", request.getfixturevalue("redis_server")
+    else:
+        yield "directory", None
+
+
+def stored_count(kind: str, tmp_path: Path, redis_server: RedisServer | None) -> int:
+    if kind == "directory":
+        return len(list((tmp_path / "snapshots").glob("*.snapshot")))
+    import redis
+
+    client = redis.Redis(port=redis_server.port)  # type: ignore[union-attr]
+    try:
+        return len(client.keys("edge-proxy:snapshot:*"))
+    finally:
+        client.close()
+
+
+def health_sources(proxy: ProxyProcess) -> set[str | None]:
+    return {entry["source"] for entry in proxy.get("/proxy/health").json()["sources"]}
+
+
+def serves_everything(proxy: ProxyProcess) -> bool:
+    with contextlib.suppress(httpx.HTTPError):
+        flags = proxy.get("/api/v1/flags/", headers=CLIENT_1)
+        identity = proxy.get("/api/v1/identities/?identifier=snapshot-user", headers=CLIENT_1)
+        document = proxy.get("/api/v1/environment-document/", headers=SERVER_1)
+        other = proxy.get("/api/v1/flags/", headers={"X-Environment-Key": "env_client_key_2"})
+        return all(r.status_code == 200 for r in (flags, identity, document, other))
+    return False
+
+
+def start_and_time(proxy: ProxyProcess) -> float:
+    """Start `proxy`, return the seconds until it serves flags, identities and the document."""
+    started = time.monotonic()
+    proxy.start()
+    assert wait_for(lambda: serves_everything(proxy), 20, 0.02), proxy.log()
+    return time.monotonic() - started
+
+
+def test_restart_during_an_outage_serves_the_snapshot(
+    tmp_path: Path, store_kind: tuple[str, RedisServer | None]
+) -> None:
+    kind, redis_server = store_kind
+    upstream = FakeFlagsmith(conformance_documents()).start()
+    config = proxy_config(upstream.api_url, **FAST, **store_settings(kind, tmp_path, redis_server))
+    try:
+        first = ProxyProcess(tmp_path / "first", config).start()
+        try:
+            first.wait_ready()
+            expected = {
+                "flags": first.get("/api/v1/flags/", headers=CLIENT_1).json(),
+                "identity": first.get("/api/v1/identities/?identifier=snapshot-user", headers=CLIENT_1).json(),
+                "document": first.get("/api/v1/environment-document/", headers=SERVER_1).json(),
+            }
+            assert wait_for(lambda: stored_count(kind, tmp_path, redis_server) == 2, 10), first.log()
+        finally:
+            first.stop()
+
+        upstream.fail = 503  # the outage
+        second = ProxyProcess(tmp_path / "second", config)
+        try:
+            elapsed = start_and_time(second)
+            print(f"\n[{kind}] start to serving from the snapshot: {elapsed:.2f} s")
+            assert elapsed < SERVE_WITHIN, f"served after {elapsed:.2f} s\n{second.log()}"
+            assert second.get("/api/v1/flags/", headers=CLIENT_1).json() == expected["flags"]
+            identity = second.get("/api/v1/identities/?identifier=snapshot-user", headers=CLIENT_1).json()
+            assert identity == expected["identity"]
+            assert second.get("/api/v1/environment-document/", headers=SERVER_1).json() == expected["document"]
+            health = second.get("/proxy/health/readiness")
+            assert health.status_code == 200, health.text
+            assert {e["source"] for e in health.json()["sources"]} == {"snapshot"}
+            assert all(e["age_seconds"] is not None and e["age_seconds"] >= 0 for e in health.json()["sources"])
+            assert "serving the snapshot saved" in second.log()
+            # the server key never appears in the store
+            assert not any(key in store_dump(kind, tmp_path, redis_server) for key in KEYS)
+
+            # upstream back, with a change: its first good answer replaces the snapshot
+            enabled = upstream.toggle("ser.env_server_key_1", "show_banner")
+            upstream.fail = None
+            assert wait_for(lambda: health_sources(second) == {"upstream"}, 15), second.log()
+            banner = second.get("/api/v1/flags/?feature=show_banner", headers=CLIENT_1).json()
+            assert banner["enabled"] is enabled
+            status = second.get("/proxy/status").json()
+            assert status["proxy"]["snapshot_store"]["kind"] == kind
+            assert status["proxy"]["snapshot_store"]["restored"] == 2
+            # ... and the changed document is written back to the store
+            assert wait_for(lambda: second.get("/proxy/status").json()["proxy"]["snapshot_store"]["written"] >= 1, 10)
+        finally:
+            second.stop()
+    finally:
+        upstream.stop()
+
+
+def store_dump(kind: str, tmp_path: Path, redis_server: RedisServer | None) -> str:
+    if kind == "directory":
+        names = [p.name for p in (tmp_path / "snapshots").iterdir()]
+        return "\n".join(names + [p.read_text() for p in (tmp_path / "snapshots").glob("*.snapshot")])
+    import redis
+
+    client = redis.Redis(port=redis_server.port)  # type: ignore[union-attr]
+    try:
+        keys = client.keys("*")
+        return "\n".join([k.decode() for k in keys] + [str(v) for k in keys for v in client.hgetall(k).values()])
+    finally:
+        client.close()
+
+
+def test_two_proxies_share_one_store(tmp_path: Path, store_kind: tuple[str, RedisServer | None]) -> None:
+    kind, redis_server = store_kind
+    shared = store_settings(kind, tmp_path, redis_server)
+    upstream = FakeFlagsmith(conformance_documents()).start()
+    writer = ProxyProcess(tmp_path / "writer", proxy_config(upstream.api_url, **FAST, **shared)).start()
+    # the second replica cannot reach upstream at all (nothing listens on that port)
+    unreachable = f"http://127.0.0.1:{free_port()}/api/v1"
+    reader = ProxyProcess(tmp_path / "reader", proxy_config(unreachable, **FAST, **shared))
+    try:
+        writer.wait_ready()
+        assert wait_for(lambda: stored_count(kind, tmp_path, redis_server) == 2, 10), writer.log()
+        elapsed = start_and_time(reader)
+        print(f"\n[{kind}, shared] start to serving from the snapshot: {elapsed:.2f} s")
+        assert elapsed < SERVE_WITHIN, reader.log()
+        assert (
+            reader.get("/api/v1/flags/", headers=CLIENT_1).json()
+            == writer.get("/api/v1/flags/", headers=CLIENT_1).json()
+        )
+        assert reader.get("/proxy/health/readiness").status_code == 200
+        assert health_sources(reader) == {"snapshot"}
+        assert health_sources(writer) == {"upstream"}
+        status = reader.get("/proxy/status").json()["environments"]["en…_1"]
+        assert status["source"] == "snapshot"
+        assert status["state"] == "interrupted"  # the reader's own fetches fail
+    finally:
+        reader.stop()
+        writer.stop()
+        upstream.stop()
+
+
+# -- corrupt snapshots ------------------------------------------------------------------------------
+
+
+def good_snapshot(client_key: str = "env_client_key_1") -> Snapshot:
+    document = conformance_documents()["ser.env_server_key_1"]
+    return Snapshot(client_key, orjson.dumps(document), 1_700_000_000_000_000, time.time())
+
+
+def corrupt(blob: bytes, how: str) -> bytes:
+    if how == "truncated":
+        return blob[: len(blob) - 100]
+    if how == "checksum":
+        at = len(blob) - 10  # one byte of the document changed
+        return blob[:at] + bytes([blob[at] ^ 0x01]) + blob[at + 1 :]
+    assert how == "version"
+    head, _, document = blob.partition(b"\n")
+    header = orjson.loads(head)
+    header["format"] = 99
+    return orjson.dumps(header) + b"\n" + document
+
+
+@pytest.mark.parametrize(
+    ("how", "reason"),
+    [("truncated", "truncated"), ("checksum", "checksum mismatch"), ("version", "format version 99")],
+)
+def test_a_corrupt_snapshot_is_refused(how: str, reason: str) -> None:
+    blob = encode(good_snapshot())
+    assert decode("env_client_key_1", blob).document == good_snapshot().document
+    with pytest.raises(SnapshotError, match=reason):
+        decode("env_client_key_1", corrupt(blob, how))
+    with pytest.raises(SnapshotError, match="another environment"):
+        decode("env_client_key_2", blob)
+
+
+def test_corrupt_snapshots_are_skipped_and_reported(start_proxy: Callable[..., ProxyProcess], tmp_path: Path) -> None:
+    directory = tmp_path / "snapshots"
+    store = DirectoryStore(directory)
+    documents = conformance_documents()
+    for (server_key, client_key), how in zip(KEYS.items(), ["truncated", "checksum"], strict=True):
+        snapshot = Snapshot(client_key, orjson.dumps(documents[server_key]), 1, time.time())
+        (directory / f"{key_hash(client_key)}.snapshot").write_bytes(corrupt(encode(snapshot), how))
+    assert store.load("env_client_key_1") is not None
+    unreachable = f"http://127.0.0.1:{free_port()}/api/v1"
+    proxy = start_proxy(proxy_config(unreachable, **FAST, snapshot_dir=str(directory)))
+    proxy.wait_live()
+    assert wait_for(lambda: "snapshot of environment en…_2 skipped" in proxy.log(), 10), proxy.log()
+    assert wait_for(lambda: len(proxy.get("/proxy/status").json()["proxy"]["snapshot_store"]["rejected"]) == 2, 5)
+    # never served: nothing is loaded, readiness fails
+    assert proxy.get("/api/v1/flags/", headers=CLIENT_1).status_code == 503
+    assert proxy.get("/proxy/health/readiness").status_code == 503
+    rejected = proxy.get("/proxy/status").json()["proxy"]["snapshot_store"]["rejected"]
+    assert rejected["en…_1"].startswith("truncated")
+    assert rejected["en…_2"] == "checksum mismatch"
+    log = proxy.log()
+    assert log.count("snapshot of environment en…_1 skipped") == 1  # one line each, not one per poll
+    assert log.count("snapshot of environment en…_2 skipped") == 1
+
+
+# -- the version check ------------------------------------------------------------------------------
+
+
+def check_never_older(store: SnapshotStore) -> None:
+    newer = good_snapshot()
+    older = Snapshot(newer.client_key, b'{"older":true}', newer.updated_at_us - 1, time.time())
+    assert store.save(newer) is True
+    assert store.save(older) is False
+    blob = store.load(newer.client_key)
+    assert blob is not None and decode(newer.client_key, blob).document == newer.document
+    same_age = Snapshot(newer.client_key, newer.document + b" ", newer.updated_at_us, time.time())
+    assert store.save(same_age) is True  # as new: the latest fetch wins
+    newest = Snapshot(newer.client_key, b'{"newest":true}', newer.updated_at_us + 1, time.time())
+    assert store.save(newest) is True
+    blob = store.load(newer.client_key)
+    assert blob is not None and decode(newer.client_key, blob).document == b'{"newest":true}'
+
+
+def test_an_older_document_never_replaces_a_newer_one_in_a_directory(tmp_path: Path) -> None:
+    store = DirectoryStore(tmp_path / "snapshots")
+    check_never_older(store)
+    # written atomically: no temporary is left behind, and the file name is the key's hash
+    assert sorted(p.name for p in (tmp_path / "snapshots").iterdir() if p.suffix == ".snapshot") == [
+        f"{key_hash('env_client_key_1')}.snapshot"
+    ]
+    assert not list((tmp_path / "snapshots").glob(".*.tmp"))
+
+
+def test_an_older_document_never_replaces_a_newer_one_in_redis(redis_server: RedisServer) -> None:
+    store = RedisStore(redis_server.url)
+    try:
+        check_never_older(store)
+    finally:
+        store.close()
+
+
+def test_a_proxy_never_writes_an_older_document_over_a_newer_one(
+    start_proxy: Callable[..., ProxyProcess], upstream: FakeFlagsmith, tmp_path: Path
+) -> None:
+    directory = tmp_path / "snapshots"
+    store = DirectoryStore(directory)
+    proxy = start_proxy(proxy_config(upstream.api_url, **FAST, snapshot_dir=str(directory)))
+    proxy.wait_ready()
+    assert wait_for(lambda: len(list(directory.glob("*.snapshot"))) == 2, 10), proxy.log()
+    # another replica wrote a newer document than the one this proxy is about to fetch
+    future = datetime(2100, 1, 1, tzinfo=UTC)
+    newer = Snapshot("env_client_key_1", b'{"from":"the future"}', int(future.timestamp() * 1e6), time.time())
+    assert store.save(newer)
+    upstream.toggle("ser.env_server_key_1", "show_banner")  # a change upstream, older than that
+    assert wait_for(lambda: "the store holds a newer one" in proxy.log(), 15), proxy.log()
+    blob = store.load("env_client_key_1")
+    assert blob is not None and decode("env_client_key_1", blob).document == newer.document
+
+
+# -- /proxy/status ----------------------------------------------------------------------------------
+
+
+def env_status(proxy: ProxyProcess, headers: dict[str, str] | None = None) -> dict[str, Any]:
+    return proxy.get("/proxy/status", headers=headers or {}).json()["environments"]["en…_1"]
+
+
+def test_status_shows_each_transition(start_proxy: Callable[..., ProxyProcess], upstream: FakeFlagsmith) -> None:
+    upstream.delay = 1.5  # the first answer takes a while: initializing
+    token = {"Authorization": "Bearer s3cret-token"}
+    proxy = start_proxy(proxy_config(upstream.api_url, **FAST, status_token="s3cret-token"))
+    proxy.wait_live()
+    unauthorized = proxy.get("/proxy/status")
+    assert unauthorized.status_code == 401 and "status_token" in unauthorized.json()["message"]
+    assert proxy.get("/proxy/status", headers={"Authorization": "Bearer wrong"}).status_code == 401
+
+    seen = env_status(proxy, token)
+    assert seen["state"] == "initializing" and seen["source"] is None and seen["size"] is None
+    whole = proxy.get("/proxy/status", headers=token).json()["proxy"]
+    assert whole["version"] and whole["workers"] == 1 and whole["leader_restarts"] == 0
+    assert whole["snapshot_store"] == {"kind": None, "state": "disabled"}
+
+    upstream.delay = 0
+    assert wait_for(lambda: env_status(proxy, token)["state"] == "valid", 10), proxy.log()
+    valid = env_status(proxy, token)
+    assert valid["source"] == "upstream" and valid["last_200"] and valid["size"] > 100 and valid["generation"] >= 1
+    assert valid["updated_at"] and valid["since"] and valid["last_error"] is None
+    assert wait_for(lambda: env_status(proxy, token)["last_304"] is not None, 10)  # unchanged: 304s
+
+    upstream.fail = 500
+    assert wait_for(lambda: env_status(proxy, token)["state"] == "interrupted", 10), proxy.log()
+    interrupted = env_status(proxy, token)
+    assert interrupted["since"] > valid["since"]
+    assert interrupted["last_error"]["kind"] and "500" in interrupted["last_error"]["message"]
+    assert interrupted["source"] == "upstream"  # still serving the last good copy
+    assert proxy.get("/api/v1/flags/", headers=CLIENT_1).status_code == 200
+
+    upstream.fail = None
+    assert wait_for(lambda: env_status(proxy, token)["state"] == "valid", 10), proxy.log()
+    recovered = env_status(proxy, token)
+    assert recovered["since"] > interrupted["since"] and recovered["last_error"] is None
+    body = proxy.get("/proxy/status", headers=token).text
+    assert "ser.env_server_key" not in body and "env_client_key_1" not in body  # keys masked
+
+
+def test_status_is_open_without_a_token_and_hides_error_texts(
+    start_proxy: Callable[..., ProxyProcess], upstream: FakeFlagsmith
+) -> None:
+    upstream.fail = 500
+    proxy = start_proxy(proxy_config(upstream.api_url, **FAST))
+    proxy.wait_live()
+    assert wait_for(lambda: env_status(proxy)["last_error"] is not None, 10), proxy.log()
+    error = env_status(proxy)["last_error"]
+    assert error["kind"] and error["message"] is None
+    assert env_status(proxy)["state"] == "initializing"  # nothing served yet
