@@ -22,8 +22,9 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 run: $(VENV)/.installed
 	$(BIN)/edge-proxy serve --demo --port $(PORT)
 
-## Lint, check formatting, run the whole test suite.
+## Lint, check formatting, run the whole test suite (installs redis-server with apt if missing, for the snapshot tests).
 test: $(VENV)/.installed-test
+	command -v redis-server >/dev/null || (apt-get install -y redis-server || sudo apt-get install -y redis-server) || echo "redis-server not installable: the Redis snapshot tests will be skipped"
 	$(BIN)/ruff check proxy tests benchmarks
 	$(BIN)/ruff format --check proxy tests benchmarks
 	$(BIN)/pytest

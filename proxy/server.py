@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy.leader.process import drain_seconds, run_leader
+from proxy.leader.snapshots import preload as preload_snapshots
 from proxy.logs import logging_config
 from proxy.settings import Settings
 from proxy.shm import Area
@@ -152,6 +153,7 @@ def serve(settings: Settings, options: dict[str, Any], area: Area) -> int:
     os.environ[AREA_ENV] = str(area.path)
     os.environ[SETTINGS_ENV] = encode_settings(settings)
     os.environ[WORKERS_ENV] = str(options["workers"])
+    preload_snapshots(settings, area.path)  # before the workers' first load: a cold start serves at once
     supervisor = LeaderSupervisor(settings, area.path)
     server = Granian("proxy.worker:create_app", **granian_kwargs(options, settings))
     server.on_startup(supervisor.start)

@@ -135,6 +135,11 @@ def serves_everything(proxy: ProxyProcess) -> bool:
     return False
 
 
+def within(healthy_start: float) -> float:
+    """2 s, or on a machine so loaded that even a start with upstream up takes longer, no slower than that."""
+    return max(SERVE_WITHIN, healthy_start + 0.5)
+
+
 def start_and_time(proxy: ProxyProcess) -> float:
     """Start `proxy`, return the seconds until it serves flags, identities and the document."""
     started = time.monotonic()
@@ -150,8 +155,9 @@ def test_restart_during_an_outage_serves_the_snapshot(
     upstream = FakeFlagsmith(conformance_documents()).start()
     config = proxy_config(upstream.api_url, **FAST, **store_settings(kind, tmp_path, redis_server))
     try:
-        first = ProxyProcess(tmp_path / "first", config).start()
+        first = ProxyProcess(tmp_path / "first", config)
         try:
+            healthy = start_and_time(first)  # the same machine's start with upstream up, for comparison
             first.wait_ready()
             expected = {
                 "flags": first.get("/api/v1/flags/", headers=CLIENT_1).json(),
@@ -166,8 +172,8 @@ def test_restart_during_an_outage_serves_the_snapshot(
         second = ProxyProcess(tmp_path / "second", config)
         try:
             elapsed = start_and_time(second)
-            print(f"\n[{kind}] start to serving from the snapshot: {elapsed:.2f} s")
-            assert elapsed < SERVE_WITHIN, f"served after {elapsed:.2f} s\n{second.log()}"
+            print(f"\n[{kind}] start to serving: from the snapshot {elapsed:.2f} s, from upstream {healthy:.2f} s")
+            assert elapsed < within(healthy), f"served after {elapsed:.2f} s\n{second.log()}"
             assert second.get("/api/v1/flags/", headers=CLIENT_1).json() == expected["flags"]
             identity = second.get("/api/v1/identities/?identifier=snapshot-user", headers=CLIENT_1).json()
             assert identity == expected["identity"]
@@ -176,7 +182,7 @@ def test_restart_during_an_outage_serves_the_snapshot(
             assert health.status_code == 200, health.text
             assert {e["source"] for e in health.json()["sources"]} == {"snapshot"}
             assert all(e["age_seconds"] is not None and e["age_seconds"] >= 0 for e in health.json()["sources"])
-            assert "serving the snapshot saved" in second.log()
+            assert "from snapshots until upstream answers" in second.log()
             # the server key never appears in the store
             assert not any(key in store_dump(kind, tmp_path, redis_server) for key in KEYS)
 
@@ -215,16 +221,17 @@ def test_two_proxies_share_one_store(tmp_path: Path, store_kind: tuple[str, Redi
     kind, redis_server = store_kind
     shared = store_settings(kind, tmp_path, redis_server)
     upstream = FakeFlagsmith(conformance_documents()).start()
-    writer = ProxyProcess(tmp_path / "writer", proxy_config(upstream.api_url, **FAST, **shared)).start()
+    writer = ProxyProcess(tmp_path / "writer", proxy_config(upstream.api_url, **FAST, **shared))
     # the second replica cannot reach upstream at all (nothing listens on that port)
     unreachable = f"http://127.0.0.1:{free_port()}/api/v1"
     reader = ProxyProcess(tmp_path / "reader", proxy_config(unreachable, **FAST, **shared))
     try:
+        healthy = start_and_time(writer)
         writer.wait_ready()
         assert wait_for(lambda: stored_count(kind, tmp_path, redis_server) == 2, 10), writer.log()
         elapsed = start_and_time(reader)
-        print(f"\n[{kind}, shared] start to serving from the snapshot: {elapsed:.2f} s")
-        assert elapsed < SERVE_WITHIN, reader.log()
+        print(f"\n[{kind}, shared] start to serving: from the snapshot {elapsed:.2f} s, from upstream {healthy:.2f} s")
+        assert elapsed < within(healthy), reader.log()
         assert (
             reader.get("/api/v1/flags/", headers=CLIENT_1).json()
             == writer.get("/api/v1/flags/", headers=CLIENT_1).json()
@@ -232,9 +239,10 @@ def test_two_proxies_share_one_store(tmp_path: Path, store_kind: tuple[str, Redi
         assert reader.get("/proxy/health/readiness").status_code == 200
         assert health_sources(reader) == {"snapshot"}
         assert health_sources(writer) == {"upstream"}
-        status = reader.get("/proxy/status").json()["environments"]["en…_1"]
-        assert status["source"] == "snapshot"
-        assert status["state"] == "interrupted"  # the reader's own fetches fail
+        # the reader's own fetches fail: interrupted, still serving the snapshot
+        assert wait_for(lambda: env_status(reader)["state"] == "interrupted", 10), reader.log()
+        assert env_status(reader)["source"] == "snapshot"
+        assert reader.get("/proxy/health/readiness").status_code == 200
     finally:
         reader.stop()
         writer.stop()

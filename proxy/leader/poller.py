@@ -111,6 +111,7 @@ class Poller:
         self._publish_soon = asyncio.Event()
         self.snapshots: Snapshots | None = None  # set by the leader when a snapshot store is configured
         self.leader_restarts = 0
+        self.resumed_meta: dict[str, Any] = {}
         self._started_at = time.time()
 
     def resume(self) -> None:
@@ -119,7 +120,9 @@ class Poller:
         if manifest is None:
             return
         self.discovered_at = (manifest.get("meta") or {}).get("discovered_at")
-        self.leader_restarts = (manifest.get("meta") or {}).get("leader_restarts", 0) + 1
+        self.resumed_meta = manifest.get("meta") or {}
+        # a manifest from a leader (not the main process's snapshot preload): we are its restart
+        self.leader_restarts = self.resumed_meta.get("leader_restarts", 0) + ("leader_started_at" in self.resumed_meta)
         for client_key, entry in manifest["environments"].items():
             env = self.environments.get(client_key)
             server_keys = entry.get("server_keys") or {}

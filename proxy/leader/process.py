@@ -68,6 +68,7 @@ async def _main(settings: Settings, area: Path) -> None:
         store = None
     if store is not None:
         poller.snapshots = Snapshots(store)
+        poller.snapshots.adopt(poller.resumed_meta.get("snapshots"))
     log.info("leader started, polling %d environment(s)", len(poller.environments))
     orphan_watch = asyncio.create_task(_stop_when_orphaned(os.getppid(), stop))
     analytics = asyncio.create_task(AnalyticsForwarder(settings, area, poller.server_key_of).run(stop))

@@ -222,8 +222,11 @@ class Snapshots:
 
     async def restore(self, client_key: str) -> Snapshot | None:
         """The verified snapshot of `client_key`, or None (none stored, store failing, or corrupt: logged)."""
+        return await asyncio.to_thread(self.restore_now, client_key)
+
+    def restore_now(self, client_key: str) -> Snapshot | None:
         try:
-            blob = await asyncio.to_thread(self.store.load, client_key)
+            blob = self.store.load(client_key)
         except Exception as exc:  # OSError, redis errors: the store is unavailable, serve without it
             self._failed("read", client_key, exc)
             return None
@@ -260,6 +263,15 @@ class Snapshots:
             "snapshot store %s: %s of environment %s failed: %s", self.store.location, action, mask_key(client_key), exc
         )
 
+    def adopt(self, previous: dict[str, Any] | None) -> None:
+        """Continue the counts of whoever published before us (the preload, or a previous leader)."""
+        if previous:
+            self.restored = previous.get("restored", 0)
+            self.written = previous.get("written", 0)
+            self.skipped_older = previous.get("skipped_older", 0)
+            self.last_write = previous.get("last_write")
+            self.rejected = dict(previous.get("rejected") or {})
+
     def status(self) -> dict[str, Any]:
         return {
             "kind": self.store.kind,
@@ -276,3 +288,57 @@ class Snapshots:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.store.close()
+
+
+def preload(settings: Settings, area: Path) -> None:
+    """In the main process, before the workers and the leader start: publish the configured environments'
+    snapshots, so the workers' first load serves them. The leader takes them over (`Poller.resume`)."""
+    if not (settings.snapshot_dir or settings.snapshot_redis_url):
+        return
+    from proxy.shm import AreaError, Publisher
+
+    try:
+        snapshots = Snapshots(make_store(settings))  # type: ignore[arg-type]
+    except Exception as exc:
+        log.error("snapshot store unavailable, starting without snapshots: %s", exc)
+        return
+    documents: dict[str, bytes] = {}
+    entries: dict[str, dict[str, Any]] = {}
+    now = time.time()
+    try:
+        for pair in settings.environment_key_pairs:
+            snapshot = snapshots.restore_now(pair.client_side_key)
+            if snapshot is None:
+                continue
+            try:
+                document = orjson.loads(snapshot.document)
+                updated_at = document.get("updated_at")  # the leader parses it when it takes over
+                if not isinstance(document, dict):
+                    raise TypeError("not a JSON object")
+            except Exception as exc:  # verified bytes, but not a document: skip it like a corrupt one
+                snapshots.rejected[mask_key(pair.client_side_key)] = f"not a document: {exc}"
+                log.error("snapshot of environment %s skipped: not a document", mask_key(pair.client_side_key))
+                continue
+            documents[pair.client_side_key] = snapshot.document
+            entries[pair.client_side_key] = {
+                "server_keys": {pair.server_side_key: None},
+                "name": document.get("name"),
+                "updated_at": updated_at if isinstance(updated_at, str) else None,
+                "last_success": None,
+                "last_error": None,
+                "error_kind": None,
+                "source": "snapshot",
+                "state": "initializing",
+                "state_since": now,
+                "last_200": None,
+                "last_304": None,
+                "snapshot_saved_at": snapshot.saved_at,
+            }
+        with Publisher(area, settings.shared_memory_max_bytes) as publisher:
+            publisher.publish(documents, entries, {"discovered_at": None, "snapshots": snapshots.status()})
+    except AreaError as exc:
+        log.error("snapshots not published before start: %s", exc)
+    finally:
+        snapshots.close()
+    if documents:
+        log.info("serving %d environment(s) from snapshots until upstream answers", len(documents))
