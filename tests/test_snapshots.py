@@ -7,7 +7,9 @@ snapshot store within 2 s of its start, say so in health, and switch to upstream
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -405,6 +407,14 @@ def test_status_shows_each_transition(start_proxy: Callable[..., ProxyProcess], 
     body = proxy.get("/proxy/status", headers=token).text
     assert "ser.env_server_key" not in body and "env_client_key_1" not in body  # keys masked
 
+    # a leader killed and restarted by the watchdog is counted; it takes over the state it published
+    leader = proxy.leader_pid()
+    assert leader is not None
+    os.kill(leader, signal.SIGKILL)
+    restarted = lambda: proxy.get("/proxy/status", headers=token).json()["proxy"]["leader_restarts"] == 1  # noqa: E731
+    assert wait_for(restarted, 15), proxy.log()
+    assert env_status(proxy, token)["state"] == "valid"
+
 
 def test_status_is_open_without_a_token_and_hides_error_texts(
     start_proxy: Callable[..., ProxyProcess], upstream: FakeFlagsmith
@@ -416,3 +426,16 @@ def test_status_is_open_without_a_token_and_hides_error_texts(
     error = env_status(proxy)["last_error"]
     assert error["kind"] and error["message"] is None
     assert env_status(proxy)["state"] == "initializing"  # nothing served yet
+
+
+def test_an_unreachable_redis_does_not_stop_serving(
+    start_proxy: Callable[..., ProxyProcess], upstream: FakeFlagsmith
+) -> None:
+    nowhere = f"redis://:hunter2@127.0.0.1:{free_port()}/0"
+    proxy = start_proxy(proxy_config(upstream.api_url, **FAST, snapshot_redis_url=nowhere))
+    proxy.wait_ready()
+    assert proxy.get("/api/v1/flags/", headers=CLIENT_1).status_code == 200
+    assert wait_for(lambda: proxy.get("/proxy/status").json()["proxy"]["snapshot_store"]["state"] == "error", 10)
+    store = proxy.get("/proxy/status").json()["proxy"]["snapshot_store"]
+    assert store["kind"] == "redis" and store["last_error"] in ("read failed", "write failed")
+    assert "hunter2" not in proxy.get("/proxy/status").text and "hunter2" not in proxy.log()

@@ -190,8 +190,7 @@ class Poller:
                 env.next_due = time.monotonic() + self.interval
             self._want_publish(soon=env.dirty)
             if env.unsaved and self.snapshots is not None:
-                env.unsaved = False
-                await self.snapshots.save(env.client_key, env.document or b"", env.updated_at)
+                env.unsaved = not await self.snapshots.save(env.client_key, env.document or b"", env.updated_at)
                 self._want_publish(soon=False)  # the store's status, for /proxy/status
 
     async def _restore(self, env: Environment) -> None:

@@ -40,6 +40,7 @@ FORMAT_VERSION = 1
 SUFFIX = ".snapshot"
 REDIS_PREFIX = "edge-proxy:snapshot:"
 REDIS_TIMEOUT = 2.0  # seconds: a hung Redis must not hold a restore for long
+READ_RETRY_AFTER = 30.0  # seconds: after a failed read, others are not tried (1,000 environments × timeout)
 
 
 class SnapshotError(Exception):
@@ -219,17 +220,23 @@ class Snapshots:
         self.last_write: float | None = None
         self.last_error: str | None = None  # the store itself failing (unreachable, not writable)
         self.rejected: dict[str, str] = {}  # masked client key → why its snapshot was not used
+        self._read_failed_at: float | None = None
 
     async def restore(self, client_key: str) -> Snapshot | None:
         """The verified snapshot of `client_key`, or None (none stored, store failing, or corrupt: logged)."""
         return await asyncio.to_thread(self.restore_now, client_key)
 
     def restore_now(self, client_key: str) -> Snapshot | None:
+        failed_at = self._read_failed_at
+        if failed_at is not None and time.monotonic() - failed_at < READ_RETRY_AFTER:
+            return None  # the store just failed: do not wait for it once per environment
         try:
             blob = self.store.load(client_key)
         except Exception as exc:  # OSError, redis errors: the store is unavailable, serve without it
+            self._read_failed_at = time.monotonic()
             self._failed("read", client_key, exc)
             return None
+        self._read_failed_at = None
         if blob is None:
             return None
         try:
@@ -242,13 +249,14 @@ class Snapshots:
         self.rejected.pop(mask_key(client_key), None)
         return snapshot
 
-    async def save(self, client_key: str, document: bytes, updated_at: datetime | None) -> None:
+    async def save(self, client_key: str, document: bytes, updated_at: datetime | None) -> bool:
+        """Write a changed document; False when the store failed (the caller retries after its next poll)."""
         snapshot = Snapshot(client_key, document, updated_at_us(updated_at), time.time())
         try:
             written = await asyncio.to_thread(self.store.save, snapshot)
         except Exception as exc:
             self._failed("write", client_key, exc)
-            return
+            return False
         self.last_error = None
         if written:
             self.written += 1
@@ -256,6 +264,7 @@ class Snapshots:
         else:
             self.skipped_older += 1
             log.info("snapshot of environment %s not written: the store holds a newer one", mask_key(client_key))
+        return True
 
     def _failed(self, action: str, client_key: str, exc: Exception) -> None:
         self.last_error = f"{action} failed: {type(exc).__name__}: {exc}"
