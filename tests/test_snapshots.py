@@ -439,3 +439,49 @@ def test_an_unreachable_redis_does_not_stop_serving(
     store = proxy.get("/proxy/status").json()["proxy"]["snapshot_store"]
     assert store["kind"] == "redis" and store["last_error"] in ("read failed", "write failed")
     assert "hunter2" not in proxy.get("/proxy/status").text and "hunter2" not in proxy.log()
+
+
+# -- readiness rules and settings (no processes) ----------------------------------------------------
+
+
+def test_readiness_from_a_snapshot_is_bounded_and_configurable() -> None:
+    from proxy.health import check_health
+    from proxy.settings import Settings
+
+    def settings(**health: Any) -> Settings:
+        pairs = [{"server_side_key": server, "client_side_key": client} for server, client in KEYS.items()]
+        return Settings(environment_key_pairs=pairs, health_check=health)
+
+    now = 1_000_000.0
+    entry = {"file": "env-x-1.json", "source": "snapshot", "last_success": None, "snapshot_saved_at": now - 3600}
+    status = {client: entry for client in KEYS.values()}
+    code, body = check_health(settings(), list(KEYS.values()), status, {}, now)
+    assert code == 200
+    assert orjson.loads(body)["sources"] == [
+        {"key": "en…_1", "source": "snapshot", "age_seconds": 3600.0},
+        {"key": "en…_2", "source": "snapshot", "age_seconds": 3600.0},
+    ]
+    assert check_health(settings(snapshot_max_age_seconds=600), list(KEYS.values()), status, {}, now)[0] == 503
+    assert check_health(settings(snapshot_counts_as_ready=False), list(KEYS.values()), status, {}, now)[0] == 503
+    assert check_health(settings(snapshot_max_age_seconds=None), list(KEYS.values()), status, {}, now)[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"snapshot_dir": "/tmp/x", "snapshot_redis_url": "redis://127.0.0.1:1"}, "not both"),
+        ({"snapshot_redis_url": "http://127.0.0.1:6379"}, "redis://"),
+    ],
+)
+def test_snapshot_settings_are_checked(overrides: dict[str, Any], message: str) -> None:
+    from pydantic import ValidationError
+
+    from proxy.settings import Settings, masked_settings
+
+    pairs = [{"server_side_key": "ser.abcdefgh", "client_side_key": "abcdefgh"}]
+    with pytest.raises(ValidationError, match=message):
+        Settings(environment_key_pairs=pairs, **overrides)
+    masked = masked_settings(
+        Settings(environment_key_pairs=pairs, snapshot_redis_url="redis://:pw@h:1/0", status_token="t0ken")
+    )
+    assert masked["snapshot_redis_url"] == "redis://***@h:1/0" and masked["status_token"] == "***"
