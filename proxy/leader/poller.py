@@ -199,9 +199,14 @@ class Poller:
         snapshot = await self.snapshots.restore(env.client_key)
         if snapshot is None or env.document is not None:
             return
-        document = orjson.loads(snapshot.document)
+        try:
+            document = orjson.loads(snapshot.document)
+            updated_at = parse_updated_at(document.get("updated_at"))
+        except (orjson.JSONDecodeError, AttributeError):  # verified bytes that are not a document object
+            log.error("snapshot of environment %s skipped: not a document", mask_key(env.client_key))
+            return
         env.document = snapshot.document
-        env.updated_at = parse_updated_at(document.get("updated_at"))
+        env.updated_at = updated_at
         env.name = document.get("name")
         env.source = "snapshot"
         env.snapshot_saved_at = snapshot.saved_at
