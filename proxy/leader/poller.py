@@ -19,7 +19,7 @@ import contextlib
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -57,7 +57,7 @@ class Environment:
     # for /proxy/status and health: where the document came from, and the state in LaunchDarkly's terms
     source: str | None = None  # "upstream", "file" or "snapshot"
     state: str = "initializing"  # "valid" (last fetch good), "interrupted" (failing, serving), "initializing"
-    state_since: float = 0.0
+    state_since: float = field(default_factory=time.time)
     last_200: float | None = None
     last_304: float | None = None
     snapshot_saved_at: float | None = None  # when the snapshot served (source "snapshot") was written
@@ -134,9 +134,9 @@ class Poller:
             env.last_success = entry.get("last_success")
             env.last_error = entry.get("last_error")
             env.error_kind = entry.get("error_kind")
-            for field in ("source", "state", "state_since", "last_200", "last_304", "snapshot_saved_at"):
-                if entry.get(field) is not None:
-                    setattr(env, field, entry[field])
+            for name in ("source", "state", "state_since", "last_200", "last_304", "snapshot_saved_at"):
+                if entry.get(name) is not None:
+                    setattr(env, name, entry[name])
             data = self.publisher.read_document(entry)
             if data is None:
                 continue
