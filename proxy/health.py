@@ -5,7 +5,8 @@ never-loaded or failed-to-build ones when there are any. An environment is stale
 answer from upstream is older than `poll + grace × number of pairs` (the Python proxy's rule). One served
 from a persisted snapshot (no upstream answer yet) counts as ready while the snapshot is younger than
 `health_check.snapshot_max_age_seconds`, unless `health_check.snapshot_counts_as_ready` is off. `sources`
-names each environment's source (`upstream`, `file`, `snapshot`) and the age of its data in seconds.
+names each environment's source (`upstream`, `file`, `snapshot`) and the age of its data in seconds; it is
+left out (the Python proxy's body) while every environment comes from upstream, unless `show_details`.
 """
 
 from __future__ import annotations
@@ -91,7 +92,10 @@ def check_health(
         details["proxy_config"] = "not synced yet"
     if details:
         body["environments"] = details
-    body["sources"] = [_source(key, status, now) for key in client_keys]
+    # the Python proxy's body as long as everything comes from upstream (conformance); otherwise say where from
+    sources = [_source(key, status, now) for key in client_keys]
+    if show or any(entry["source"] in ("snapshot", "file") for entry in sources):
+        body["sources"] = sources
     return (503 if failing else 200), orjson.dumps(body)
 
 
