@@ -474,3 +474,58 @@ def test_two_tiers_a_change_reaches_the_downstream_proxy_within_a_second(tmp_pat
             print(f"tier path: change on B's stream {took:.3f} s after A's webhook (both poll every 30 s)")
         finally:
             b.stop()
+
+
+# -- the pieces, without processes ------------------------------------------------------------------
+
+
+def test_stream_paths_and_routes() -> None:
+    from proxy.app import route_of
+    from proxy.realtime import client_key_of
+
+    assert client_key_of(b"/sse/environments/abc/stream") == client_key_of(b"/sse/environments/abc/stream/") == "abc"
+    assert client_key_of(b"/sse/environments/a%20b/stream") == "a b"
+    for bad in (b"/sse/environments//stream", b"/sse/environments/a/b/stream", b"/sse/environments/abc"):
+        assert client_key_of(bad) is None
+    assert (
+        route_of(b"/sse/environments/abc/stream")
+        == route_of(b"/sse/environments/abc/stream/")
+        == ("stream", b"GET, HEAD")
+    )
+    assert route_of(b"/sse/environments/a/b/stream") is None
+    assert route_of(b"/proxy/webhooks/flagsmith/") == ("webhook", b"POST")
+    assert route_of(b"/ofrep/v1/evaluate/flags/f") == ("ofrep_flag", b"POST")  # the other `{param}` route
+
+
+def test_webhook_environment_ids_from_every_payload_shape() -> None:
+    from proxy.webhook import environment_ids, sign
+
+    assert environment_ids(json.loads(flag_updated(23, True))) == [23]
+    assert environment_ids({"event_type": "FLAG_DELETED", "data": {"previous_state": {"environment": {"id": 4}}}}) == [
+        4
+    ]
+    assert environment_ids({"event_type": "X", "data": {"environment_id": 7}}) == [7]
+    assert environment_ids({"event_type": "AUDIT_LOG_CREATED", "data": {"environment": None}}) == []
+    assert environment_ids({"event_type": "X", "data": {"environment": {"id": True}}}) == []  # not an id
+    assert environment_ids({"event_type": "X", "data": "nope"}) == []
+    body = b'{"event_type":"FLAG_UPDATED"}'
+    assert sign(body, SECRET) == generate_signature(body, SECRET)  # what the official SDK computes
+
+
+def test_realtime_settings_are_validated_and_the_secret_masked() -> None:
+    from proxy.settings import ConfigError, load_settings, masked_settings
+
+    pairs = [{"server_side_key": SERVER_1, "client_side_key": CLIENT_1}]
+    missing = Path("/nonexistent/config.json")
+    settings = load_settings(
+        missing, environment_key_pairs=pairs, webhook={"secret": SECRET}, upstream_stream_url="http://a:8000"
+    )
+    assert settings.upstream_stream_url == "http://a:8000/"
+    assert settings.realtime.keepalive_seconds == 20
+    assert masked_settings(settings)["webhook"]["secret"] == "***"
+    with pytest.raises(ConfigError, match="upstream_stream_url"):
+        load_settings(missing, environment_key_pairs=pairs, upstream_stream_url="ftp://a")
+    with pytest.raises(ConfigError, match=r"webhook\.secret"):
+        load_settings(missing, environment_key_pairs=pairs, webhook={"secret": "short"})
+    with pytest.raises(ConfigError, match=r"realtime\.keepalive_seconds"):
+        load_settings(missing, environment_key_pairs=pairs, realtime={"keepalive_seconds": 0})

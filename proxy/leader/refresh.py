@@ -27,6 +27,7 @@ log = logging.getLogger("proxy.leader")
 REFRESH_POLL = 0.02  # seconds between looks at the refresh folder: webhook latency adds at most this
 PRUNE_EVERY = 10.0  # seconds between removals of expired replay markers
 STREAM_RETRY = 1.0  # seconds before reconnecting to the upstream proxy's stream (jittered)
+STREAM_RETRY_MAX = 30.0  # the most a failing upstream stream waits between attempts
 
 
 class WebhookRefreshes:
@@ -132,25 +133,33 @@ class UpstreamStreams:
 
     async def _follow(self, client_key: str, stop: asyncio.Event) -> None:
         url = f"{self.base}sse/environments/{client_key}/stream"
+        failures = 0
         while not stop.is_set():
+            problem: str | None = None
             try:
                 async with self.client.stream("GET", url, timeout=self.timeout) as response:
                     if response.status_code != 200:
-                        log.warning(
-                            "upstream stream for %s answered %d; polling meanwhile",
-                            mask_key(client_key),
-                            response.status_code,
-                        )
+                        problem = f"answered {response.status_code}"
                     else:
+                        failures = 0
                         async for line in response.aiter_lines():
                             if line.startswith("data:"):
                                 self._event(client_key, line[5:])
             except asyncio.CancelledError:
                 raise
             except (httpx.HTTPError, OSError) as exc:
-                log.debug("upstream stream for %s: %s", mask_key(client_key), exc)
+                problem = f"{type(exc).__name__}: {exc}"
+            if problem is not None:
+                failures += 1
+                # logged once per streak; polling goes on meanwhile, so nothing is lost but latency
+                (log.warning if failures == 1 else log.debug)(
+                    "upstream stream for %s: %s; polling meanwhile, reconnecting with backoff",
+                    mask_key(client_key),
+                    problem,
+                )
+            delay = min(STREAM_RETRY_MAX, STREAM_RETRY * 2 ** max(0, failures - 1))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=STREAM_RETRY * random.uniform(0.8, 1.5))
+                await asyncio.wait_for(stop.wait(), timeout=delay * random.uniform(0.8, 1.2))
 
     def _event(self, client_key: str, data: str) -> None:
         try:
