@@ -41,8 +41,8 @@ PREFLIGHT_METHODS = b"DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT"
 
 Handler = Callable[[Request], Awaitable[Response]]
 
-# path → (metrics label, {method: ProxyApp handler}). Every GET route also answers HEAD, and every route
-# answers with or without its trailing slash.
+# path → (short name, {method: ProxyApp handler}); metrics label a route by its path, as Flagsmith's API does.
+# Every GET route also answers HEAD, and every route answers with or without its trailing slash.
 ROUTES: dict[str, tuple[str, dict[str, str]]] = {
     "/api/v1/flags/": ("flags", {"GET": "flags"}),
     "/api/v1/identities/": ("identities", {"GET": "identities_get", "POST": "identities_post"}),
@@ -60,10 +60,10 @@ def _allowed(methods: dict[str, str]) -> bytes:
     return ", ".join(sorted({*methods, *(["HEAD"] if "GET" in methods else [])})).encode()
 
 
-# raw path (both spellings) → (metrics label, the Allow header for a 405)
+# raw path (both spellings) → (the route as Flagsmith's API labels metrics: its template, the Allow header)
 ROUTE_BY_PATH: dict[bytes, tuple[str, bytes]] = {
-    spelling: (label, _allowed(methods))
-    for path, (label, methods) in ROUTES.items()
+    spelling: (path, _allowed(methods))
+    for path, (_, methods) in ROUTES.items()
     for spelling in (path.rstrip("/").encode(), path.rstrip("/").encode() + b"/")
 }
 
@@ -250,6 +250,7 @@ class ProxyApp:
 
     # -- the one place errors become responses ---------------------------------------------------
     async def middleware(self, request: Request, handler: Handler) -> Response:
+        started = time.perf_counter()
         try:
             response = await handler(request)
         except ProxyError as error:
@@ -263,7 +264,9 @@ class ProxyApp:
         if origin is not None:
             self._add_cors(response, origin)
         route = ROUTE_BY_PATH.get(request._path)
-        metrics.request_counts[(route[0] if route else "other", response.status)] += 1
+        metrics.observe(
+            route[0] if route else "unmatched", request.method, response.status, time.perf_counter() - started
+        )
         return response
 
     def _add_cors(self, response: Response, origin: bytes) -> None:

@@ -19,8 +19,11 @@ from pathlib import Path
 
 from blacksheep import Application
 
+from proxy import metrics
 from proxy.app import build_app
+from proxy.environment_metrics import EnvironmentCollector
 from proxy.logs import configure_logging
+from proxy.processes import WORKER, register
 from proxy.settings import Settings
 from proxy.shm import Subscriber
 from proxy.store import Follower, Store
@@ -52,9 +55,11 @@ def create_app() -> Application:
 def create_worker_app(settings: Settings, area: Path) -> Application:
     store = Store(settings)
     app = build_app(settings, store)
+    metrics.scrape_collectors.append(EnvironmentCollector(store))
 
     @app.lifespan
     async def follow_publications() -> AsyncIterator[None]:
+        register(area, WORKER)
         subscriber = Subscriber(area)
         follower = Follower(store, subscriber)
         follower.load_now()

@@ -9,16 +9,20 @@ import os
 import signal
 from pathlib import Path
 
+from proxy import metrics
 from proxy.leader.analytics import AnalyticsForwarder
 from proxy.leader.discovery import Discovery
 from proxy.leader.poller import Poller
 from proxy.leader.sources import make_source
 from proxy.leader.usage import UsageReporter
 from proxy.logs import configure_logging
+from proxy.processes import LEADER, WORKER, reap, register
 from proxy.settings import Settings
 from proxy.shm import Publisher
 
 log = logging.getLogger("proxy.leader")
+
+REAP_INTERVAL = 1.0  # seconds between checks for dead workers (their live gauges go, a restart is counted)
 
 
 async def _stop_when_orphaned(parent: int, stop: asyncio.Event) -> None:
@@ -28,6 +32,18 @@ async def _stop_when_orphaned(parent: int, stop: asyncio.Event) -> None:
             log.error("the main process (pid %d) is gone; leader exiting", parent)
             stop.set()
         await asyncio.sleep(0.5)
+
+
+async def _reap_dead_processes(area: Path, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        try:
+            for role in reap(area, area / "metrics"):
+                if role == WORKER:
+                    metrics.WORKER_RESTARTS.inc()
+        except Exception:  # tidying metrics must never stop the leader
+            log.exception("checking for dead processes failed")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=REAP_INTERVAL)
 
 
 def run_leader(settings: Settings, area: str) -> None:
@@ -52,14 +68,17 @@ async def _main(settings: Settings, area: Path) -> None:
     discovery = Discovery(settings) if settings.proxy_key else None
     poller = Poller(settings, source, publisher, discovery)
     poller.resume()
+    register(area, LEADER)
     log.info("leader started, polling %d environment(s)", len(poller.environments))
     orphan_watch = asyncio.create_task(_stop_when_orphaned(os.getppid(), stop))
+    reaper = asyncio.create_task(_reap_dead_processes(area, stop))
     analytics = asyncio.create_task(AnalyticsForwarder(settings, area, poller.server_key_of).run(stop))
     usage = asyncio.create_task(UsageReporter(settings, area).run(stop)) if settings.proxy_key else None
     try:
         await poller.run(stop)
     finally:
         orphan_watch.cancel()
+        reaper.cancel()
         stop.set()
         # last flushes (workers hand their counts over as they stop), bounded in time
         for task in (analytics, usage):

@@ -40,7 +40,8 @@ class NotModified:
 
 @dataclass(frozen=True, slots=True)
 class FetchFailed:
-    reason: str
+    reason: str  # for health and logs
+    kind: str = "other"  # a short, bounded name for metrics: timeout, network, http_5xx, invalid_json, ...
 
 
 FetchResult = Fetched | NotModified | FetchFailed
@@ -61,7 +62,7 @@ def _check(document: Any) -> FetchResult:
     try:
         validate_document(document)
     except DocumentError as exc:
-        return FetchFailed(f"invalid document: {exc}")
+        return FetchFailed(f"invalid document: {exc}", "invalid_document")
     return Fetched(document)
 
 
@@ -86,20 +87,22 @@ class HttpSource:
             response = await self._get(self.url, headers)
             if response.status_code == 304:
                 if cached_updated_at is None:
-                    return FetchFailed("upstream answered 304 Not Modified, but no document is cached")
+                    return FetchFailed("upstream answered 304 Not Modified, but no document is cached", "http_304")
                 return NotModified()
             if response.status_code != 200:
-                return FetchFailed(f"upstream answered HTTP {response.status_code}")
+                return FetchFailed(f"upstream answered HTTP {response.status_code}", _status_kind(response.status_code))
             document = orjson.loads(response.content)
             if not isinstance(document, dict):
-                return FetchFailed(f"invalid document: a JSON {type(document).__name__}, not an object")
+                return FetchFailed(
+                    f"invalid document: a JSON {type(document).__name__}, not an object", "invalid_document"
+                )
             result = await self._follow_pages(response, document, {"X-Environment-Key": server_key})
         except httpx.TimeoutException:
-            return FetchFailed("upstream timed out")
+            return FetchFailed("upstream timed out", "timeout")
         except httpx.HTTPError as exc:
-            return FetchFailed(f"upstream request failed: {type(exc).__name__}: {exc}")
+            return FetchFailed(f"upstream request failed: {type(exc).__name__}: {exc}", "network")
         except orjson.JSONDecodeError as exc:
-            return FetchFailed(f"upstream sent invalid JSON: {exc}")
+            return FetchFailed(f"upstream sent invalid JSON: {exc}", "invalid_json")
         elapsed = time.monotonic() - started
         if elapsed > self.poll_frequency:
             log.warning("fetching %s took %.1fs, longer than the poll interval", mask_key(server_key), elapsed)
@@ -114,16 +117,19 @@ class HttpSource:
         while (next_url := response.links.get("next", {}).get("url")) is not None:
             target = urljoin(str(response.url), next_url)
             if _origin(target) != self.origin:
-                return FetchFailed(f"refusing a next page on another origin ({_origin(target)})")
+                return FetchFailed(f"refusing a next page on another origin ({_origin(target)})", "pagination")
             pages += 1
             if pages > MAX_PAGES:
-                return FetchFailed(f"more than {MAX_PAGES} pages")
+                return FetchFailed(f"more than {MAX_PAGES} pages", "pagination")
             response = await self._get(target, headers)
             if response.status_code != 200:
-                return FetchFailed(f"upstream answered HTTP {response.status_code} for page {pages}")
+                return FetchFailed(
+                    f"upstream answered HTTP {response.status_code} for page {pages}",
+                    _status_kind(response.status_code),
+                )
             page = orjson.loads(response.content)
             if not isinstance(page, dict):
-                return FetchFailed(f"page {pages} is not a JSON object")
+                return FetchFailed(f"page {pages} is not a JSON object", "invalid_document")
             overrides.extend(page.get("identity_overrides") or [])
         if pages > 1:
             document["identity_overrides"] = overrides
@@ -140,6 +146,10 @@ class HttpSource:
                 raise httpx.HTTPError(f"refusing a redirect to another origin ({_origin(target)})")
             url = target
         raise httpx.HTTPError("too many redirects")
+
+
+def _status_kind(status: int) -> str:
+    return f"http_{status // 100}xx" if 100 <= status < 600 else "http_other"
 
 
 def _origin(url: str) -> tuple[str, str]:
@@ -173,11 +183,11 @@ class FileSource:
                 return NotModified()
             document = orjson.loads(path.read_bytes())
         except FileNotFoundError:
-            return FetchFailed(f"no file {self.directory}/{mask_key(server_key)}.json")
+            return FetchFailed(f"no file {self.directory}/{mask_key(server_key)}.json", "file_missing")
         except OSError as exc:
-            return FetchFailed(f"cannot read the document file: {exc.strerror}")
+            return FetchFailed(f"cannot read the document file: {exc.strerror}", "file_unreadable")
         except orjson.JSONDecodeError as exc:
-            return FetchFailed(f"the document file holds invalid JSON: {exc}")
+            return FetchFailed(f"the document file holds invalid JSON: {exc}", "invalid_json")
         result = _check(document)
         if isinstance(result, Fetched):
             self._mtimes[server_key] = mtime
