@@ -122,19 +122,28 @@ request_latency: dict[tuple[str, str, int], list[Any]] = {}
 _latency_flushed: dict[tuple[str, str, int], list[Any]] = {}
 _HTTP_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
 _ROW_SIZE = len(LATENCY_BUCKETS) + 2
+_FIRST_BOUND = LATENCY_BUCKETS[0]
 
 
 def observe(route: str, method: str, status: int, seconds: float) -> None:
-    """Count one request and its duration: a dict lookup, a bisect and two list increments."""
+    """Count one request and its duration: a dict lookup, a bucket index and two list increments."""
+    row = request_latency.get((route, method, status))
+    if row is None:
+        row = _new_row(route, method, status)
+    # `le` buckets are inclusive: the first bound >= seconds (+Inf past the last). Most answers here take
+    # less than the first bound, so that comparison comes before the bisect (saves ~150 ns).
+    row[0 if seconds <= _FIRST_BOUND else bisect_left(LATENCY_BUCKETS, seconds)] += 1
+    row[-1] += seconds
+
+
+def _new_row(route: str, method: str, status: int) -> list[Any]:
     if method not in _HTTP_METHODS:
-        method = "other"  # any token is a valid HTTP method: keep the label set bounded
+        method = "other"  # any token is a valid HTTP method: the label set stays bounded (no entry per token)
     key = (route, method, status)
     row = request_latency.get(key)
     if row is None:
         row = request_latency[key] = [0] * (_ROW_SIZE - 1) + [0.0]
-    # `le` buckets are inclusive: the first bound >= seconds, or +Inf past the last one.
-    row[bisect_left(LATENCY_BUCKETS, seconds)] += 1
-    row[-1] += seconds
+    return row
 
 
 def _flush_requests() -> None:
