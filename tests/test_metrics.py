@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import http.client
 import itertools
+import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -17,7 +19,9 @@ from collections import Counter, defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import metrics
@@ -26,7 +30,9 @@ from tests.fake_upstream import FakeFlagsmith
 
 CLIENT = {"X-Environment-Key": "env_client_key_1"}
 SERVER = {"X-Environment-Key": "ser.env_server_key_2"}
-KEY_FRAGMENTS = ("env_client_key", "env_server_key", "en…_", "ser.en")
+KEY_FRAGMENTS = ("env_client_key", "env_server_key", "en…_", "ser.en", "revoked", "re…ey")
+ROOT = Path(__file__).parents[1]
+CHART_FILES = ROOT / "deploy" / "helm" / "edge-proxy" / "files"
 
 
 def promtool() -> str:
@@ -50,8 +56,18 @@ def value(text: str, name: str, **labels: str) -> float:
 
 @pytest.fixture(scope="module")
 def two_workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
+    """Everything on: usage reporting (proxy_key), analytics, and a third environment whose key upstream
+    refuses (so failure series exist too); readiness tolerates it (`all_stale`)."""
     upstream = FakeFlagsmith(conformance_documents()).start()
-    proxy = ProxyProcess(tmp_path_factory.mktemp("metrics"), proxy_config(upstream.api_url), workers=2).start()
+    config = proxy_config(
+        upstream.api_url,
+        proxy_key=upstream.proxy_key,
+        usage_flush_interval_seconds=1,
+        analytics_flush_interval_seconds=1,
+        health_check={"fail_readiness_when": "all_stale"},
+    )
+    config["environment_key_pairs"].append({"server_side_key": "ser.revoked_key", "client_side_key": "revoked_key"})
+    proxy = ProxyProcess(tmp_path_factory.mktemp("metrics"), config, workers=2).start()
     try:
         proxy.wait_ready()
         assert wait_for(lambda: len(proxy.worker_pids()) == 2, 20), proxy.log()
@@ -142,6 +158,7 @@ def test_requests_sum_over_workers_and_pass_promtool(two_workers: ProxyProcess, 
     }
     assert named == {("1", "Development"), ("2", "Staging")}
     assert value(text, "edge_proxy_environments", state="fresh") == 2
+    assert value(text, "edge_proxy_environments", state="not_loaded") == 1
     assert value(text, "edge_proxy_environment_stale") == 0
     published = value(text, "edge_proxy_published_generation")
     workers = {labels["worker"]: v for labels, v in found["edge_proxy_worker_generation"]}
@@ -205,3 +222,71 @@ def test_observe_buckets_are_inclusive_and_flush_moves_deltas() -> None:
     metrics.flush()
     text = metrics.render().decode()
     assert value(text, "flagsmith_http_server_requests_total", **labels) == 5
+
+
+def test_alert_rules_pass_promtool_and_their_unit_tests() -> None:
+    for command in (["check", "rules", str(CHART_FILES / "alerts.yaml")], ["test", "rules", "alerts_test.yaml"]):
+        run = subprocess.run([promtool(), *command], cwd=ROOT / "tests" / "data", capture_output=True, text=True)
+        assert run.returncode == 0, run.stdout + run.stderr
+
+
+PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless"}
+PROMQL_WORDS |= {"offset", "inf", "nan"}
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression selects (strings, matchers, ranges and grouping removed)."""
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    expr = re.sub(r"\{[^}]*\}|\[[^\]]*\]", " ", expr)
+    expr = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", expr)
+    words = re.findall(r"(?<![\w.])([a-zA-Z_:][\w:]*)\b(?!\s*\()", expr)
+    return {word for word in words if word.lower() not in PROMQL_WORDS}
+
+
+def grafana_exprs() -> list[str]:
+    dashboard = json.loads((CHART_FILES / "grafana-dashboard.json").read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
+    assert len(exprs) > 20
+    # Grafana's variables, as Grafana would substitute them
+    return [e.replace("$__rate_interval", "5m").replace('"$job"', '".*"').replace('"$instance"', '".*"') for e in exprs]
+
+
+def test_dashboard_and_alerts_name_only_exported_metrics(two_workers: ProxyProcess, tmp_path: Path) -> None:
+    proxy = two_workers
+    # traffic that makes every labelled series exist: identities (cache), analytics and usage (flushed
+    # upstream every second)
+    body = {"identifier": "user-1", "traits": [{"trait_key": "plan", "trait_value": "premium"}]}
+    for _ in range(2):
+        assert httpx.post(proxy.url + "/api/v1/identities/", json=body, headers=CLIENT).status_code == 200
+    analytics = httpx.post(proxy.url + "/api/v1/analytics/flags/", json={"show_banner": 3}, headers=CLIENT)
+    assert analytics.status_code == 200
+    wanted = (
+        "edge_proxy_analytics_events_total",
+        "edge_proxy_usage_rows_total",
+        "edge_proxy_upstream_fetch_errors_total",
+    )
+    assert wait_for(lambda: all(name in proxy.get("/metrics").text for name in wanted), 15), proxy.get("/metrics").text
+    exported = set(samples(proxy.get("/metrics").text))
+
+    exprs = grafana_exprs()
+    alerts = yaml.safe_load((CHART_FILES / "alerts.yaml").read_text())
+    alert_exprs = [rule["expr"] for group in alerts["groups"] for rule in group["rules"]]
+    named = {name for expr in [*exprs, *alert_exprs] for name in metric_names(expr)}
+    assert "flagsmith_http_server_request_duration_seconds_bucket" in named and "edge_proxy_usage_rows_total" in named
+    assert named - exported == set(), sorted(exported)
+    # and every dashboard query is valid PromQL: promtool parses them as recording rules
+    rules = {
+        "groups": [
+            {"name": "dashboard", "rules": [{"record": f"dashboard:q{i}", "expr": e} for i, e in enumerate(exprs)]}
+        ]
+    }
+    (tmp_path / "dashboard.yaml").write_text(yaml.safe_dump(rules))
+    check = subprocess.run(
+        [promtool(), "check", "rules", str(tmp_path / "dashboard.yaml")], capture_output=True, text=True
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_metric_names_finds_selectors_only() -> None:
+    expr = 'histogram_quantile(0.99, sum by (route, le) (rate(a_bucket{job=~"x|y", b="c{d}"}[5m]))) / on (job) b_total'
+    assert metric_names(expr) == {"a_bucket", "b_total"}
