@@ -55,7 +55,7 @@ def create_app() -> Application:
 def create_worker_app(settings: Settings, area: Path) -> Application:
     store = Store(settings)
     app = build_app(settings, store)
-    metrics.scrape_collectors.append(EnvironmentCollector(store))
+    metrics.scrape_collectors[:] = [EnvironmentCollector(store)]  # one worker, one store
 
     @app.lifespan
     async def follow_publications() -> AsyncIterator[None]:
