@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
 
-.PHONY: run test tools lint format bench wrk lock clean
+.PHONY: run test tools lint format bench wrk faults soak lock clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,14 @@ bench: $(VENV)/.installed-test
 wrk: $(VENV)/.installed-test
 	command -v wrk >/dev/null || (apt-get install -y wrk || sudo apt-get install -y wrk)
 	$(BIN)/python benchmarks/wrk_run.py
+
+## Steady load while the leader, a worker and upstream are hurt (~1.5 min); results in benchmarks/results/faults.md.
+faults: $(VENV)/.installed-test
+	$(BIN)/python -m benchmarks.faults
+
+## Five minutes of mixed traffic with a fault every 30 s; results in benchmarks/results/soak.md.
+soak: $(VENV)/.installed-test
+	$(BIN)/python -m benchmarks.faults --soak
 
 ## Re-lock the runtime and build dependencies (exact versions with hashes) after changing pyproject.toml.
 lock: $(BIN)/python

@@ -70,6 +70,10 @@ ANALYTICS_EVENTS = Counter(
     "Flag evaluations reported by SDKs, by outcome (forwarded, rejected, dropped; retried: kept for the next flush)",
     ["outcome"],
 )
+ANALYTICS_IGNORED = Counter(
+    "edge_proxy_analytics_ignored_names",
+    "Feature names in SDK analytics that the environment does not have (ignored, never buffered)",
+)
 LEADER_RESTARTS = Counter("edge_proxy_leader_restarts", "Times the leader process was restarted")
 WORKER_RESTARTS = Counter(
     "edge_proxy_worker_restarts", "Worker processes that ended while the proxy kept serving (Granian replaces them)"
@@ -114,10 +118,12 @@ USAGE_ROWS = Counter(
 
 BUILD_INFO.labels(ci_commit_sha=os.environ.get(COMMIT_SHA_ENV) or "unknown", version=__version__).set(1)
 
+analytics_ignored = [0]  # one plain integer, incremented on the request path
 _flushed: dict[object, int] = {}
 
 # -- request counting and latency on the hot path -----------------------------------------------------
 # (route, method, status) → [count per bucket (last: +Inf), ..., sum of seconds]; this worker's totals.
+# A client that disconnects mid-request is counted with nginx's 499.
 request_latency: dict[tuple[str, str, int], list[Any]] = {}
 _latency_flushed: dict[tuple[str, str, int], list[Any]] = {}
 _HTTP_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
@@ -188,6 +194,7 @@ def flush(cache_hits: int = 0, cache_misses: int = 0) -> None:
     _flush_requests()
     _flush("cache_hit", cache_hits, IDENTITY_CACHE.labels(result="hit"))
     _flush("cache_miss", cache_misses, IDENTITY_CACHE.labels(result="miss"))
+    _flush("analytics_ignored", analytics_ignored[0], ANALYTICS_IGNORED)
 
 
 # Collectors computed at scrape time by the worker answering /metrics (per-environment series).

@@ -25,6 +25,15 @@ log = logging.getLogger("proxy.leader")
 REAP_INTERVAL = 1.0  # seconds between checks for dead workers (their live gauges go, a restart is counted)
 
 
+def final_flush_seconds(settings: Settings) -> float:
+    return settings.api_poll_timeout_seconds + 1
+
+
+def drain_seconds(settings: Settings) -> float:
+    """How long the supervisor waits for a stopping leader before killing it."""
+    return final_flush_seconds(settings) + 3
+
+
 async def _stop_when_orphaned(parent: int, stop: asyncio.Event) -> None:
     # If the main process is SIGKILLed nobody stops us: exit rather than poll upstream forever.
     while not stop.is_set():
@@ -80,11 +89,13 @@ async def _main(settings: Settings, area: Path) -> None:
         orphan_watch.cancel()
         reaper.cancel()
         stop.set()
-        # last flushes (workers hand their counts over as they stop), bounded in time
-        for task in (analytics, usage):
-            if task is not None:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(task, timeout=settings.api_poll_timeout_seconds + 1)
+        # Last flushes (workers handed their counts over as they stopped), together, within one deadline
+        # that the supervisor's kill timeout (`drain_seconds`) leaves room for.
+        flushes = [task for task in (analytics, usage) if task is not None]
+        _, pending = await asyncio.wait(flushes, timeout=final_flush_seconds(settings))
+        for task in pending:
+            log.warning("final flush cut off after %.1fs; its counts are lost", final_flush_seconds(settings))
+            task.cancel()
         await source.aclose()
         if discovery is not None:
             await discovery.aclose()
