@@ -64,7 +64,7 @@ def two_workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProce
         proxy_key=upstream.proxy_key,
         usage_flush_interval_seconds=1,
         analytics_flush_interval_seconds=1,
-        health_check={"fail_readiness_when": "all_stale"},
+        health_check={"fail_readiness_when": "all_stale", "show_details": True},  # x-edge-proxy-worker
     )
     config["environment_key_pairs"].append({"server_side_key": "ser.revoked_key", "client_side_key": "revoked_key"})
     proxy = ProxyProcess(tmp_path_factory.mktemp("metrics"), config, workers=2).start()
