@@ -160,10 +160,15 @@ def test_requests_sum_over_workers_and_pass_promtool(two_workers: ProxyProcess, 
     assert value(text, "edge_proxy_environments", state="fresh") == 2
     assert value(text, "edge_proxy_environments", state="not_loaded") == 1
     assert value(text, "edge_proxy_environment_stale") == 0
-    published = value(text, "edge_proxy_published_generation")
-    workers = {labels["worker"]: v for labels, v in found["edge_proxy_worker_generation"]}
-    assert set(workers) == {str(pid) for pid in proxy.worker_pids()}
-    assert all(generation == published >= 1 for generation in workers.values())
+    workers = {labels["worker"] for labels, _ in found["edge_proxy_worker_generation"]}
+    assert workers == {str(pid) for pid in proxy.worker_pids()}
+
+    def caught_up() -> bool:  # workers report their generation when they flush, every second
+        now = samples(proxy.get("/metrics").text)
+        [(_, published)] = now["edge_proxy_published_generation"]
+        return published >= 1 and all(v == published for _, v in now["edge_proxy_worker_generation"])
+
+    assert wait_for(caught_up, 10, 0.2), proxy.get("/metrics").text
     assert value(text, "edge_proxy_upstream_fetch_seconds_count") >= 2
 
 
