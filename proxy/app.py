@@ -37,8 +37,10 @@ from proxy.errors import (
 from proxy.health import check_health
 from proxy.identity_request import parse_identity_body, parse_identity_query, query_param
 from proxy.ofrep import OfrepRoutes
+from proxy.realtime import StreamHub
 from proxy.settings import Settings
 from proxy.store import Store
+from proxy.webhook import WebhookReceiver
 
 log = logging.getLogger("proxy.app")
 
@@ -62,6 +64,8 @@ ROUTES: dict[str, tuple[str, dict[str, str]]] = {
     "/metrics": ("metrics", {"GET": "metrics"}),
     "/ofrep/v1/evaluate/flags/{key}": ("ofrep_flag", {"POST": "ofrep_flag"}),
     "/ofrep/v1/evaluate/flags": ("ofrep_flags", {"POST": "ofrep_flags"}),
+    "/sse/environments/{key}/stream": ("stream", {"GET": "stream"}),
+    "/proxy/webhooks/flagsmith": ("webhook", {"POST": "webhook"}),
 }
 
 
@@ -76,9 +80,11 @@ ROUTE_BY_PATH: dict[bytes, tuple[str, bytes]] = {
     if "{" not in path
     for spelling in (path.rstrip("/").encode(), path.rstrip("/").encode() + b"/")
 }
-# paths ending in one `{param}` segment: (prefix up to the parameter, the route template, Allow header)
-ROUTE_BY_PREFIX: list[tuple[bytes, str, bytes]] = [
-    (path[: path.index("{")].encode(), path, _allowed(methods)) for path, (_, methods) in ROUTES.items() if "{" in path
+# paths with one `{param}` segment: (prefix up to the parameter, what follows it, route template, Allow header)
+ROUTE_BY_PREFIX: list[tuple[bytes, bytes, str, bytes]] = [
+    (path[: path.index("{")].encode(), path[path.index("}") + 1 :].encode(), path, _allowed(methods))
+    for path, (_, methods) in ROUTES.items()
+    if "{" in path
 ]
 
 
@@ -86,9 +92,13 @@ def route_of(path: bytes) -> tuple[str, bytes] | None:
     """(route template, Allow header) of the route `path` belongs to, whatever method it was sent with."""
     route = ROUTE_BY_PATH.get(path)
     if route is None:
-        for prefix, template, allow in ROUTE_BY_PREFIX:
+        for prefix, suffix, template, allow in ROUTE_BY_PREFIX:
             if path.startswith(prefix):
                 param = path[len(prefix) :].removesuffix(b"/")
+                if suffix:
+                    if not param.endswith(suffix):
+                        continue
+                    param = param[: -len(suffix)]
                 if param and b"/" not in param:
                     return template, allow
     return route
@@ -129,6 +139,8 @@ class ProxyApp:
         self.pid = str(os.getpid()).encode()
         self.usage = store.usage
         self.ofrep = OfrepRoutes(store, self._read_body)
+        self.realtime = StreamHub(settings.realtime, store)
+        self.webhooks = WebhookReceiver(settings.webhook, lambda: store.area)
 
     # -- flags -----------------------------------------------------------------------------------
     async def flags(self, request: Request) -> Response:
@@ -255,6 +267,15 @@ class ProxyApp:
     async def ofrep_flags(self, request: Request) -> Response:
         return await self.ofrep.flags(request)
 
+    # -- real-time stream and webhook refresh (proxy/realtime.py, proxy/webhook.py) ------------------
+    async def stream(self, request: Request) -> Response:
+        if not self.settings.realtime.enabled:
+            raise NotFound("real-time streams are off (realtime.enabled)")
+        return await self.realtime.handle(request)
+
+    async def webhook(self, request: Request) -> Response:
+        return await self.webhooks.handle(request, self._read_body)
+
     # -- health and metrics ----------------------------------------------------------------------
     async def health(self, request: Request) -> Response:
         store = self.store
@@ -372,4 +393,5 @@ def build_app(settings: Settings, store: Store) -> Application:
     router.fallback = _plain(routes.fallback)
     app = Application(router=router, show_error_details=False)
     app.middlewares.append(routes.middleware)
+    store.stop_streams = routes.realtime.close_all
     return app

@@ -24,6 +24,7 @@ from proxy.app import build_app
 from proxy.environment_metrics import EnvironmentCollector
 from proxy.logs import configure_logging
 from proxy.processes import WORKER, register
+from proxy.realtime import end_streams_on_shutdown_signal
 from proxy.settings import Settings
 from proxy.shm import Subscriber
 from proxy.store import Follower, Store
@@ -56,6 +57,7 @@ def create_worker_app(settings: Settings, area: Path) -> Application:
     store = Store(settings)
     app = build_app(settings, store)
     metrics.scrape_collectors[:] = [EnvironmentCollector(store)]  # one worker, one store
+    end_streams_on_shutdown_signal(store.stop_streams)
 
     @app.lifespan
     async def follow_publications() -> AsyncIterator[None]:
@@ -63,11 +65,13 @@ def create_worker_app(settings: Settings, area: Path) -> Application:
         subscriber = Subscriber(area)
         follower = Follower(store, subscriber)
         follower.load_now()
+        store.area = area
         task = asyncio.create_task(follower.run())
         log.debug("worker %d following %s at generation %d", os.getpid(), area, store.generation)
         try:
             yield
         finally:
+            store.stop_streams()
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
