@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
 
-.PHONY: run test lint format bench wrk faults soak clean
+.PHONY: run test tools lint format bench wrk faults soak lock clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,12 +22,19 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 run: $(VENV)/.installed
 	$(BIN)/edge-proxy serve --demo --port $(PORT)
 
-## Lint, check formatting, run the whole test suite (installs redis-server with apt if missing, for the snapshot tests).
-test: $(VENV)/.installed-test
-	command -v redis-server >/dev/null || (apt-get install -y redis-server || sudo apt-get install -y redis-server) || echo "redis-server not installable: the Redis snapshot tests will be skipped"
+## Lint, check formatting, run the whole test suite.
+test: $(VENV)/.installed-test tools
 	$(BIN)/ruff check proxy tests benchmarks
 	$(BIN)/ruff format --check proxy tests benchmarks
 	$(BIN)/pytest
+
+## What the tests need besides Python packages: promtool (Debian's prometheus package), redis-server (snapshot tests); for the image test
+## unshare and setpriv, and a Python 3.11 outside /root that a non-root user can run.
+tools:
+	command -v promtool >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
+	command -v unshare >/dev/null && command -v setpriv >/dev/null || { apt-get update -qq && apt-get install -y -qq util-linux; }
+	test -x /usr/bin/python3.11 || test -x /usr/local/bin/python3.11 || { apt-get update -qq && apt-get install -y -qq python3.11-venv; }
+	command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; } || echo "redis-server not installable: the Redis snapshot tests will be skipped"
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check proxy tests benchmarks
@@ -53,6 +60,14 @@ faults: $(VENV)/.installed-test
 ## Five minutes of mixed traffic with a fault every 30 s; results in benchmarks/results/soak.md.
 soak: $(VENV)/.installed-test
 	$(BIN)/python -m benchmarks.faults --soak
+
+## Re-lock the runtime and build dependencies (exact versions with hashes) after changing pyproject.toml.
+lock: $(BIN)/python
+	$(BIN)/pip install --quiet pip-tools
+	$(BIN)/pip-compile --quiet --generate-hashes --strip-extras --no-emit-index-url --no-emit-find-links \
+		--output-file requirements.lock pyproject.toml
+	$(BIN)/pip-compile --quiet --generate-hashes --strip-extras --no-emit-index-url --no-emit-find-links \
+		--allow-unsafe --only-build-deps --build-deps-for wheel --output-file requirements-build.lock pyproject.toml
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .benchmarks

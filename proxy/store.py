@@ -84,6 +84,12 @@ class Store:
     def flush_metrics(self) -> None:
         cache = self.cache
         metrics.flush(cache.hits if cache else 0, cache.misses if cache else 0)
+        metrics.flush_worker(
+            self.generation,
+            len(cache) if cache else 0,
+            cache.size_bytes if cache else 0,
+            cache.evictions if cache else 0,
+        )
 
     def apply(self, manifest: dict[str, Any], built: dict[str, EnvironmentState]) -> None:
         """Swap in new states and status (on the event loop, no await: requests see old or new)."""

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 from pathlib import Path
 
+from proxy import metrics
 from proxy.leader.analytics import AnalyticsForwarder
 from proxy.leader.discovery import Discovery
 from proxy.leader.poller import Poller
@@ -16,10 +18,13 @@ from proxy.leader.snapshots import Snapshots, make_store
 from proxy.leader.sources import make_source
 from proxy.leader.usage import UsageReporter
 from proxy.logs import configure_logging
+from proxy.processes import LEADER, WORKER, reap, register
 from proxy.settings import Settings
 from proxy.shm import Publisher
 
 log = logging.getLogger("proxy.leader")
+
+REAP_INTERVAL = 1.0  # seconds between checks for dead workers (their live gauges go, a restart is counted)
 
 
 def final_flush_seconds(settings: Settings) -> float:
@@ -38,6 +43,18 @@ async def _stop_when_orphaned(parent: int, stop: asyncio.Event) -> None:
             log.error("the main process (pid %d) is gone; leader exiting", parent)
             stop.set()
         await asyncio.sleep(0.5)
+
+
+async def _reap_dead_processes(area: Path, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        try:
+            for role in reap(area, area / "metrics"):
+                if role == WORKER:
+                    metrics.WORKER_RESTARTS.inc()
+        except Exception:  # tidying metrics must never stop the leader
+            log.exception("checking for dead processes failed")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=REAP_INTERVAL)
 
 
 def run_leader(settings: Settings, area: str) -> None:
@@ -70,8 +87,10 @@ async def _main(settings: Settings, area: Path) -> None:
     if store is not None:
         poller.snapshots = Snapshots(store)
         poller.snapshots.adopt(poller.resumed_meta.get("snapshots"))
+    register(area, LEADER)
     log.info("leader started, polling %d environment(s)", len(poller.environments))
     orphan_watch = asyncio.create_task(_stop_when_orphaned(os.getppid(), stop))
+    reaper = asyncio.create_task(_reap_dead_processes(area, stop))
     analytics = asyncio.create_task(AnalyticsForwarder(settings, area, poller.server_key_of).run(stop))
     usage = asyncio.create_task(UsageReporter(settings, area).run(stop)) if settings.proxy_key else None
     on_demand = []  # refreshes triggered by webhooks and by an upstream proxy's stream
@@ -83,6 +102,7 @@ async def _main(settings: Settings, area: Path) -> None:
         await poller.run(stop)
     finally:
         orphan_watch.cancel()
+        reaper.cancel()
         stop.set()
         for task in on_demand:
             task.cancel()
