@@ -76,7 +76,7 @@ class CacheSettings(_Frozen):
 
 
 class IdentityCacheSettings(CacheSettings):
-    # On by default (DESIGN): the LRU holds encoded identity responses, bounded in entries and bytes.
+    # On by default (docs/DESIGN.md): the LRU holds encoded identity responses, bounded in entries and bytes.
     use_cache: bool = True
     cache_max_size: int = Field(default=4096, ge=1)
     cache_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)

@@ -1,6 +1,6 @@
 """Replays the 54 requests captured from Flagsmith's Python Edge Proxy against a real `edge-proxy serve`
 pointed at the fake upstream serving the same documents. 48 cases must answer with the captured status and
-body; the 6 deliberate fixes (tests/data/README.md) are asserted as DESIGN.md decides.
+body; the 6 deliberate fixes (tests/data/README.md) are asserted as docs/DESIGN.md decides.
 """
 
 from __future__ import annotations
