@@ -181,6 +181,8 @@ class Settings(BaseSettings):
     max_request_body_bytes: int = Field(default=64 * 1024, ge=1024)
     request_body_timeout_seconds: float = Field(default=10, gt=0)
     max_concurrent_fetches: int = Field(default=8, ge=1)
+    # A leader whose heartbeat stops this long (a hung loop, SIGSTOP) is killed and replaced.
+    leader_heartbeat_timeout_seconds: float = Field(default=10, gt=0)
     shared_memory_dir: str = "/dev/shm"
     # Bytes of documents the area may hold (e.g. the container's /dev/shm size); None: whatever is free.
     shared_memory_max_bytes: int | None = Field(default=None, ge=1024)

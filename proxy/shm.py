@@ -11,7 +11,8 @@ The protocol is write-then-rename, with a generation counter in an mmap for the 
   status for it. It is replaced atomically by rename, so a reader sees the old manifest or the new one,
   never a mix.
 * `control` is a 4 KiB mmap whose second u64 is the published generation, stored after the rename.
-  A worker's "anything new?" check is one aligned 8-byte read from it (tens of ns).
+  A worker's "anything new?" check is one aligned 8-byte read from it (tens of ns). The third u64 is the
+  leader's heartbeat (`time.monotonic_ns()`, system-wide on Linux), which the supervisor watches.
 
 Why not a seqlock over one big mmap: Python exposes no memory fences, so on weakly ordered CPUs (arm64)
 a seqlock reader can observe the counter before the data. Here every data access is a syscall (rename,
@@ -29,6 +30,7 @@ import hashlib
 import mmap
 import os
 import shutil
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +40,7 @@ import orjson
 
 CONTROL_SIZE = 4096
 MAGIC = 0x45445052_4F585931  # "EDPROXY1"
-_MAGIC, _GENERATION = 0, 1
+_MAGIC, _GENERATION, _HEARTBEAT = 0, 1, 2
 MANIFEST = "manifest.json"
 CONTROL = "control"
 LOCK = "lock"
@@ -197,6 +199,10 @@ class Publisher:
                 tmp.unlink()
         return manifest
 
+    def beat(self) -> None:
+        """The leader is alive and its loop turns: called from the event loop every HEARTBEAT_EVERY."""
+        self._words[_HEARTBEAT] = time.monotonic_ns()
+
     def read_document(self, entry: dict[str, Any]) -> bytes | None:
         return read_verified(self.path, entry)
 
@@ -300,6 +306,23 @@ def read_verified(path: Path, entry: dict[str, Any]) -> bytes | None:
     if len(data) != entry["length"] or zlib.crc32(data) != entry["crc32"]:
         return None
     return data
+
+
+class Heartbeat:
+    """The supervisor's view of the leader's heartbeat word."""
+
+    def __init__(self, path: Path) -> None:
+        with open(path / CONTROL, "rb") as control:
+            self._mm = mmap.mmap(control.fileno(), CONTROL_SIZE, access=mmap.ACCESS_READ)
+        self._words = memoryview(self._mm).cast("Q")
+
+    def read(self) -> int:
+        """The last beat, `time.monotonic_ns()` in the leader; 0 before any leader beat."""
+        return int(self._words[_HEARTBEAT])
+
+    def close(self) -> None:
+        self._words.release()
+        self._mm.close()
 
 
 class Subscriber:

@@ -129,6 +129,62 @@ def test_leader_killed_while_serving(upstream: FakeFlagsmith, start_proxy: Calla
     assert int(health.headers["x-edge-proxy-generation"]) > generation_before  # resumed, never backwards
 
 
+def test_hung_leader_is_replaced(upstream: FakeFlagsmith, start_proxy: Callable[..., ProxyProcess]) -> None:
+    """A SIGSTOPped leader is alive but silent: its heartbeat stops, the supervisor kills and replaces it."""
+    timeout = 2.0
+    config = proxy_config(upstream.api_url, api_poll_frequency_seconds=0.5, leader_heartbeat_timeout_seconds=timeout)
+    proxy = start_proxy(config, workers=1)
+    proxy.wait_ready()
+    leader = proxy.leader_pid()
+    assert leader is not None
+    failures: list[str] = []
+    served = 0
+    stop = threading.Event()
+
+    def client_loop() -> None:
+        nonlocal served
+        connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+        deadline = time.monotonic() + 40  # bounded even if the test fails
+        while not stop.is_set() and time.monotonic() < deadline:
+            try:
+                connection.request("GET", "/api/v1/flags/", headers=CLIENT)
+                response = connection.getresponse()
+                response.read()
+                if response.status != 200:
+                    failures.append(str(response.status))
+                served += 1
+            except (OSError, http.client.HTTPException) as exc:
+                failures.append(repr(exc))
+                connection.close()
+                connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+            time.sleep(0.005)
+        connection.close()
+
+    thread = threading.Thread(target=client_loop)
+    thread.start()
+    try:
+        time.sleep(0.3)
+        os.kill(leader, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        replaced = wait_for(lambda: proxy.leader_pid() not in (None, leader), 25, 0.05)
+        replaced_after = time.monotonic() - stopped_at
+        assert replaced, proxy.log()
+        assert not alive(leader)  # killed, not left stopped next to its successor
+        requests_before = upstream.count()
+        assert wait_for(lambda: upstream.count() >= requests_before + 2, 15), proxy.log()  # the new one polls
+    finally:
+        if alive(leader):
+            os.kill(leader, signal.SIGCONT)
+        stop.set()
+        thread.join(45)
+    print(f"\nhung leader replaced after {replaced_after:.2f}s; {served} requests served, {len(failures)} failed")
+    assert failures == [], failures[:5]
+    assert served > 20
+    assert timeout <= replaced_after < timeout + 10
+    assert "has not sent a heartbeat" in proxy.log()
+    assert proxy.get("/proxy/health").status_code == 200
+
+
 def test_worker_killed_is_respawned(upstream: FakeFlagsmith, start_proxy: Callable[..., ProxyProcess]) -> None:
     proxy = start_proxy(proxy_config(upstream.api_url), workers=2)
     proxy.wait_ready()

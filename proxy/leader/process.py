@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -18,6 +19,8 @@ from proxy.settings import Settings
 from proxy.shm import Publisher
 
 log = logging.getLogger("proxy.leader")
+
+HEARTBEAT_EVERY = 0.5  # seconds; the supervisor replaces a leader silent for leader_heartbeat_timeout_seconds
 
 
 def final_flush_seconds(settings: Settings) -> float:
@@ -38,6 +41,14 @@ async def _stop_when_orphaned(parent: int, stop: asyncio.Event) -> None:
         await asyncio.sleep(0.5)
 
 
+async def _beat(publisher: Publisher, stop: asyncio.Event) -> None:
+    # From the event loop itself: a blocked loop stops beating, which is what the supervisor must see.
+    while not stop.is_set():
+        publisher.beat()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=HEARTBEAT_EVERY)
+
+
 def run_leader(settings: Settings, area: str) -> None:
     # Ctrl-C reaches the whole process group: the main process shuts us down with SIGTERM instead,
     # otherwise the watchdog would see us die and restart us during shutdown.
@@ -56,18 +67,21 @@ async def _main(settings: Settings, area: Path) -> None:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     publisher = Publisher(area, settings.shared_memory_max_bytes)
+    publisher.beat()  # before resuming, which may take a while with many environments
     source = make_source(settings)
     discovery = Discovery(settings) if settings.proxy_key else None
     poller = Poller(settings, source, publisher, discovery)
     poller.resume()
     log.info("leader started, polling %d environment(s)", len(poller.environments))
     orphan_watch = asyncio.create_task(_stop_when_orphaned(os.getppid(), stop))
+    heartbeat = asyncio.create_task(_beat(publisher, stop))
     analytics = asyncio.create_task(AnalyticsForwarder(settings, area, poller.server_key_of).run(stop))
     usage = asyncio.create_task(UsageReporter(settings, area).run(stop)) if settings.proxy_key else None
     try:
         await poller.run(stop)
     finally:
         orphan_watch.cancel()
+        heartbeat.cancel()
         stop.set()
         # Last flushes (workers handed their counts over as they stopped), together, within one deadline
         # that the supervisor's kill timeout (`drain_seconds`) leaves room for.
