@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
 
-.PHONY: run test lint format bench wrk clean
+.PHONY: run test lint format bench wrk faults soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,14 @@ bench: $(VENV)/.installed-test
 wrk: $(VENV)/.installed-test
 	command -v wrk >/dev/null || (apt-get install -y wrk || sudo apt-get install -y wrk)
 	$(BIN)/python benchmarks/wrk_run.py
+
+## Steady load while the leader, a worker and upstream are hurt (~1.5 min); results in benchmarks/results/faults.md.
+faults: $(VENV)/.installed-test
+	$(BIN)/python -m benchmarks.faults
+
+## Five minutes of mixed traffic with a fault every 30 s; results in benchmarks/results/soak.md.
+soak: $(VENV)/.installed-test
+	$(BIN)/python -m benchmarks.faults --soak
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .benchmarks
