@@ -18,6 +18,7 @@ from flagsmith.mappers import map_context_and_identity_data_to_context, map_envi
 
 from benchmarks.documents import about_one_megabyte, base_document, with_overrides
 from proxy.environment import EnvironmentState, KeyKind
+from proxy.manifest import ManifestEntry
 from proxy.settings import Settings
 from proxy.shm import Area, Publisher, Subscriber
 from proxy.store import Store
@@ -96,7 +97,7 @@ def test_generation_check(benchmark: Any, area: Area) -> None:
 
 def test_publish_one_megabyte(benchmark: Any, area: Area) -> None:
     data = orjson.dumps(about_one_megabyte())
-    entries = {"a": {"server_keys": ["ser.a"], "name": "a", "last_success": 1.0, "last_error": None}}
+    entries = {"a": ManifestEntry(server_keys={"ser.a": None}, name="a", last_success=1.0)}
     with Publisher(area.path) as publisher:
         benchmark(lambda: publisher.publish({"a": data}, dict(entries)))
 

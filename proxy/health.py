@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 
+from proxy.manifest import ManifestEntry
 from proxy.settings import ReadinessMode, Settings, mask_key
 
 NOT_UPDATED = "environment document(s) not updated."
@@ -26,7 +27,7 @@ def _iso(epoch: float) -> str:
 def check_health(
     settings: Settings,
     client_keys: list[str],
-    status: Mapping[str, Mapping[str, Any]],
+    status: Mapping[str, ManifestEntry],
     build_errors: Mapping[str, str],
     now: float,
     waiting_for_discovery: bool = False,
@@ -37,9 +38,9 @@ def check_health(
     stale: list[str] = []
     successes: list[float] = []
     for client_key in client_keys:
-        entry = status.get(client_key) or {}
-        last = entry.get("last_success")
-        if last is None or not entry.get("file"):
+        entry = status.get(client_key)
+        last = entry.last_success if entry is not None else None
+        if last is None or entry is None or entry.location is None:
             not_loaded.append(client_key)
             continue
         successes.append(last)
@@ -84,9 +85,9 @@ def check_health(
     return (503 if failing else 200), orjson.dumps(body)
 
 
-def _describe(client_key: str, status: Mapping[str, Mapping[str, Any]], show_details: bool) -> dict[str, Any]:
-    entry = status.get(client_key) or {}
-    described = {"key": mask_key(client_key), "name": entry.get("name"), "error": entry.get("error_kind")}
+def _describe(client_key: str, status: Mapping[str, ManifestEntry], show_details: bool) -> dict[str, Any]:
+    entry = status.get(client_key) or ManifestEntry()
+    described = {"key": mask_key(client_key), "name": entry.name, "error": entry.error_kind}
     if show_details:  # the full text may name internal hosts: only when the operator asked for it
-        described["last_error"] = entry.get("last_error")
+        described["last_error"] = entry.last_error
     return described

@@ -12,13 +12,13 @@ import asyncio
 import logging
 import time
 from pathlib import Path
-from typing import Any
 
 from proxy import metrics
 from proxy.cache import ResponseCache
 from proxy.environment import EnvironmentState, KeyKind
 from proxy.errors import ServiceUnavailable, Unauthorized
 from proxy.handover import CountsBuffer
+from proxy.manifest import Manifest, ManifestEntry
 from proxy.settings import Settings, mask_key
 from proxy.shm import Subscriber
 
@@ -36,7 +36,7 @@ class Store:
         }
         self._index(self.static)
         self.states: dict[str, EnvironmentState] = {}
-        self.status: dict[str, dict[str, Any]] = {}  # the leader's per-environment status (manifest)
+        self.status: dict[str, ManifestEntry] = {}  # the leader's per-environment status
         self.build_errors: dict[str, str] = {}
         cache = settings.identity_cache
         self.cache = ResponseCache(cache.cache_max_size, cache.cache_max_bytes) if cache.use_cache else None
@@ -79,11 +79,11 @@ class Store:
         cache = self.cache
         metrics.flush(cache.hits if cache else 0, cache.misses if cache else 0)
 
-    def apply(self, manifest: dict[str, Any], built: dict[str, EnvironmentState]) -> None:
+    def apply(self, manifest: Manifest, built: dict[str, EnvironmentState]) -> None:
         """Swap in new states and status (on the event loop, no await: requests see old or new)."""
-        self.status = manifest["environments"]
-        self.discovered = (manifest.get("meta") or {}).get("discovered_at") is not None
-        served = {key: entry.get("server_keys") or {} for key, entry in self.status.items()}
+        self.status = manifest.environments
+        self.discovered = manifest.discovered_at is not None
+        served = {key: entry.server_keys for key, entry in self.status.items()}
         served.update(self.static)
         self._index(served)  # discovery may have added, removed or rotated keys
         gone = [key for key in self.states if key not in served]
@@ -92,7 +92,7 @@ class Store:
             if self.cache is not None:
                 for client_key in [*built, *gone]:
                     self.cache.drop_environment(client_key)
-        self.generation = manifest["generation"]
+        self.generation = manifest.generation
 
 
 def build_states(documents: dict[str, bytes], build_errors: dict[str, str]) -> dict[str, EnvironmentState]:

@@ -21,7 +21,6 @@ import random
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 import orjson
 
@@ -29,6 +28,7 @@ from proxy import metrics
 from proxy.environment import EnvironmentState, parse_updated_at
 from proxy.leader.discovery import Discovery
 from proxy.leader.sources import Fetched, FetchFailed, NotModified, Source
+from proxy.manifest import ManifestEntry
 from proxy.settings import Settings, mask_key
 from proxy.shm import AreaError, Publisher
 
@@ -59,15 +59,16 @@ class Environment:
         """The key used to fetch the document: the first one (discovered keys are sorted)."""
         return next(iter(self.server_keys))
 
-    def manifest_entry(self) -> dict[str, Any]:
-        return {
-            "server_keys": self.server_keys,
-            "name": self.name,
-            "updated_at": self.updated_at.isoformat() if self.updated_at else None,
-            "last_success": self.last_success,
-            "last_error": self.last_error,
-            "error_kind": self.error_kind,
-        }
+    def manifest_entry(self) -> ManifestEntry:
+        """Its status for the manifest; the publisher adds where the document is."""
+        return ManifestEntry(
+            server_keys=self.server_keys,
+            name=self.name,
+            updated_at=self.updated_at.isoformat() if self.updated_at else None,
+            last_success=self.last_success,
+            last_error=self.last_error,
+            error_kind=self.error_kind,
+        )
 
 
 class Poller:
@@ -96,17 +97,18 @@ class Poller:
         manifest = self.publisher.resume()
         if manifest is None:
             return
-        self.discovered_at = (manifest.get("meta") or {}).get("discovered_at")
-        for client_key, entry in manifest["environments"].items():
+        self.discovered_at = manifest.discovered_at
+        for client_key, entry in manifest.environments.items():
             env = self.environments.get(client_key)
-            server_keys = entry.get("server_keys") or {}
+            server_keys = entry.server_keys
             if env is None and self.discovery is not None and server_keys:
                 # a discovered environment: keep serving it until discovery says otherwise
                 env = self.environments[client_key] = Environment(client_key, server_keys, static=False)
             if env is None or env.server_key not in server_keys:
                 continue
-            env.last_success = entry.get("last_success")
-            env.last_error = entry.get("last_error")
+            env.last_success = entry.last_success
+            env.last_error = entry.last_error
+            env.error_kind = entry.error_kind
             data = self.publisher.read_document(entry)
             if data is None:
                 continue
@@ -292,7 +294,7 @@ class Poller:
         entries = {key: env.manifest_entry() for key, env in self.environments.items()}
         started = time.perf_counter()
         try:
-            generation = self.publisher.publish(changed, entries, {"discovered_at": self.discovered_at})
+            generation = self.publisher.publish(changed, entries, self.discovered_at)
         except AreaError as exc:
             metrics.PUBLICATION_ERRORS.inc()
             log.error("publication failed, workers keep the previous generation: %s", exc)
