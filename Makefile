@@ -22,15 +22,14 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 run: $(VENV)/.installed
 	$(BIN)/edge-proxy serve --demo --port $(PORT)
 
-## Lint, check formatting, run the whole test suite.
-test: $(VENV)/.installed-test
-	$(BIN)/ruff check proxy tests benchmarks
-	$(BIN)/ruff format --check proxy tests benchmarks
+## Lint (ruff, formatting, mypy --strict), run the whole test suite.
+test: lint
 	$(BIN)/pytest
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check proxy tests benchmarks
 	$(BIN)/ruff format --check proxy tests benchmarks
+	$(BIN)/mypy --strict proxy
 
 format: $(VENV)/.installed-test
 	$(BIN)/ruff format proxy tests benchmarks

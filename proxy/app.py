@@ -37,6 +37,7 @@ from proxy.errors import (
 from proxy.health import check_health
 from proxy.identity_request import parse_identity_body, parse_identity_query, query_param
 from proxy.ofrep import OfrepRoutes
+from proxy.raw_request import raw_path, raw_query
 from proxy.settings import Settings
 from proxy.store import Store
 
@@ -136,8 +137,8 @@ class ProxyApp:
     async def flags(self, request: Request) -> Response:
         kind, state = self.store.resolve(request.get_first_header(b"x-environment-key"))
         view = state.views[kind]
-        raw_query = request._raw_query
-        feature = query_param(raw_query, "feature") if raw_query else None
+        query = raw_query(request)
+        feature = query_param(query, "feature") if query else None
         if feature:
             body = view.single.get(feature)
             if body is None:
@@ -148,7 +149,7 @@ class ProxyApp:
     # -- identities ------------------------------------------------------------------------------
     async def identities_get(self, request: Request) -> Response:
         kind, state = self.store.resolve(request.get_first_header(b"x-environment-key"))
-        identifier = parse_identity_query(request._raw_query)
+        identifier = parse_identity_query(raw_query(request))
         return self._identity(request, kind, state, identifier, [], {})
 
     async def identities_post(self, request: Request) -> Response:
@@ -183,7 +184,8 @@ class ProxyApp:
                 cache.put(state.client_key, cache_key, body)
         elif gzip_wanted and body.gzip is None and len(body.plain) >= GZIP_MIN_BYTES:
             body = Body.of(body.plain)
-            cache.put(state.client_key, cache_key, body)
+            if cache is not None:  # always true here: the body came from it
+                cache.put(state.client_key, cache_key, body)
         return self._ok(request, body, state, "identities")
 
     def _ok(self, request: Request, body: Body, state: EnvironmentState, resource: str) -> Response:
@@ -215,6 +217,7 @@ class ProxyApp:
                 raise PayloadTooLarge(f"request body exceeds {self.max_body} bytes")
             return body
         chunks = bytearray()  # chunked: count as it arrives
+        assert request.content is not None  # hasattr(None, "stream") is False: handled above
         async for chunk in request.content.stream():
             if chunk:
                 chunks += chunk
@@ -281,7 +284,7 @@ class ProxyApp:
     async def fallback(self, request: Request) -> Response:
         if request.method == "OPTIONS" and request.get_first_header(b"access-control-request-method"):
             return self._preflight(request)
-        route = route_of(request._path)
+        route = route_of(raw_path(request))
         if route is None:
             return _json(404, NOT_FOUND_BODY)
         return Response(405, [(b"allow", route[1])], Content(JSON, METHOD_NOT_ALLOWED_BODY))
@@ -313,15 +316,17 @@ class ProxyApp:
                 response.add_header(b"connection", b"close")
         except MessageAborted:
             # The client went away mid-body: its mistake, not ours. Counted (as nginx's 499), never a traceback.
-            log.debug("client disconnected before sending the whole body: %s", request._path.decode(errors="replace"))
+            log.debug(
+                "client disconnected before sending the whole body: %s", raw_path(request).decode(errors="replace")
+            )
             response = _json(499, b'{"status":"client_closed_request","message":"client disconnected"}')
         except Exception:
-            log.exception("unexpected error serving %s %s", request.method, request._path.decode(errors="replace"))
+            log.exception("unexpected error serving %s %s", request.method, raw_path(request).decode(errors="replace"))
             response = _json(500, INTERNAL_ERROR_BODY)
         origin = request.get_first_header(b"origin")
         if origin is not None:
             self._add_cors(response, origin)
-        route = route_of(request._path)
+        route = route_of(raw_path(request))
         metrics.request_counts[(route[0] if route else "other", response.status)] += 1
         return response
 

@@ -119,8 +119,8 @@ def available_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
 def _cgroup_quota(cgroup: Path) -> float | None:
     """The CPU quota in CPUs (a container's `--cpus`, a pod's limit), or None when unlimited or unknown."""
     try:
-        quota, period = (cgroup / "cpu.max").read_text().split()[:2]  # v2: "max 100000" or "150000 100000"
-        return None if quota == "max" else int(quota) / int(period)
+        limit, every = (cgroup / "cpu.max").read_text().split()[:2]  # v2: "max 100000" or "150000 100000"
+        return None if limit == "max" else int(limit) / int(every)
     except (OSError, ValueError):
         pass
     try:

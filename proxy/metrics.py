@@ -79,7 +79,7 @@ def flush(cache_hits: int = 0, cache_misses: int = 0) -> None:
 def render() -> bytes:
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # untyped in prometheus-client
         return generate_latest(registry)
     return generate_latest()
 

@@ -224,7 +224,7 @@ class OfrepRoutes:
         self.usage: CountsBuffer | None = store.usage
 
     async def flag(self, request: Request) -> Response:
-        key = request.route_values.get("key", "")
+        key = request.route_values.get("key") or ""
         try:
             state, evaluation, identifier = await self._evaluate(request, False)
         except OfrepError as error:

@@ -11,6 +11,7 @@ import ipaddress
 import json
 import logging
 import os
+from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, ClassVar
@@ -254,9 +255,9 @@ def file_source_dir(api_url: str) -> Path:
     return Path(rest)
 
 
-def config_path(environ: dict[str, str] | None = None) -> Path:
-    environ = os.environ if environ is None else environ
-    return Path(environ.get("CONFIG_PATH", "config.json"))
+def config_path(environ: Mapping[str, str] | None = None) -> Path:
+    found = (os.environ if environ is None else environ).get("CONFIG_PATH")
+    return Path(found or "config.json")
 
 
 def read_config_file(path: Path) -> dict[str, Any]:

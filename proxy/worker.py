@@ -37,7 +37,10 @@ def encode_settings(settings: Settings) -> str:
 
 def decode_settings(value: str) -> Settings:
     # Written by our own main process into our children's environment; never from outside.
-    return pickle.loads(base64.b64decode(value))
+    settings = pickle.loads(base64.b64decode(value))
+    if not isinstance(settings, Settings):
+        raise TypeError(f"{SETTINGS_ENV} does not hold edge-proxy settings")
+    return settings
 
 
 def create_app() -> Application:
@@ -53,7 +56,7 @@ def create_worker_app(settings: Settings, area: Path) -> Application:
     store = Store(settings)
     app = build_app(settings, store)
 
-    @app.lifespan
+    @app.lifespan  # type: ignore[untyped-decorator]  # BlackSheep's lifespan decorator is untyped
     async def follow_publications() -> AsyncIterator[None]:
         subscriber = Subscriber(area)
         follower = Follower(store, subscriber)
