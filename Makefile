@@ -42,7 +42,7 @@ bench: $(VENV)/.installed-test
 ## HTTP throughput with wrk against real Granian processes (installs wrk with apt if missing).
 wrk: $(VENV)/.installed-test
 	command -v wrk >/dev/null || (apt-get install -y wrk || sudo apt-get install -y wrk)
-	$(BIN)/python benchmarks/wrk_run.py
+	$(BIN)/python -m benchmarks.wrk_run
 
 ## Steady load while the leader, a worker and upstream are hurt (~1.5 min); results in benchmarks/results/faults.md.
 faults: $(VENV)/.installed-test

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import EXAMPLES, ProxyProcess, conformance_documents, load_json, proxy_config, serving
+from tests.support import EXAMPLES, ProxyProcess, conformance_documents, load_json, proxy_config, serving
 
 CASES = sorted(p for p in EXAMPLES.glob("[0-9][0-9]_*.json"))
 FIXED = {"12", "13", "18", "44", "46", "47"}

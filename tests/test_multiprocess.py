@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import EDGE_PROXY, ProxyProcess, alive, conformance_documents, proxy_config, wait_for
 from tests.fake_upstream import FakeFlagsmith
+from tests.support import EDGE_PROXY, ProxyProcess, alive, conformance_documents, proxy_config, wait_for
 
 CLIENT = {"X-Environment-Key": "env_client_key_1"}
 

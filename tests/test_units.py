@@ -20,7 +20,7 @@ from proxy.manifest import Location, ManifestEntry
 from proxy.mapping import DocumentError, validate_document
 from proxy.settings import Settings
 from proxy.store import Store
-from tests.conftest import EXAMPLES
+from tests.support import EXAMPLES
 
 PAIRS = [
     {"server_side_key": "ser.one_server", "client_side_key": "one_client"},

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import EDGE_PROXY, ProxyProcess, free_port, proxy_config, wait_for
 from tests.fake_upstream import FakeFlagsmith
+from tests.support import EDGE_PROXY, ProxyProcess, free_port, proxy_config, wait_for
 
 ENV1 = {"X-Environment-Key": "env_client_key_1"}
 ENV2 = {"X-Environment-Key": "ser.env_server_key_2"}  # env2 hides disabled flags from client keys
