@@ -69,7 +69,7 @@ def create_worker_app(settings: Settings, area: Path) -> Application:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-            store.hand_over(area)  # what this worker counted since its last hand-over
+            store.counters.hand_over(area)  # what this worker counted since its last hand-over
             subscriber.close()
 
     return app

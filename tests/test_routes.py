@@ -196,7 +196,7 @@ def test_analytics_are_validated(proxy: InProcessProxy) -> None:
     bad = proxy.post(url, b'{"show_banner": "many"}', CLIENT)
     assert bad.status == 422 and bad.json()["detail"][0]["loc"] == ["body", "show_banner"]
     assert proxy.post(url, b"[1]", CLIENT).status == 422
-    assert proxy.store.analytics.counts["env_client_key_1"]["show_banner"] >= 2
+    assert proxy.store.counters.analytics.counts["env_client_key_1"]["show_banner"] >= 2
 
 
 def test_health_and_liveness(proxy: InProcessProxy) -> None:
