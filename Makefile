@@ -23,8 +23,12 @@ run: $(VENV)/.installed
 	$(BIN)/edge-proxy serve --demo --port $(PORT)
 
 ## Lint (ruff, formatting, mypy --strict), run the whole test suite.
+# Coverage includes the child processes (edge-proxy serve, leader, workers: `patch` in pyproject.toml).
+# Floor: 91% measured on the whole suite (2026-12), a little below it so timing-dependent paths do not flake it.
+COVERAGE_FLOOR ?= 88
+
 test: lint
-	$(BIN)/pytest
+	$(BIN)/pytest --cov --cov-report=term --cov-fail-under=$(COVERAGE_FLOOR)
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check proxy tests benchmarks

@@ -29,7 +29,8 @@ log = logging.getLogger("proxy.server")
 LEADER_BACKOFF_FIRST = 0.25
 LEADER_BACKOFF_MAX = 30.0
 LEADER_STABLE_AFTER = 30.0  # a leader that lived this long resets the backoff
-# A new leader's first beat may wait for `spawn` to import everything on busy CPUs: allowed this much more.
+# A new leader's first beat waits for `spawn` to import everything (slow on busy CPUs) and for it to resume
+# from the manifest: it is allowed this much more than leader_heartbeat_timeout_seconds.
 LEADER_FIRST_BEAT_GRACE = 20.0
 
 

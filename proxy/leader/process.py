@@ -67,7 +67,8 @@ async def _main(settings: Settings, area: Path) -> None:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     publisher = Publisher(area, settings.shared_memory_max_bytes)
-    publisher.beat()  # before resuming, which may take a while with many environments
+    # The first beat comes after resuming (many environments take a while): the supervisor allows a new leader
+    # leader_heartbeat_timeout_seconds + LEADER_FIRST_BEAT_GRACE for it.
     source = make_source(settings)
     discovery = Discovery(settings) if settings.proxy_key else None
     poller = Poller(settings, source, publisher, discovery)
