@@ -36,10 +36,12 @@ from proxy.identity_cache import IdentityResponses
 from proxy.identity_request import parse_identity_body, parse_identity_query, query_param
 from proxy.ofrep import OfrepRoutes
 from proxy.raw_request import raw_path, raw_query
+from proxy.realtime import StreamHub
 from proxy.request_body import BodyReader
 from proxy.responses import JSON, accepts_gzip, json_response, not_modified, send
 from proxy.settings import Settings
 from proxy.store import Store
+from proxy.webhook import WebhookReceiver
 
 log = logging.getLogger("proxy.app")
 
@@ -59,6 +61,8 @@ ROUTES: dict[str, tuple[str, dict[str, str]]] = {
     "/metrics": ("metrics", {"GET": "metrics"}),
     "/ofrep/v1/evaluate/flags/{key}": ("ofrep_flag", {"POST": "ofrep_flag"}),
     "/ofrep/v1/evaluate/flags": ("ofrep_flags", {"POST": "ofrep_flags"}),
+    "/sse/environments/{key}/stream": ("stream", {"GET": "stream"}),
+    "/proxy/webhooks/flagsmith": ("webhook", {"POST": "webhook"}),
 }
 
 
@@ -73,9 +77,9 @@ ROUTE_BY_PATH: dict[bytes, tuple[str, bytes]] = {
     if "{" not in path
     for spelling in (path.rstrip("/").encode(), path.rstrip("/").encode() + b"/")
 }
-# paths ending in one `{param}` segment: (prefix up to the parameter, metrics label, Allow header)
-ROUTE_BY_PREFIX: list[tuple[bytes, str, bytes]] = [
-    (path[: path.index("{")].encode(), label, _allowed(methods))
+# paths with one `{param}` segment: (prefix up to the parameter, what follows it, metrics label, Allow header)
+ROUTE_BY_PREFIX: list[tuple[bytes, bytes, str, bytes]] = [
+    (path[: path.index("{")].encode(), path[path.index("}") + 1 :].encode(), label, _allowed(methods))
     for path, (label, methods) in ROUTES.items()
     if "{" in path
 ]
@@ -85,9 +89,13 @@ def route_of(path: bytes) -> tuple[str, bytes] | None:
     """(metrics label, Allow header) of the route `path` belongs to, whatever method it was sent with."""
     route = ROUTE_BY_PATH.get(path)
     if route is None:
-        for prefix, label, allow in ROUTE_BY_PREFIX:
+        for prefix, suffix, label, allow in ROUTE_BY_PREFIX:
             if path.startswith(prefix):
                 param = path[len(prefix) :].removesuffix(b"/")
+                if suffix:
+                    if not param.endswith(suffix):
+                        continue
+                    param = param[: -len(suffix)]
                 if param and b"/" not in param:
                     return label, allow
     return route
@@ -105,6 +113,8 @@ class ProxyApp:
         self.pid = str(os.getpid()).encode()
         self.usage = store.counters.usage
         self.ofrep = OfrepRoutes(store, self.body_reader.read)
+        self.realtime = StreamHub(settings.realtime, store)
+        self.webhooks = WebhookReceiver(settings.webhook, lambda: store.area)
 
     # -- flags -----------------------------------------------------------------------------------
     async def flags(self, request: Request) -> Response:
@@ -187,6 +197,15 @@ class ProxyApp:
     async def ofrep_flags(self, request: Request) -> Response:
         return await self.ofrep.flags(request)
 
+    # -- real-time stream and webhook refresh (proxy/realtime.py, proxy/webhook.py) ------------------
+    async def stream(self, request: Request) -> Response:
+        if not self.settings.realtime.enabled:
+            raise NotFound("real-time streams are off (realtime.enabled)")
+        return await self.realtime.handle(request)
+
+    async def webhook(self, request: Request) -> Response:
+        return await self.webhooks.handle(request, self.body_reader.read)
+
     # -- health and metrics ----------------------------------------------------------------------
     async def health(self, request: Request) -> Response:
         store = self.store
@@ -267,4 +286,5 @@ def build_app(settings: Settings, store: Store) -> Application:
     router.fallback = _plain(routes.fallback)
     app = Application(router=router, show_error_details=False)
     app.middlewares.append(routes.middleware)
+    store.stop_streams = routes.realtime.close_all
     return app

@@ -52,6 +52,26 @@ ENVIRONMENT_LAST_SUCCESS = Gauge(
     ["environment"],
     multiprocess_mode="max",  # set by the leader only; a restarted leader continues upwards
 )
+STREAMS_CONNECTED = Gauge(
+    "edge_proxy_streams_connected",
+    "Open real-time (server-sent events) streams, summed over live workers",
+    multiprocess_mode="livesum",
+)
+STREAM_EVENTS = Counter("edge_proxy_stream_events", "Events sent on real-time streams (one per stream per change)")
+STREAMS_REJECTED = Counter(
+    "edge_proxy_streams_rejected", "Streams refused because a worker held realtime.max_streams_per_worker"
+)
+WEBHOOKS = Counter(
+    "edge_proxy_webhooks",
+    "Flagsmith webhooks received, by outcome (accepted, unsigned, bad_signature, malformed, replayed)",
+    ["outcome"],
+)
+REFRESH_REQUESTS = Counter(
+    "edge_proxy_refresh_requests", "On-demand refreshes asked of the leader, by trigger", ["trigger"]
+)
+UPSTREAM_STREAM_EVENTS = Counter(
+    "edge_proxy_upstream_stream_events", "Newer documents announced by the upstream proxy's stream"
+)
 
 # Per-worker counts, flushed in the background: (route, status) → count. A client that disconnects
 # mid-request is counted with nginx's 499.

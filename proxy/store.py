@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 from proxy import metrics
 from proxy.cache import ResponseCache
@@ -46,6 +48,10 @@ class Store:
         self.generation = 0
         self.discovered = False  # with a proxy_key: has the leader synced the proxy config yet?
         self.counters = WorkerCounters(self.cache, usage=bool(settings.proxy_key))
+        # called after a swap with (rebuilt states, removed client keys): the real-time streams
+        self.listeners: list[Callable[[dict[str, EnvironmentState], list[str]], None]] = []
+        self.area: Path | None = None  # the shared-memory area, once the worker follows it (webhook hand-over)
+        self.stop_streams: Callable[[], None] = lambda: None  # set by build_app: ends the streams at shutdown
 
     def resolve(self, key: bytes | None) -> tuple[KeyKind, EnvironmentState]:
         """The state a key's request is served from: 401 for an unknown key, 503 before its first document."""
@@ -68,6 +74,8 @@ class Store:
             if self.cache is not None:
                 for client_key in [*built, *gone]:
                     self.cache.drop_environment(client_key)
+            for listener in self.listeners:
+                listener(built, gone)
         self.generation = manifest.generation
 
 

@@ -21,6 +21,7 @@ from blacksheep import Application
 
 from proxy.app import build_app
 from proxy.logs import configure_logging
+from proxy.realtime import end_streams_on_shutdown_signal
 from proxy.settings import Settings
 from proxy.shm import Subscriber
 from proxy.store import Follower, Store
@@ -55,17 +56,20 @@ def create_app() -> Application:
 def create_worker_app(settings: Settings, area: Path) -> Application:
     store = Store(settings)
     app = build_app(settings, store)
+    end_streams_on_shutdown_signal(store.stop_streams)
 
     @app.lifespan  # type: ignore[untyped-decorator]  # BlackSheep's lifespan decorator is untyped
     async def follow_publications() -> AsyncIterator[None]:
         subscriber = Subscriber(area)
         follower = Follower(store, subscriber)
         follower.load_now()
+        store.area = area
         task = asyncio.create_task(follower.run())
         log.debug("worker %d following %s at generation %d", os.getpid(), area, store.generation)
         try:
             yield
         finally:
+            store.stop_streams()
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task

@@ -91,6 +91,10 @@ class Poller:
         self._environments_changed = asyncio.Event()
         self._publish_wanted = asyncio.Event()
         self._publish_soon = asyncio.Event()
+        # on-demand refreshes (webhooks, an upstream proxy's stream): client key → wake-up, requested due time
+        self._wakes: dict[str, asyncio.Event] = {}
+        self._requested: dict[str, float] = {}
+        self._last_requested: dict[str, float] = {}
 
     def resume(self) -> None:
         """Take over what a previous leader published, so nothing is refetched that can be reused."""
@@ -148,9 +152,9 @@ class Poller:
         while not stop.is_set():
             delay = env.next_due - time.monotonic()
             if delay > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=delay)
+                await self._sleep(env, stop, delay)
                 continue
+            self._requested.pop(env.client_key, None)  # this fetch answers every request made so far
             try:
                 await self._refresh(env)
             except asyncio.CancelledError:
@@ -158,7 +162,39 @@ class Poller:
             except Exception:  # never let one environment's loop die
                 log.exception("environment %s: refresh failed unexpectedly", mask_key(env.client_key))
                 env.next_due = time.monotonic() + self.interval
+            requested = self._requested.get(env.client_key)
+            if requested is not None:  # asked for while the fetch was under way: it may predate the change
+                env.next_due = min(env.next_due, requested)
             self._want_publish(soon=env.dirty)
+
+    async def _sleep(self, env: Environment, stop: asyncio.Event, delay: float) -> None:
+        """Until `delay` passes, `stop` is set, or `refresh_now` wakes this environment."""
+        wake = self._wakes.setdefault(env.client_key, asyncio.Event())
+        waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(wake.wait())]
+        try:
+            await asyncio.wait(waiters, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+        wake.clear()
+
+    def refresh_now(self, client_key: str, min_interval: float, trigger: str) -> bool:
+        """Fetch `client_key` as soon as its rate limit allows (at most one requested fetch per
+        `min_interval`; requests in between are coalesced). False for an environment we do not poll."""
+        env = self.environments.get(client_key)
+        if env is None:
+            return False
+        now = time.monotonic()
+        due = max(now, self._last_requested.get(client_key, -min_interval) + min_interval)
+        metrics.REFRESH_REQUESTS.labels(trigger=trigger).inc()
+        if client_key in self._requested and self._requested[client_key] <= due:
+            return True  # already asked for: coalesced
+        self._last_requested[client_key] = due
+        self._requested[client_key] = due
+        if due < env.next_due:
+            env.next_due = due
+            self._wakes.setdefault(client_key, asyncio.Event()).set()
+        return True
 
     async def _discovery_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():

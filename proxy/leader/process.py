@@ -12,6 +12,7 @@ from pathlib import Path
 from proxy.leader.analytics import AnalyticsForwarder
 from proxy.leader.discovery import Discovery
 from proxy.leader.poller import Poller
+from proxy.leader.refresh import UpstreamStreams, WebhookRefreshes
 from proxy.leader.sources import make_source
 from proxy.leader.usage import UsageReporter
 from proxy.logs import configure_logging
@@ -78,12 +79,20 @@ async def _main(settings: Settings, area: Path) -> None:
     heartbeat = asyncio.create_task(_beat(publisher, stop))
     analytics = asyncio.create_task(AnalyticsForwarder(settings, area, poller.server_key_of).run(stop))
     usage = asyncio.create_task(UsageReporter(settings, area).run(stop)) if settings.proxy_key else None
+    on_demand = []  # refreshes triggered by webhooks and by an upstream proxy's stream
+    if settings.webhook.secret:
+        on_demand.append(asyncio.create_task(WebhookRefreshes(settings, area, poller).run(stop)))
+    if settings.upstream_stream_url:
+        on_demand.append(asyncio.create_task(UpstreamStreams(settings, poller).run(stop)))
     try:
         await poller.run(stop)
     finally:
         orphan_watch.cancel()
         heartbeat.cancel()
         stop.set()
+        for task in on_demand:
+            task.cancel()
+        await asyncio.gather(*on_demand, return_exceptions=True)
         # Last flushes (workers handed their counts over as they stopped), together, within one deadline
         # that the supervisor's kill timeout (`drain_seconds`) leaves room for.
         flushes = [task for task in (analytics, usage) if task is not None]
