@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
 
-.PHONY: run test lint format bench wrk faults soak clean
+.PHONY: run test tools lint format bench wrk faults soak lock clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +27,15 @@ run: $(VENV)/.installed
 # Floor: 91% measured on the whole suite (2026-12), a little below it so timing-dependent paths do not flake it.
 COVERAGE_FLOOR ?= 88
 
-test: lint
+test: lint tools
 	$(BIN)/pytest --cov --cov-report=term --cov-fail-under=$(COVERAGE_FLOOR)
+
+## What the tests need besides Python packages: promtool (Debian's prometheus package); for the image test
+## unshare and setpriv, and a Python 3.11 outside /root that a non-root user can run.
+tools:
+	command -v promtool >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
+	command -v unshare >/dev/null && command -v setpriv >/dev/null || { apt-get update -qq && apt-get install -y -qq util-linux; }
+	test -x /usr/bin/python3.11 || test -x /usr/local/bin/python3.11 || { apt-get update -qq && apt-get install -y -qq python3.11-venv; }
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check proxy tests benchmarks
@@ -55,6 +62,14 @@ faults: $(VENV)/.installed-test
 ## Five minutes of mixed traffic with a fault every 30 s; results in benchmarks/results/soak.md.
 soak: $(VENV)/.installed-test
 	$(BIN)/python -m benchmarks.faults --soak
+
+## Re-lock the runtime and build dependencies (exact versions with hashes) after changing pyproject.toml.
+lock: $(BIN)/python
+	$(BIN)/pip install --quiet pip-tools
+	$(BIN)/pip-compile --quiet --generate-hashes --strip-extras --no-emit-index-url --no-emit-find-links \
+		--output-file requirements.lock pyproject.toml
+	$(BIN)/pip-compile --quiet --generate-hashes --strip-extras --no-emit-index-url --no-emit-find-links \
+		--allow-unsafe --only-build-deps --build-deps-for wheel --output-file requirements-build.lock pyproject.toml
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .benchmarks

@@ -47,8 +47,8 @@ log = logging.getLogger("proxy.app")
 
 Handler = Callable[[Request], Awaitable[Response]]
 
-# path → (metrics label, {method: ProxyApp handler}). Every GET route also answers HEAD, and every route
-# answers with or without its trailing slash.
+# path → (short name, {method: ProxyApp handler}); metrics label a route by its path, as Flagsmith's API does.
+# Every GET route also answers HEAD, and every route answers with or without its trailing slash.
 ROUTES: dict[str, tuple[str, dict[str, str]]] = {
     "/api/v1/flags/": ("flags", {"GET": "flags"}),
     "/api/v1/identities/": ("identities", {"GET": "identities_get", "POST": "identities_post"}),
@@ -70,26 +70,26 @@ def _allowed(methods: dict[str, str]) -> bytes:
     return ", ".join(sorted({*methods, *(["HEAD"] if "GET" in methods else [])})).encode()
 
 
-# raw path (both spellings) → (metrics label, the Allow header for a 405)
+# raw path (both spellings) → (the route as Flagsmith's API labels metrics: its template, the Allow header)
 ROUTE_BY_PATH: dict[bytes, tuple[str, bytes]] = {
-    spelling: (label, _allowed(methods))
-    for path, (label, methods) in ROUTES.items()
+    spelling: (path, _allowed(methods))
+    for path, (_, methods) in ROUTES.items()
     if "{" not in path
     for spelling in (path.rstrip("/").encode(), path.rstrip("/").encode() + b"/")
 }
-# paths with one `{param}` segment: (prefix up to the parameter, what follows it, metrics label, Allow header)
+# paths with one `{param}` segment: (prefix up to the parameter, what follows it, route template, Allow header)
 ROUTE_BY_PREFIX: list[tuple[bytes, bytes, str, bytes]] = [
-    (path[: path.index("{")].encode(), path[path.index("}") + 1 :].encode(), label, _allowed(methods))
-    for path, (label, methods) in ROUTES.items()
+    (path[: path.index("{")].encode(), path[path.index("}") + 1 :].encode(), path, _allowed(methods))
+    for path, (_, methods) in ROUTES.items()
     if "{" in path
 ]
 
 
 def route_of(path: bytes) -> tuple[str, bytes] | None:
-    """(metrics label, Allow header) of the route `path` belongs to, whatever method it was sent with."""
+    """(route template, Allow header) of the route `path` belongs to, whatever method it was sent with."""
     route = ROUTE_BY_PATH.get(path)
     if route is None:
-        for prefix, suffix, label, allow in ROUTE_BY_PREFIX:
+        for prefix, suffix, template, allow in ROUTE_BY_PREFIX:
             if path.startswith(prefix):
                 param = path[len(prefix) :].removesuffix(b"/")
                 if suffix:
@@ -97,7 +97,7 @@ def route_of(path: bytes) -> tuple[str, bytes] | None:
                         continue
                     param = param[: -len(suffix)]
                 if param and b"/" not in param:
-                    return label, allow
+                    return template, allow
     return route
 
 
@@ -223,7 +223,7 @@ class ProxyApp:
         return Response(200, None, None)
 
     async def metrics(self, request: Request) -> Response:
-        self.store.counters.flush_metrics()
+        self.store.counters.flush_metrics(self.store.generation)
         return Response(200, None, Content(metrics.CONTENT_TYPE.encode(), metrics.render()))
 
     # -- 404 / 405 / preflight -------------------------------------------------------------------
@@ -237,6 +237,7 @@ class ProxyApp:
 
     # -- the one place errors become responses ---------------------------------------------------
     async def middleware(self, request: Request, handler: Handler) -> Response:
+        started = time.perf_counter()
         try:
             response = await handler(request)
         except ProxyError as error:
@@ -256,7 +257,9 @@ class ProxyApp:
         if origin is not None:
             self.cors.add_headers(response, origin)
         route = route_of(raw_path(request))
-        metrics.request_counts[(route[0] if route else "other", response.status)] += 1
+        metrics.observe(
+            route[0] if route else "unmatched", request.method, response.status, time.perf_counter() - started
+        )
         return response
 
 

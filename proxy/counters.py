@@ -20,9 +20,16 @@ class WorkerCounters:
         self.analytics = CountsBuffer(ANALYTICS_FOLDER)
         self.usage = CountsBuffer(USAGE_FOLDER) if usage else None
 
-    def flush_metrics(self) -> None:
+    def flush_metrics(self, generation: int) -> None:
+        """Into the multiprocess metrics: counts since the last flush, and this worker's gauges."""
         cache = self.cache
         metrics.flush(cache.hits if cache else 0, cache.misses if cache else 0)
+        metrics.flush_worker(
+            generation,
+            len(cache) if cache else 0,
+            cache.size_bytes if cache else 0,
+            cache.evictions if cache else 0,
+        )
 
     def hand_over(self, area: Path) -> None:
         """Give the leader this worker's analytics and usage counts."""
@@ -30,6 +37,6 @@ class WorkerCounters:
         if self.usage is not None:
             self.usage.hand_over(area)
 
-    def flush(self, area: Path) -> None:
-        self.flush_metrics()
+    def flush(self, area: Path, generation: int) -> None:
+        self.flush_metrics(generation)
         self.hand_over(area)

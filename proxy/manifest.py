@@ -5,7 +5,8 @@ publisher fills in where each document is (`file`, `length`, `crc32`), workers (
 (`health.py`) read them. The JSON form is what every earlier leader wrote:
 
     {"generation": 7,
-     "environments": {"<client key>": {"server_keys": {"ser.x": null}, "name": "...", "updated_at": "...",
+     "environments": {"<client key>": {"server_keys": {"ser.x": null}, "name": "...", "environment_id": 1,
+                                       "updated_at": "...",
                                        "last_success": 1.7e9, "last_error": null, "error_kind": null,
                                        "file": "env-<hash>-7.json", "length": 123, "crc32": 456}},
      "meta": {"discovered_at": 1.7e9}}
@@ -35,6 +36,10 @@ def _int(value: object) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
+def _int_or_none(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def _server_keys(value: object) -> dict[str, float | None]:
     if isinstance(value, Mapping):
         return {str(key): _float(expiry) for key, expiry in value.items()}
@@ -58,6 +63,7 @@ class ManifestEntry:
 
     server_keys: dict[str, float | None] = field(default_factory=dict)  # server key → expiry (epoch) or None
     name: str | None = None
+    environment_id: int | None = None  # the document's `id`: with `name`, how metrics label the environment
     updated_at: str | None = None  # the document's `updated_at`, ISO 8601
     last_success: float | None = None  # wall-clock seconds of the leader's last good answer (200 or 304)
     last_error: str | None = None
@@ -72,6 +78,7 @@ class ManifestEntry:
         data: dict[str, Any] = {
             "server_keys": self.server_keys,
             "name": self.name,
+            "environment_id": self.environment_id,
             "updated_at": self.updated_at,
             "last_success": self.last_success,
             "last_error": self.last_error,
@@ -87,6 +94,7 @@ class ManifestEntry:
         return cls(
             server_keys=_server_keys(data.get("server_keys")),
             name=_str(data.get("name")),
+            environment_id=_int_or_none(data.get("environment_id")),
             updated_at=_str(data.get("updated_at")),
             last_success=_float(data.get("last_success")),
             last_error=_str(data.get("last_error")),

@@ -128,7 +128,7 @@ class Follower:
                         self.store.apply(manifest, built)
                 now = time.monotonic()
                 if now - flushed_at >= 1.0:
-                    self.store.counters.flush(self.subscriber.path)
+                    self.store.counters.flush(self.subscriber.path, self.store.generation)
                     flushed_at = now
             except asyncio.CancelledError:
                 raise

@@ -19,8 +19,11 @@ from pathlib import Path
 
 from blacksheep import Application
 
+from proxy import metrics
 from proxy.app import build_app
+from proxy.environment_metrics import EnvironmentCollector
 from proxy.logs import configure_logging
+from proxy.processes import WORKER, register
 from proxy.realtime import end_streams_on_shutdown_signal
 from proxy.settings import Settings
 from proxy.shm import Subscriber
@@ -56,10 +59,12 @@ def create_app() -> Application:
 def create_worker_app(settings: Settings, area: Path) -> Application:
     store = Store(settings)
     app = build_app(settings, store)
+    metrics.scrape_collectors[:] = [EnvironmentCollector(store)]  # one worker, one store
     end_streams_on_shutdown_signal(store.stop_streams)
 
     @app.lifespan  # type: ignore[untyped-decorator]  # BlackSheep's lifespan decorator is untyped
     async def follow_publications() -> AsyncIterator[None]:
+        register(area, WORKER)
         subscriber = Subscriber(area)
         follower = Follower(store, subscriber)
         follower.load_now()

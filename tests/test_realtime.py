@@ -41,7 +41,8 @@ def metric(proxy: ProxyProcess, line_start: str) -> float:
 
 
 def requests_of(proxy: ProxyProcess, route: str) -> float:
-    return metric(proxy, f'edge_proxy_http_requests_total{{route="{route}",status="200"}}')
+    """GET requests answered 200 on `route` (its template, as Flagsmith's API labels routes)."""
+    return metric(proxy, f'flagsmith_http_server_requests_total{{method="GET",response_status="200",route="{route}"}}')
 
 
 class EventReader:
@@ -287,7 +288,7 @@ def test_python_sdk_realtime_sees_a_toggle_with_one_document_fetch(proxy: ProxyP
     try:
         assert wait_for(lambda: metric(proxy, "edge_proxy_streams_connected") >= 1, 10)
         time.sleep(1.5)  # the stream's first event (the state the SDK holds) must not make it refetch
-        fetches = requests_of(proxy, "environment_document")
+        fetches = requests_of(proxy, "/api/v1/environment-document/")
         before = client.get_environment_flags().is_feature_enabled(FEATURE)
         enabled = upstream.toggle(SERVER_1, FEATURE)
         assert enabled is not before
@@ -296,7 +297,7 @@ def test_python_sdk_realtime_sees_a_toggle_with_one_document_fetch(proxy: ProxyP
         took = time.monotonic() - toggled
         assert seen and took < 1 + 1, f"the SDK saw the change after {took:.2f} s"
         time.sleep(1.5)  # further unchanged polls: no further fetches
-        assert requests_of(proxy, "environment_document") - fetches == 1
+        assert requests_of(proxy, "/api/v1/environment-document/") - fetches == 1
         print(f"Python SDK: change seen {took:.3f} s after the upstream toggle (poll 1 s)")
     finally:
         client.__del__()
@@ -347,7 +348,7 @@ def test_js_client_realtime_sees_a_toggle_with_one_flags_fetch(proxy: ProxyProce
         first = changes.get(timeout=30)
         assert wait_for(lambda: metric(proxy, "edge_proxy_streams_connected") > streams, 10)
         time.sleep(1.5)
-        fetches = requests_of(proxy, "flags")
+        fetches = requests_of(proxy, "/api/v1/flags/")
         enabled = upstream.toggle(SERVER_1, FEATURE)
         assert enabled is not first["enabled"]
         toggled = time.time()
@@ -356,7 +357,7 @@ def test_js_client_realtime_sees_a_toggle_with_one_flags_fetch(proxy: ProxyProce
         assert change["enabled"] is enabled
         assert took < 1 + 1, f"the JS client saw the change after {took:.2f} s"
         time.sleep(1.5)
-        assert requests_of(proxy, "flags") - fetches == 1
+        assert requests_of(proxy, "/api/v1/flags/") - fetches == 1
         print(f"JS client: change seen {took:.3f} s after the upstream toggle (poll 1 s)")
     finally:
         node.kill()
@@ -490,11 +491,12 @@ def test_stream_paths_and_routes() -> None:
     assert (
         route_of(b"/sse/environments/abc/stream")
         == route_of(b"/sse/environments/abc/stream/")
-        == ("stream", b"GET, HEAD")
+        == ("/sse/environments/{key}/stream", b"GET, HEAD")
     )
     assert route_of(b"/sse/environments/a/b/stream") is None
-    assert route_of(b"/proxy/webhooks/flagsmith/") == ("webhook", b"POST")
-    assert route_of(b"/ofrep/v1/evaluate/flags/f") == ("ofrep_flag", b"POST")  # the other `{param}` route
+    assert route_of(b"/proxy/webhooks/flagsmith/") == ("/proxy/webhooks/flagsmith", b"POST")
+    # the other `{param}` route
+    assert route_of(b"/ofrep/v1/evaluate/flags/f") == ("/ofrep/v1/evaluate/flags/{key}", b"POST")
 
 
 def test_webhook_environment_ids_from_every_payload_shape() -> None:

@@ -8,6 +8,7 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -224,13 +225,19 @@ OLD_MANIFEST = {
 }
 
 
+def as_written_now(old: dict[str, Any], generation: int) -> dict[str, Any]:
+    """An earlier manifest as this version writes it: the fields added since (`environment_id`) as null."""
+    environments = {key: {**entry, "environment_id": None} for key, entry in old["environments"].items()}
+    return {**old, "generation": generation, "environments": environments}
+
+
 def test_the_manifest_json_form_is_what_earlier_leaders_wrote() -> None:
     manifest = Manifest.from_json(OLD_MANIFEST)
     a, b = manifest.environments["client_a"], manifest.environments["client_b"]
     assert a.location == Location("env-0123456789abcdef-41.json", 2, 2745614147)
     assert a.server_keys == {"ser.a": None, "ser.a2": 1900000000.0}
     assert (b.location, b.error_kind, manifest.discovered_at) == (None, "http_status", 1714557500.0)
-    assert manifest.to_json() == OLD_MANIFEST  # and back, field for field
+    assert manifest.to_json() == as_written_now(OLD_MANIFEST, 41)  # and back, field for field
     # fields a later version adds are ignored; missing ones take their defaults
     newer = Manifest.from_json({"generation": 3, "environments": {"c": {"file": "f", "future": 1}}, "x": 2})
     assert newer.environments["c"] == ManifestEntry(location=Location("f", 0, 0))
@@ -247,4 +254,4 @@ def test_a_leader_resumes_from_an_earlier_leaders_manifest(area: Area) -> None:
         assert publisher.read_document(manifest.environments["client_b"]) is None
         assert publisher.publish({}, manifest.environments, manifest.discovered_at) == 42
     republished = orjson.loads((area.path / "manifest.json").read_bytes())
-    assert republished == {**OLD_MANIFEST, "generation": 42}  # the document kept, nothing rewritten
+    assert republished == as_written_now(OLD_MANIFEST, 42)  # the document kept, nothing rewritten

@@ -47,6 +47,7 @@ class Environment:
     document: bytes | None = None
     updated_at: datetime | None = None
     name: str | None = None
+    environment_id: int | None = None  # the document's `id`: with `name`, how metrics label the environment
     last_success: float | None = None  # wall-clock seconds of the last good answer (200 or 304)
     last_error: str | None = None
     error_kind: str | None = None  # a short category of last_error, safe to show without details
@@ -64,6 +65,7 @@ class Environment:
         return ManifestEntry(
             server_keys=self.server_keys,
             name=self.name,
+            environment_id=self.environment_id,
             updated_at=self.updated_at.isoformat() if self.updated_at else None,
             last_success=self.last_success,
             last_error=self.last_error,
@@ -120,6 +122,7 @@ class Poller:
             env.document = data
             env.updated_at = parse_updated_at(document.get("updated_at"))
             env.name = document.get("name")
+            env.environment_id = document.get("id")
         log.info("resumed at generation %d", self.publisher.generation)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -268,6 +271,7 @@ class Poller:
 
     async def _refresh(self, env: Environment) -> None:
         async with self._limit:
+            started = time.perf_counter()
             try:
                 async with asyncio.timeout(self.deadline):
                     result = await self.source.fetch(env.server_key, env.updated_at if env.document else None)
@@ -280,6 +284,7 @@ class Poller:
             except Exception as exc:  # a bug in a source must not kill the loop
                 log.exception("fetching %s failed unexpectedly", mask_key(env.server_key))
                 result = FetchFailed(f"unexpected error: {type(exc).__name__}", "unexpected")
+            metrics.UPSTREAM_FETCH_SECONDS.observe(time.perf_counter() - started)
         now = time.monotonic()
         if isinstance(result, FetchFailed):
             env.failures += 1
@@ -288,6 +293,7 @@ class Poller:
             backoff = min(self.interval, BACKOFF_FIRST * 2 ** (env.failures - 1))
             env.next_due = now + backoff * random.uniform(0.8, 1.2)
             metrics.UPSTREAM_FETCHES.labels(outcome="error").inc()
+            metrics.UPSTREAM_FETCH_ERRORS.labels(reason=result.kind).inc()
             log.warning(
                 "environment %s: %s (keeping the last good document; retry in %.1fs)",
                 mask_key(env.client_key),
@@ -300,7 +306,6 @@ class Poller:
         env.failures = 0
         env.last_error = env.error_kind = None
         env.last_success = time.time()
-        metrics.ENVIRONMENT_LAST_SUCCESS.labels(environment=mask_key(env.client_key)).set(env.last_success)
         env.next_due = now + self.interval
         if isinstance(result, NotModified):
             metrics.UPSTREAM_FETCHES.labels(outcome="not_modified").inc()
@@ -312,6 +317,7 @@ class Poller:
             env.dirty = True
             env.updated_at = parse_updated_at(result.document.get("updated_at"))
             env.name = result.document.get("name")
+            env.environment_id = result.document.get("id")
             log.info("environment %s: new document (%d bytes)", mask_key(env.client_key), len(data))
 
     async def _check_builds(self, env: Environment, result: Fetched) -> Fetched | FetchFailed:
@@ -336,6 +342,7 @@ class Poller:
             log.error("publication failed, workers keep the previous generation: %s", exc)
             return False
         metrics.PUBLICATION_SECONDS.observe(time.perf_counter() - started)
+        metrics.PUBLISHED_GENERATION.set(generation)
         for key in changed:
             self.environments[key].dirty = False
         if changed:

@@ -9,6 +9,7 @@ import os
 import signal
 from pathlib import Path
 
+from proxy import metrics
 from proxy.leader.analytics import AnalyticsForwarder
 from proxy.leader.discovery import Discovery
 from proxy.leader.poller import Poller
@@ -16,12 +17,14 @@ from proxy.leader.refresh import UpstreamStreams, WebhookRefreshes
 from proxy.leader.sources import make_source
 from proxy.leader.usage import UsageReporter
 from proxy.logs import configure_logging
+from proxy.processes import LEADER, WORKER, reap, register
 from proxy.settings import Settings
 from proxy.shm import Publisher
 
 log = logging.getLogger("proxy.leader")
 
 HEARTBEAT_EVERY = 0.5  # seconds; the supervisor replaces a leader silent for leader_heartbeat_timeout_seconds
+REAP_INTERVAL = 1.0  # seconds between checks for dead workers (their live gauges go, a restart is counted)
 
 
 def final_flush_seconds(settings: Settings) -> float:
@@ -50,6 +53,18 @@ async def _beat(publisher: Publisher, stop: asyncio.Event) -> None:
             await asyncio.wait_for(stop.wait(), timeout=HEARTBEAT_EVERY)
 
 
+async def _reap_dead_processes(area: Path, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        try:
+            for role in reap(area, area / "metrics"):
+                if role == WORKER:
+                    metrics.WORKER_RESTARTS.inc()
+        except Exception:  # tidying metrics must never stop the leader
+            log.exception("checking for dead processes failed")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=REAP_INTERVAL)
+
+
 def run_leader(settings: Settings, area: str) -> None:
     # Ctrl-C reaches the whole process group: the main process shuts us down with SIGTERM instead,
     # otherwise the watchdog would see us die and restart us during shutdown.
@@ -74,9 +89,11 @@ async def _main(settings: Settings, area: Path) -> None:
     discovery = Discovery(settings) if settings.proxy_key else None
     poller = Poller(settings, source, publisher, discovery)
     poller.resume()
+    register(area, LEADER)
     log.info("leader started, polling %d environment(s)", len(poller.environments))
     orphan_watch = asyncio.create_task(_stop_when_orphaned(os.getppid(), stop))
     heartbeat = asyncio.create_task(_beat(publisher, stop))
+    reaper = asyncio.create_task(_reap_dead_processes(area, stop))
     analytics = asyncio.create_task(AnalyticsForwarder(settings, area, poller.server_key_of).run(stop))
     usage = asyncio.create_task(UsageReporter(settings, area).run(stop)) if settings.proxy_key else None
     on_demand = []  # refreshes triggered by webhooks and by an upstream proxy's stream
@@ -89,6 +106,7 @@ async def _main(settings: Settings, area: Path) -> None:
     finally:
         orphan_watch.cancel()
         heartbeat.cancel()
+        reaper.cancel()
         stop.set()
         for task in on_demand:
             task.cancel()
