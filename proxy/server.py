@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from proxy.granian_config import GranianOptions
 from proxy.leader.process import drain_seconds, run_leader
 from proxy.logs import logging_config
 from proxy.settings import Settings
@@ -148,58 +149,58 @@ class LeaderSupervisor:
         log.info("leader stopped (restarted %d time(s))", self.restarts)
 
 
-def granian_kwargs(options: dict[str, Any], settings: Settings) -> dict[str, Any]:
+def granian_kwargs(options: GranianOptions, settings: Settings) -> dict[str, Any]:
     from granian.constants import HTTPModes, Interfaces, Loops, RuntimeModes, TaskImpl
     from granian.http import HTTP1Settings, HTTP2Settings
 
     kwargs: dict[str, Any] = {
-        "address": options["host"],
-        "port": options["port"],
+        "address": options.host,
+        "port": options.port,
         "interface": Interfaces.ASGI,
-        "workers": options["workers"],
+        "workers": options.workers,
         "factory": True,
         "websockets": False,
-        "loop": Loops(options["loop"]),
-        "runtime_threads": options["runtime_threads"],
-        "runtime_mode": RuntimeModes(options["runtime_mode"]),
-        "task_impl": TaskImpl(options["task_impl"]),
-        "http": HTTPModes(options["http"]),
-        "backlog": options["backlog"],
-        "backpressure": options["backpressure"],
+        "loop": Loops(options.loop),
+        "runtime_threads": options.runtime_threads,
+        "runtime_mode": RuntimeModes(options.runtime_mode),
+        "task_impl": TaskImpl(options.task_impl),
+        "http": HTTPModes(options.http),
+        "backlog": options.backlog,
+        "backpressure": options.backpressure,
         "http1_settings": HTTP1Settings(
-            keep_alive=options["http1_keep_alive"], header_read_timeout=options["http1_header_read_timeout"]
+            keep_alive=options.http1_keep_alive, header_read_timeout=options.http1_header_read_timeout
         ),
         "http2_settings": HTTP2Settings(
-            max_concurrent_streams=options["http2_max_concurrent_streams"],
-            keep_alive_interval=options["http2_keep_alive_interval"],
+            max_concurrent_streams=options.http2_max_concurrent_streams,
+            keep_alive_interval=options.http2_keep_alive_interval,
         ),
-        "respawn_failed_workers": options["respawn_failed_workers"],
-        "respawn_interval": options["respawn_interval"],
-        "workers_kill_timeout": options["workers_kill_timeout"],
-        "workers_lifetime": options["workers_lifetime"],
-        "workers_max_rss": options["workers_max_rss"],
+        "respawn_failed_workers": options.respawn_failed_workers,
+        "respawn_interval": options.respawn_interval,
+        "workers_kill_timeout": options.workers_kill_timeout,
+        "workers_lifetime": options.workers_lifetime,
+        "workers_max_rss": options.workers_max_rss,
         "log_dictconfig": logging_config(settings.logging),
-        "log_access": options["access_log"] or settings.logging.enable_access_log,
-        "metrics_enabled": options["metrics"],
-        "metrics_address": options["metrics_address"],
-        "metrics_port": options["metrics_port"],
+        "log_access": options.access_log or settings.logging.enable_access_log,
+        "metrics_enabled": options.metrics,
+        "metrics_address": options.metrics_address,
+        "metrics_port": options.metrics_port,
     }
-    if options["access_log_fmt"]:
-        kwargs["log_access_format"] = options["access_log_fmt"]
-    if options["ssl_certificate"]:
+    if options.access_log_fmt:
+        kwargs["log_access_format"] = options.access_log_fmt
+    if options.ssl_certificate and options.ssl_keyfile:  # given together (checked when loaded)
         from granian.constants import SSLProtocols
 
         kwargs.update(
-            ssl_cert=Path(options["ssl_certificate"]),
-            ssl_key=Path(options["ssl_keyfile"]),
-            ssl_key_password=options["ssl_keyfile_password"],
-            ssl_protocol_min=SSLProtocols(options["ssl_protocol_min"]),
+            ssl_cert=Path(options.ssl_certificate),
+            ssl_key=Path(options.ssl_keyfile),
+            ssl_key_password=options.ssl_keyfile_password,
+            ssl_protocol_min=SSLProtocols(options.ssl_protocol_min),
         )
     return kwargs
 
 
-def serve(settings: Settings, options: dict[str, Any], area: Area) -> int:
-    """Serve until SIGINT/SIGTERM; `area` is already created (the caller set PROMETHEUS_MULTIPROC_DIR)."""
+def serve(settings: Settings, options: GranianOptions, area: Area) -> int:
+    """Serve until SIGINT/SIGTERM; `area` is already created and the metrics directory pointed into it."""
     from granian import Granian
 
     os.environ[AREA_ENV] = str(area.path)

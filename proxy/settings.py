@@ -12,9 +12,10 @@ import json
 import logging
 import os
 from collections.abc import Mapping
+from contextvars import ContextVar
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import (
@@ -272,17 +273,19 @@ class Settings(BaseSettings):
         return (init_settings, env_settings, _FileSource(settings_cls))
 
 
+# The config file `load_settings` read, for the one Settings construction it runs (a context variable, so
+# nothing global is mutated and concurrent constructions cannot see each other's file).
+_file_data: ContextVar[dict[str, Any]] = ContextVar("config_file_data", default={})  # noqa: B039 - never mutated
+
+
 class _FileSource(PydanticBaseSettingsSource):
     """Feeds the already-loaded config file (see `load_settings`) to pydantic-settings."""
-
-    # Set by load_settings for the duration of one construction (start-up is single-threaded).
-    data: ClassVar[dict[str, Any]] = {}
 
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
         return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        return dict(self.data)
+        return dict(_file_data.get())
 
 
 def file_source_dir(api_url: str) -> Path:
@@ -316,13 +319,13 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
     """Read, merge and validate the configuration; raise ConfigError with one line per problem."""
     path = config_path() if path is None else path
     data = read_config_file(path)
-    _FileSource.data = data
+    token = _file_data.set(data)
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc)) from None
     finally:
-        _FileSource.data = {}
+        _file_data.reset(token)
     for warning in config_warnings(data, settings):
         log.warning(warning)
     return settings

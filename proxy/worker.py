@@ -8,11 +8,9 @@ workers on Python 3.14).
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
 import os
-import pickle
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -36,15 +34,14 @@ log = logging.getLogger("proxy.worker")
 
 
 def encode_settings(settings: Settings) -> str:
-    return base64.b64encode(pickle.dumps(settings)).decode()
+    """The validated settings as JSON, for the workers' environment (readable, no pickle)."""
+    return settings.model_dump_json()
 
 
 def decode_settings(value: str) -> Settings:
-    # Written by our own main process into our children's environment; never from outside.
-    settings = pickle.loads(base64.b64decode(value))
-    if not isinstance(settings, Settings):
-        raise TypeError(f"{SETTINGS_ENV} does not hold edge-proxy settings")
-    return settings
+    # model_validate_json checks the values again but reads no environment variable or file: the workers
+    # serve exactly what the main process validated.
+    return Settings.model_validate_json(value)
 
 
 def create_app() -> Application:
