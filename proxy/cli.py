@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import os
+import socket
 import sys
 import urllib.error
 import urllib.request
@@ -86,6 +87,11 @@ def _serve(args: argparse.Namespace) -> int:
     except AreaError as exc:
         print(f"edge-proxy: {exc}", file=sys.stderr)
         return 2
+    taken = _port_taken(options.host, options.port)
+    if taken is not None:  # another program's (Granian would exit with a Rust backtrace)
+        area.remove()
+        print(f"edge-proxy: cannot listen on {options.host}:{options.port}: {taken}", file=sys.stderr)
+        return 2
     point_metrics_at(area.path / "metrics")
     log.info("edge-proxy %s, settings: %s", __version__, json.dumps(masked_settings(settings)))
     log.info("granian: %s", json.dumps(masked_options(options.as_dict())))
@@ -94,6 +100,19 @@ def _serve(args: argparse.Namespace) -> int:
     from proxy.server import serve
 
     return serve(settings, options, area)
+
+
+def _port_taken(host: str, port: int) -> str | None:
+    """Why the address cannot be bound, or None. Granian's workers bind with SO_REUSEPORT, so a probe
+    without it fails exactly when someone else holds the port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
 
 
 def _print_demo_help(port: int) -> None:

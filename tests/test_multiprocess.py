@@ -7,6 +7,7 @@ only bound them loosely so a busy 2-core machine does not flake.
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import re
 import shutil
@@ -382,3 +383,28 @@ def test_a_second_instance_on_the_same_port_is_refused(
     assert second.returncode == 2
     assert "is in use by a running edge-proxy" in second.stderr
     assert first.get("/api/v1/flags/", headers=CLIENT).status_code == 200  # the first one is untouched
+
+
+def test_a_port_taken_by_another_program_is_one_line_and_exit_2(
+    upstream: FakeFlagsmith, start_proxy: Callable[..., ProxyProcess], tmp_path: Path
+) -> None:
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        (tmp_path / "config.json").write_text(json.dumps(proxy_config(upstream.api_url)))
+        result = subprocess.run(
+            [EDGE_PROXY, "serve", "--host", "127.0.0.1", "--port", str(port)],
+            env={**os.environ, "CONFIG_PATH": str(tmp_path / "config.json")},
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip().splitlines()[-1]
+        == f"edge-proxy: cannot listen on 127.0.0.1:{port}: Address already in use"
+    )
+    assert "Traceback" not in result.stderr and "panicked" not in result.stderr
+    assert not (Path("/dev/shm") / f"edge-proxy.{port}").exists()  # the area it created is gone again
