@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from tests.conftest import ProxyProcess, conformance_documents, proxy_config, wait_for
 from tests.fake_upstream import FakeFlagsmith
+from tests.support import ProxyProcess, conformance_documents, proxy_config, wait_for
 
 RESULTS = Path(__file__).parent / "results"
 CLIENT = "env_client_key_1"

@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 
 from benchmarks.documents import base_document
-from tests.conftest import ProxyProcess, wait_for
+from tests.support import ProxyProcess, wait_for
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -1,7 +1,7 @@
 """The cost of idle real-time streams: ordinary requests/s with N open streams against none, the worker's
 memory per stream, and how long one change takes to reach all N.
 
-    .venv/bin/python benchmarks/streams.py [--streams 5000] [--duration 10] [--connections 64]
+    .venv/bin/python -m benchmarks.streams [--streams 5000] [--duration 10] [--connections 64]
 
 One worker, pinned to CPU 1 with its leader (wrk on CPU 0, as benchmarks/wrk_run.py does). The streams are
 held by this script's own event loop (raw sockets, one task each), idle but for the proxy's keep-alives.
@@ -22,10 +22,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parents[1]))
-
 from benchmarks.wrk_run import CLIENT, proxies, run_wrk
-from tests.conftest import conformance_documents, wait_for
+from tests.support import conformance_documents, wait_for
 
 HERE = Path(__file__).parent
 STREAM_PATH = "/sse/environments/env_client_key_1/stream"

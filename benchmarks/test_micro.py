@@ -21,6 +21,7 @@ from benchmarks.documents import about_one_megabyte, base_document, with_overrid
 from proxy import metrics
 from proxy.app import route_of
 from proxy.environment import EnvironmentState, KeyKind
+from proxy.manifest import ManifestEntry
 from proxy.settings import Settings
 from proxy.shm import Area, Publisher, Subscriber
 from proxy.store import Store
@@ -114,7 +115,7 @@ def test_generation_check(benchmark: Any, area: Area) -> None:
 
 def test_publish_one_megabyte(benchmark: Any, area: Area) -> None:
     data = orjson.dumps(about_one_megabyte())
-    entries = {"a": {"server_keys": ["ser.a"], "name": "a", "last_success": 1.0, "last_error": None}}
+    entries = {"a": ManifestEntry(server_keys={"ser.a": None}, name="a", last_success=1.0)}
     with Publisher(area.path) as publisher:
         benchmark(lambda: publisher.publish({"a": data}, dict(entries)))
 

@@ -3,7 +3,7 @@
 Starts the fake upstream (127.0.0.1) and a proxy, runs each scenario with wrk, and appends a markdown
 table to benchmarks/results/wrk.md with the machine, Python version, commit and command lines.
 
-    .venv/bin/python benchmarks/wrk_run.py [--duration 10] [--workers 1 2] [--scenarios flags ...]
+    .venv/bin/python -m benchmarks.wrk_run [--duration 10] [--workers 1 2] [--scenarios flags ...]
 
 With one worker the proxy is pinned to CPU 1 and wrk to CPU 0 (`taskset`), as in the peers' baseline.
 The `swap` scenario measures GET /api/v1/flags/ latency while a ~1 MB document changes upstream every
@@ -26,11 +26,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).parents[1]))
-
 from benchmarks.documents import about_one_megabyte
-from tests.conftest import ProxyProcess, conformance_documents, proxy_config
 from tests.fake_upstream import FakeFlagsmith
+from tests.support import ProxyProcess, conformance_documents, proxy_config
 
 HERE = Path(__file__).parent
 CLIENT = "X-Environment-Key: env_client_key_1"

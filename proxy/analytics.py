@@ -17,7 +17,6 @@ import orjson
 
 from proxy.errors import BadRequest, RequestInvalid
 
-FOLDER = "analytics"  # the hand-over folder in the shared-memory area
 MAX_COUNT = 2**31 - 1
 MAX_NAMES = 1000
 

@@ -1,53 +1,50 @@
-"""BlackSheep routes: thin, bytes in / bytes out.
+"""BlackSheep routes: thin, bytes in / bytes out, and the table that registers them.
 
 Handlers take exactly `(request: Request) -> Response` so BlackSheep calls them unwrapped (no binders).
-Errors are exceptions mapped to responses in one place, `_respond_errors`, which also adds CORS headers
-and counts requests for metrics. Environment-level bodies are pre-encoded in `EnvironmentState`; identity
-responses are evaluated once and kept in the per-worker LRU.
+Errors are exceptions mapped to responses in one place, `ProxyApp.middleware`, which also adds CORS
+headers (`proxy/cors.py`) and counts requests for metrics. Environment-level bodies are pre-encoded in
+`EnvironmentState`; identity responses come from `proxy/identity_cache.py`; response building is in
+`proxy/responses.py`, body reading in `proxy/request_body.py`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from email.utils import parsedate_to_datetime
 from typing import Any
 
-import orjson
 from blacksheep import Application, Content, Request, Response
 from blacksheep.exceptions import MessageAborted
 from blacksheep.server.routing import Router
 
 from proxy import metrics
 from proxy.analytics import parse_analytics_body
-from proxy.environment import GZIP_MIN_BYTES, Body, EnvironmentState, KeyKind
+from proxy.cors import Cors
+from proxy.environment import Body, EnvironmentState, KeyKind
 from proxy.errors import (
     INTERNAL_ERROR_BODY,
     METHOD_NOT_ALLOWED_BODY,
     NOT_FOUND_BODY,
     NotFound,
-    PayloadTooLarge,
     ProxyError,
-    RequestTimeout,
     Unauthorized,
 )
 from proxy.health import check_health
+from proxy.identity_cache import IdentityResponses
 from proxy.identity_request import parse_identity_body, parse_identity_query, query_param
 from proxy.ofrep import OfrepRoutes
+from proxy.raw_request import raw_path, raw_query
 from proxy.realtime import StreamHub
+from proxy.request_body import BodyReader
+from proxy.responses import JSON, accepts_gzip, json_response, not_modified, send
 from proxy.settings import Settings
 from proxy.status import authorized, status_body
 from proxy.store import Store
 from proxy.webhook import WebhookReceiver
 
 log = logging.getLogger("proxy.app")
-
-JSON = b"application/json"
-DOCUMENT_UPDATED_AT = b"x-flagsmith-document-updated-at"
-PREFLIGHT_METHODS = b"DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT"
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -106,41 +103,18 @@ def route_of(path: bytes) -> tuple[str, bytes] | None:
     return route
 
 
-def _accepts_gzip(request: Request) -> bool:
-    accept = request.get_first_header(b"accept-encoding")
-    return accept is not None and b"gzip" in accept.lower() and b"gzip;q=0" not in accept.replace(b" ", b"")
-
-
-def _json(status: int, data: bytes) -> Response:
-    return Response(status, None, Content(JSON, data))
-
-
-def _send(request: Request, body: Body, state: EnvironmentState) -> Response:
-    headers = []
-    data = body.plain
-    if len(data) >= GZIP_MIN_BYTES:
-        headers.append((b"vary", b"Accept-Encoding"))
-        if body.gzip is not None and _accepts_gzip(request):
-            data = body.gzip
-            headers.append((b"content-encoding", b"gzip"))
-    if state.updated_at_header is not None:
-        headers.append((DOCUMENT_UPDATED_AT, state.updated_at_header))
-    return Response(200, headers, Content(JSON, data))
-
-
 class ProxyApp:
     """The routes, bound to one worker's Store."""
 
     def __init__(self, settings: Settings, store: Store) -> None:
         self.settings = settings
         self.store = store
-        self.max_body = settings.max_request_body_bytes
-        self.body_timeout = settings.request_body_timeout_seconds
-        self.allow_any_origin = "*" in settings.allow_origins
-        self.allowed_origins = {origin.encode() for origin in settings.allow_origins}
+        self.body_reader = BodyReader(settings.max_request_body_bytes, settings.request_body_timeout_seconds)
+        self.cors = Cors(settings.allow_origins)
+        self.identities = IdentityResponses(store.cache)
         self.pid = str(os.getpid()).encode()
-        self.usage = store.usage
-        self.ofrep = OfrepRoutes(store, self._read_body)
+        self.usage = store.counters.usage
+        self.ofrep = OfrepRoutes(store, self.body_reader.read)
         self.realtime = StreamHub(settings.realtime, store)
         self.webhooks = WebhookReceiver(settings.webhook, lambda: store.area)
 
@@ -148,8 +122,8 @@ class ProxyApp:
     async def flags(self, request: Request) -> Response:
         kind, state = self.store.resolve(request.get_first_header(b"x-environment-key"))
         view = state.views[kind]
-        raw_query = request._raw_query
-        feature = query_param(raw_query, "feature") if raw_query else None
+        query = raw_query(request)
+        feature = query_param(query, "feature") if query else None
         if feature:
             body = view.single.get(feature)
             if body is None:
@@ -160,13 +134,13 @@ class ProxyApp:
     # -- identities ------------------------------------------------------------------------------
     async def identities_get(self, request: Request) -> Response:
         kind, state = self.store.resolve(request.get_first_header(b"x-environment-key"))
-        identifier = parse_identity_query(request._raw_query)
+        identifier = parse_identity_query(raw_query(request))
         return self._identity(request, kind, state, identifier, [], {})
 
     async def identities_post(self, request: Request) -> Response:
         key = request.get_first_header(b"x-environment-key")
         self.store.resolve(key)  # 401/503 before reading a body
-        raw = await self._read_body(request)
+        raw = await self.body_reader.read(request)
         identifier, echo, traits = parse_identity_body(raw, request.get_first_header(b"content-type"))
         # Resolve again: a new state may have been swapped in while the body was read.
         kind, state = self.store.resolve(key)
@@ -181,71 +155,27 @@ class ProxyApp:
         echo: list[dict[str, Any]],
         traits: dict[str, Any],
     ) -> Response:
-        cache = self.store.cache
-        # (kind, identifier, traits as echoed): the response depends on nothing else. The type is part of
-        # the key because 1, 1.0 and True are equal (and hash alike) in Python but not in the response.
-        cache_key = (kind, identifier, tuple((t["trait_key"], type(v := t["trait_value"]), v) for t in echo))
-        body = cache.get(state.client_key, cache_key) if cache is not None else None
-        gzip_wanted = _accepts_gzip(request)
-        if body is None:
-            flags = state.identity_flags(kind, identifier, traits)
-            data = orjson.dumps({"identifier": identifier, "traits": echo, "flags": flags})
-            body = Body.of(data) if gzip_wanted else Body(data, None)
-            if cache is not None:
-                cache.put(state.client_key, cache_key, body)
-        elif gzip_wanted and body.gzip is None and len(body.plain) >= GZIP_MIN_BYTES:
-            body = Body.of(body.plain)
-            cache.put(state.client_key, cache_key, body)
+        body = self.identities.body(kind, state, identifier, echo, traits, accepts_gzip(request))
         return self._ok(request, body, state, "identities")
 
     def _ok(self, request: Request, body: Body, state: EnvironmentState, resource: str) -> Response:
         # Usage reporting (with a proxy_key) counts successful answers per environment and resource.
         if self.usage is not None:
             self.usage.increment(state.client_key, resource)
-        return _send(request, body, state)
-
-    async def _read_body(self, request: Request) -> bytes:
-        length = request.get_first_header(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body:
-            raise PayloadTooLarge(f"request body exceeds {self.max_body} bytes")
-        if request.content is None:
-            return b""
-        # A body that trickles in (or never completes) must not hold a connection and a task forever.
-        try:
-            async with asyncio.timeout(self.body_timeout):
-                return await self._read_within_cap(request, length)
-        except TimeoutError:
-            raise RequestTimeout(
-                f"request body not received within {self.body_timeout:g} s (request_body_timeout_seconds)"
-            ) from None
-
-    async def _read_within_cap(self, request: Request, length: bytes | None) -> bytes:
-        if (length is not None and length.isdigit()) or not hasattr(request.content, "stream"):
-            # A declared length within the cap (or a body already in memory): one read.
-            body = await request.read() or b""
-            if len(body) > self.max_body:
-                raise PayloadTooLarge(f"request body exceeds {self.max_body} bytes")
-            return body
-        chunks = bytearray()  # chunked: count as it arrives
-        async for chunk in request.content.stream():
-            if chunk:
-                chunks += chunk
-                if len(chunks) > self.max_body:
-                    raise PayloadTooLarge(f"request body exceeds {self.max_body} bytes")
-        return bytes(chunks)
+        return send(request, body, state)
 
     # -- analytics -------------------------------------------------------------------------------
     async def analytics(self, request: Request) -> Response:
         key = request.get_first_header(b"x-environment-key")
         self.store.resolve(key)
-        raw = await self._read_body(request)
+        raw = await self.body_reader.read(request)
         _, state = self.store.resolve(key)
         # Only features the environment has are counted: invented names cannot grow buffers.
         counts, ignored = parse_analytics_body(raw, state.features)
-        self.store.analytics.record(state.client_key, counts)
+        self.store.counters.analytics.record(state.client_key, counts)
         if ignored:
             metrics.analytics_ignored[0] += ignored
-        return _json(200, b"{}")
+        return json_response(200, b"{}")
 
     # -- environment document --------------------------------------------------------------------
     async def environment_document(self, request: Request) -> Response:
@@ -255,7 +185,7 @@ class ProxyApp:
             raise Unauthorized("the environment document is served to server-side keys only")
         if state.last_modified is not None:
             since = request.get_first_header(b"if-modified-since")
-            if since is not None and _not_modified(since, state):
+            if since is not None and not_modified(since, state):
                 return Response(304, [(b"last-modified", state.last_modified)], None)
         response = self._ok(request, state.document, state, "environment-document")
         if state.last_modified is not None:
@@ -276,14 +206,14 @@ class ProxyApp:
         return await self.realtime.handle(request)
 
     async def webhook(self, request: Request) -> Response:
-        return await self.webhooks.handle(request, self._read_body)
+        return await self.webhooks.handle(request, self.body_reader.read)
 
     # -- health and metrics ----------------------------------------------------------------------
     async def health(self, request: Request) -> Response:
         store = self.store
         waiting = bool(self.settings.proxy_key) and not store.discovered
         status, body = check_health(
-            self.settings, store.client_keys, store.status, store.build_errors, time.time(), waiting
+            self.settings, store.keys.client_keys, store.status, store.build_errors, time.time(), waiting
         )
         # What the answering worker has loaded; with show_details also which worker it is (its pid).
         headers = [(b"x-edge-proxy-generation", str(store.generation).encode())]
@@ -294,40 +224,23 @@ class ProxyApp:
     async def status(self, request: Request) -> Response:
         if not authorized(self.settings, request.get_first_header(b"authorization")):
             raise Unauthorized("GET /proxy/status needs 'Authorization: Bearer <status_token>'")
-        return _json(200, status_body(self.settings, self.store))
+        return json_response(200, status_body(self.settings, self.store))
 
     async def liveness(self, request: Request) -> Response:
         return Response(200, None, None)
 
     async def metrics(self, request: Request) -> Response:
-        self.store.flush_metrics()
+        self.store.counters.flush_metrics(self.store.generation)
         return Response(200, None, Content(metrics.CONTENT_TYPE.encode(), metrics.render()))
 
     # -- 404 / 405 / preflight -------------------------------------------------------------------
     async def fallback(self, request: Request) -> Response:
         if request.method == "OPTIONS" and request.get_first_header(b"access-control-request-method"):
-            return self._preflight(request)
-        route = route_of(request._path)
+            return self.cors.preflight(request)
+        route = route_of(raw_path(request))
         if route is None:
-            return _json(404, NOT_FOUND_BODY)
+            return json_response(404, NOT_FOUND_BODY)
         return Response(405, [(b"allow", route[1])], Content(JSON, METHOD_NOT_ALLOWED_BODY))
-
-    def _preflight(self, request: Request) -> Response:
-        response = Response(200, None, Content(b"text/plain; charset=utf-8", b"OK"))
-        origin = request.get_first_header(b"origin")
-        if origin is not None and self._origin_allowed(origin):
-            response.add_header(b"vary", b"Origin")
-            response.add_header(b"access-control-allow-methods", PREFLIGHT_METHODS)
-            response.add_header(b"access-control-max-age", b"600")
-            response.add_header(b"access-control-allow-credentials", b"true")
-            response.add_header(b"access-control-allow-origin", origin)
-            requested = request.get_first_header(b"access-control-request-headers")
-            if requested:
-                response.add_header(b"access-control-allow-headers", requested)
-        return response
-
-    def _origin_allowed(self, origin: bytes) -> bool:
-        return self.allow_any_origin or origin in self.allowed_origins
 
     # -- the one place errors become responses ---------------------------------------------------
     async def middleware(self, request: Request, handler: Handler) -> Response:
@@ -335,43 +248,26 @@ class ProxyApp:
         try:
             response = await handler(request)
         except ProxyError as error:
-            response = _json(error.status, error.body())
+            response = json_response(error.status, error.body())
             if error.status == 408:
                 response.add_header(b"connection", b"close")
         except MessageAborted:
             # The client went away mid-body: its mistake, not ours. Counted (as nginx's 499), never a traceback.
-            log.debug("client disconnected before sending the whole body: %s", request._path.decode(errors="replace"))
-            response = _json(499, b'{"status":"client_closed_request","message":"client disconnected"}')
+            log.debug(
+                "client disconnected before sending the whole body: %s", raw_path(request).decode(errors="replace")
+            )
+            response = json_response(499, b'{"status":"client_closed_request","message":"client disconnected"}')
         except Exception:
-            log.exception("unexpected error serving %s %s", request.method, request._path.decode(errors="replace"))
-            response = _json(500, INTERNAL_ERROR_BODY)
+            log.exception("unexpected error serving %s %s", request.method, raw_path(request).decode(errors="replace"))
+            response = json_response(500, INTERNAL_ERROR_BODY)
         origin = request.get_first_header(b"origin")
         if origin is not None:
-            self._add_cors(response, origin)
-        route = route_of(request._path)
+            self.cors.add_headers(response, origin)
+        route = route_of(raw_path(request))
         metrics.observe(
             route[0] if route else "unmatched", request.method, response.status, time.perf_counter() - started
         )
         return response
-
-    def _add_cors(self, response: Response, origin: bytes) -> None:
-        if not self._origin_allowed(origin) or response.has_header(b"access-control-allow-origin"):
-            return
-        # Echo the origin (never `*` with credentials), let browser SDKs read the document timestamp.
-        response.add_header(b"access-control-allow-origin", origin)
-        response.add_header(b"access-control-allow-credentials", b"true")
-        # ETag: browser OFREP providers poll the bulk endpoint with If-None-Match.
-        response.add_header(b"access-control-expose-headers", DOCUMENT_UPDATED_AT + b", etag")
-        vary = response.get_first_header(b"vary")
-        response.set_header(b"vary", vary + b", Origin" if vary else b"Origin")
-
-
-def _not_modified(since: bytes, state: EnvironmentState) -> bool:
-    try:
-        when = parsedate_to_datetime(since.decode("latin-1"))
-    except (TypeError, ValueError):
-        return False
-    return state.updated_at is not None and when.tzinfo is not None and state.updated_at.replace(microsecond=0) <= when
 
 
 def _plain(method: Handler) -> Handler:

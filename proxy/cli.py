@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import os
+import socket
 import sys
 import urllib.error
 import urllib.request
@@ -16,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from proxy import __version__
-from proxy.granian_config import find_config_file, load_granian_options
+from proxy.granian_config import GranianOptions, find_config_file, load_granian_options
 from proxy.logs import configure_logging
+from proxy.metrics_dir import point_metrics_at
 from proxy.settings import ConfigError, Settings, default_config, load_settings, masked_options, masked_settings
 
 DEMO_DIR = Path(__file__).parent / "demo"
@@ -55,18 +57,12 @@ def _demo_overrides() -> dict[str, Any]:
     }
 
 
-def _server_overrides(config_file: Path) -> dict[str, Any]:
-    """config.json's server.host / server.port, only when written there explicitly (compatibility)."""
-    try:
-        server = json.loads(config_file.read_text()).get("server") or {}
-    except (OSError, ValueError, AttributeError):
-        return {}
-    return {key: server[key] for key in ("host", "port") if key in server}
+def _server_overrides(settings: Settings) -> dict[str, Any]:
+    """config.json's (or the environment's) server.host / server.port, only when set explicitly."""
+    return {key: getattr(settings.server, key) for key in ("host", "port") if key in settings.server.model_fields_set}
 
 
-def _load(args: argparse.Namespace) -> tuple[Settings, dict[str, Any]]:
-    from proxy.settings import config_path
-
+def _load(args: argparse.Namespace) -> tuple[Settings, GranianOptions]:
     overrides = _demo_overrides() if getattr(args, "demo", False) else {}
     settings = load_settings(**overrides)
     cli = {
@@ -75,7 +71,7 @@ def _load(args: argparse.Namespace) -> tuple[Settings, dict[str, Any]]:
         "workers": getattr(args, "workers", None),
     }
     options = load_granian_options(
-        find_config_file(args.granian_config, os.environ), os.environ, cli, _server_overrides(config_path())
+        find_config_file(args.granian_config, os.environ), os.environ, cli, _server_overrides(settings)
     )
     return settings, options
 
@@ -85,21 +81,38 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(settings.logging)
     from proxy.shm import Area, AreaError, area_path
 
-    area = Area(area_path(settings.shared_memory_dir, options["port"]))
+    area = Area(area_path(settings.shared_memory_dir, options.port))
     try:
         area.create()
     except AreaError as exc:
         print(f"edge-proxy: {exc}", file=sys.stderr)
         return 2
-    # Must be set before prometheus_client is first imported, here and in every child.
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(area.path / "metrics")
+    taken = _port_taken(options.host, options.port)
+    if taken is not None:  # another program's (Granian would exit with a Rust backtrace)
+        area.remove()
+        print(f"edge-proxy: cannot listen on {options.host}:{options.port}: {taken}", file=sys.stderr)
+        return 2
+    point_metrics_at(area.path / "metrics")
     log.info("edge-proxy %s, settings: %s", __version__, json.dumps(masked_settings(settings)))
-    log.info("granian: %s", json.dumps(masked_options(options)))
+    log.info("granian: %s", json.dumps(masked_options(options.as_dict())))
     if args.demo:
-        _print_demo_help(options["port"])
+        _print_demo_help(options.port)
     from proxy.server import serve
 
     return serve(settings, options, area)
+
+
+def _port_taken(host: str, port: int) -> str | None:
+    """Why the address cannot be bound, or None. Granian's workers bind with SO_REUSEPORT, so a probe
+    without it fails exactly when someone else holds the port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
 
 
 def _print_demo_help(port: int) -> None:
@@ -141,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             return _health(args)
         if command == "check-config":
             settings, options = _load(args)
-            print(json.dumps({"settings": masked_settings(settings), "granian": masked_options(options)}, indent=2))
+            printed = {"settings": masked_settings(settings), "granian": masked_options(options.as_dict())}
+            print(json.dumps(printed, indent=2))
             return 0
         return _serve(args)
     except ConfigError as exc:

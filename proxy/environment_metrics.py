@@ -12,11 +12,13 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Protocol
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from proxy.health import stale_after
+from proxy.keys import KeyIndex
+from proxy.manifest import ManifestEntry
 from proxy.settings import Settings
 
 LABELS = ["environment_id", "environment_name"]
@@ -26,8 +28,8 @@ class Environments(Protocol):
     """What a worker's Store offers (see proxy.store)."""
 
     settings: Settings
-    client_keys: list[str]
-    status: dict[str, dict[str, Any]]
+    keys: KeyIndex
+    status: dict[str, ManifestEntry]
 
 
 def _timestamp(value: object) -> float | None:
@@ -46,7 +48,8 @@ class EnvironmentCollector:
     def collect(self) -> Iterator[Metric]:
         store = self.store
         now = time.time()
-        threshold = stale_after(store.settings, len(store.client_keys))
+        client_keys = store.keys.client_keys
+        threshold = stale_after(store.settings, len(client_keys))
         states = GaugeMetricFamily(
             "edge_proxy_environments", "Configured or discovered environments by state", labels=["state"]
         )
@@ -69,24 +72,21 @@ class EnvironmentCollector:
             labels=LABELS,
         )
         counts = {"fresh": 0, "stale": 0, "not_loaded": 0}
-        for client_key in store.client_keys:
-            entry = store.status.get(client_key) or {}
-            success = entry.get("last_success")
-            if not isinstance(success, int | float) or not entry.get("file"):
+        for client_key in client_keys:
+            entry = store.status.get(client_key)
+            success = entry.last_success if entry is not None else None
+            if entry is None or success is None or entry.location is None:
                 counts["not_loaded"] += 1
                 continue
             is_stale = threshold is not None and now - success > threshold
             counts["stale" if is_stale else "fresh"] += 1
-            environment_id = entry.get("environment_id")
-            if environment_id is None:
+            if entry.environment_id is None:
                 continue
-            labels = [str(environment_id), str(entry.get("name") or "")]
+            labels = [str(entry.environment_id), entry.name or ""]
             last_success.add_metric(labels, float(success))
             stale.add_metric(labels, 1.0 if is_stale else 0.0)
-            length = entry.get("length")
-            if isinstance(length, int):
-                size.add_metric(labels, float(length))
-            updated_at = _timestamp(entry.get("updated_at"))
+            size.add_metric(labels, float(entry.location.length))
+            updated_at = _timestamp(entry.updated_at)
             if updated_at is not None:
                 updated.add_metric(labels, updated_at)
         for state, count in counts.items():

@@ -12,8 +12,9 @@ import math
 import os
 import tomllib
 from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from proxy.settings import ConfigError
 
@@ -108,6 +109,46 @@ OPTIONS: dict[str, tuple[Callable[[Any], Any], Any]] = {
 }
 
 
+@dataclass(frozen=True, slots=True)
+class GranianOptions:
+    """The validated options, typed: what `serve` hands to Granian. Field names are OPTIONS' keys."""
+
+    host: str
+    port: int
+    workers: int
+    backlog: int
+    backpressure: int | None
+    http: Literal["auto", "1", "2"]
+    http1_keep_alive: bool
+    http1_header_read_timeout: int
+    http2_max_concurrent_streams: int
+    http2_keep_alive_interval: int | None
+    ssl_certificate: str | None
+    ssl_keyfile: str | None
+    ssl_keyfile_password: str | None
+    ssl_protocol_min: Literal["tls1.2", "tls1.3"]
+    respawn_failed_workers: bool
+    respawn_interval: float
+    workers_kill_timeout: int | None
+    workers_lifetime: int | None
+    workers_max_rss: int | None
+    access_log: bool
+    access_log_fmt: str | None
+    runtime_threads: int
+    runtime_mode: Literal["auto", "mt", "st"]
+    task_impl: Literal["asyncio", "rust"]
+    loop: Literal["auto", "asyncio", "uvloop"]
+    metrics: bool
+    metrics_address: str
+    metrics_port: int
+
+    def __getitem__(self, key: str) -> Any:  # options["port"] still reads (tests, logs)
+        return getattr(self, key)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 def available_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
     """CPUs this process may use: its affinity mask, capped by a cgroup CPU quota (v2, or v1)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -120,8 +161,8 @@ def available_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
 def _cgroup_quota(cgroup: Path) -> float | None:
     """The CPU quota in CPUs (a container's `--cpus`, a pod's limit), or None when unlimited or unknown."""
     try:
-        quota, period = (cgroup / "cpu.max").read_text().split()[:2]  # v2: "max 100000" or "150000 100000"
-        return None if quota == "max" else int(quota) / int(period)
+        limit, every = (cgroup / "cpu.max").read_text().split()[:2]  # v2: "max 100000" or "150000 100000"
+        return None if limit == "max" else int(limit) / int(every)
     except (OSError, ValueError):
         pass
     try:
@@ -147,8 +188,8 @@ def load_granian_options(
     environ: Mapping[str, str],
     cli: Mapping[str, Any],
     server_overrides: Mapping[str, Any],
-) -> dict[str, Any]:
-    """Merge every layer and validate; returns each key of OPTIONS with its value."""
+) -> GranianOptions:
+    """Merge every layer and validate each key once, where its value came from named in any error."""
     merged: dict[str, tuple[Any, str]] = {key: (default, "default") for key, (_, default) in OPTIONS.items()}
     if path is not None:
         try:
@@ -180,4 +221,4 @@ def load_granian_options(
         options["workers"] = available_cpus()
     if bool(options["ssl_certificate"]) != bool(options["ssl_keyfile"]):
         raise ConfigError("granian: ssl_certificate and ssl_keyfile must be given together")
-    return options
+    return GranianOptions(**options)

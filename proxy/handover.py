@@ -25,6 +25,9 @@ log = logging.getLogger("proxy.handover")
 
 MAX_SUM = 2**53  # exact in every JSON reader, far above any real count
 MAX_NAMES = 100_000  # per buffer, across environments
+# The hand-over folders in the area, one per kind of count.
+ANALYTICS_FOLDER = "analytics"
+USAGE_FOLDER = "usage"
 PENDING = "pending.json"  # the leader's not-yet-forwarded remainder, in the same folder
 
 Counts = defaultdict[str, Counter[str]]

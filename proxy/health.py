@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 
+from proxy.manifest import ManifestEntry
 from proxy.settings import ReadinessMode, Settings, mask_key
 
 NOT_UPDATED = "environment document(s) not updated."
@@ -36,7 +37,7 @@ def stale_after(settings: Settings, environments: int) -> float | None:
 def check_health(
     settings: Settings,
     client_keys: list[str],
-    status: Mapping[str, Mapping[str, Any]],
+    status: Mapping[str, ManifestEntry],
     build_errors: Mapping[str, str],
     now: float,
     waiting_for_discovery: bool = False,
@@ -47,15 +48,15 @@ def check_health(
     successes: list[float] = []
     checks = settings.health_check
     for client_key in client_keys:
-        entry = status.get(client_key) or {}
-        last = entry.get("last_success")
-        if entry.get("source") == "snapshot" and entry.get("file"):
-            age = now - (entry.get("snapshot_saved_at") or 0)
+        entry = status.get(client_key)
+        last = entry.last_success if entry is not None else None
+        if entry is not None and entry.source == "snapshot" and entry.location is not None:
+            age = now - (entry.snapshot_saved_at or 0)
             max_age = checks.snapshot_max_age_seconds
             if not checks.snapshot_counts_as_ready or (max_age is not None and age > max_age):
                 stale.append(client_key)
             continue
-        if last is None or not entry.get("file"):
+        if last is None or entry is None or entry.location is None:
             not_loaded.append(client_key)
             continue
         successes.append(last)
@@ -104,17 +105,17 @@ def check_health(
     return (503 if failing else 200), orjson.dumps(body)
 
 
-def _source(client_key: str, status: Mapping[str, Mapping[str, Any]], now: float) -> dict[str, Any]:
-    entry = status.get(client_key) or {}
-    source = entry.get("source") if entry.get("file") else None
-    since = entry.get("snapshot_saved_at") if source == "snapshot" else entry.get("last_success")
+def _source(client_key: str, status: Mapping[str, ManifestEntry], now: float) -> dict[str, Any]:
+    entry = status.get(client_key) or ManifestEntry()
+    source = entry.source if entry.location is not None else None
+    since = entry.snapshot_saved_at if source == "snapshot" else entry.last_success
     age = round(now - since, 1) if source and since is not None else None
     return {"key": mask_key(client_key), "source": source, "age_seconds": age}
 
 
-def _describe(client_key: str, status: Mapping[str, Mapping[str, Any]], show_details: bool) -> dict[str, Any]:
-    entry = status.get(client_key) or {}
-    described = {"key": mask_key(client_key), "name": entry.get("name"), "error": entry.get("error_kind")}
+def _describe(client_key: str, status: Mapping[str, ManifestEntry], show_details: bool) -> dict[str, Any]:
+    entry = status.get(client_key) or ManifestEntry()
+    described = {"key": mask_key(client_key), "name": entry.name, "error": entry.error_kind}
     if show_details:  # the full text may name internal hosts: only when the operator asked for it
-        described["last_error"] = entry.get("last_error")
+        described["last_error"] = entry.last_error
     return described

@@ -71,11 +71,12 @@ def parse_identity_body(raw: bytes, content_type: bytes | None) -> Identity:
             ]
         )
     errors: list[dict[str, Any]] = []
-    identifier = data.get("identifier")
+    raw_identifier = data.get("identifier")
+    identifier = raw_identifier if isinstance(raw_identifier, str) else ""
     if "identifier" not in data:
         errors.append(_error("missing", ["body", "identifier"], "Field required", data))
-    elif not isinstance(identifier, str):
-        errors.append(_error("string_type", ["body", "identifier"], "Input should be a valid string", identifier))
+    elif not isinstance(raw_identifier, str):
+        errors.append(_error("string_type", ["body", "identifier"], "Input should be a valid string", raw_identifier))
     else:
         _check_identifier(identifier, ["body", "identifier"], errors)
     traits = data.get("traits", [])
@@ -162,7 +163,7 @@ def _check_trait(trait: Any, loc: list[Any], errors: list[dict[str, Any]]) -> di
     return {"trait_key": key, "trait_value": value} if ok else None
 
 
-def parse_identity_query(raw_query: bytes) -> str:
+def parse_identity_query(raw_query: bytes | None) -> str:
     """`identifier` from the query string (the last one wins, as in FastAPI). Raises RequestInvalid."""
     identifier = query_param(raw_query, "identifier")
     if identifier is None:
@@ -174,7 +175,7 @@ def parse_identity_query(raw_query: bytes) -> str:
     return identifier
 
 
-def query_param(raw_query: bytes, name: str) -> str | None:
+def query_param(raw_query: bytes | None, name: str) -> str | None:
     if not raw_query:
         return None
     values = parse_qs(raw_query.decode("utf-8", "replace"), keep_blank_values=True).get(name)

@@ -12,9 +12,16 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from flag_engine.context.types import EvaluationContext, FeatureContext, SegmentContext, SegmentRule
+from flag_engine.context.types import (
+    EvaluationContext,
+    FeatureContext,
+    FeatureValue,
+    IdentityContext,
+    SegmentContext,
+    SegmentRule,
+)
 
 IDENTITY_OVERRIDE_SEGMENT_KEY = "identity_overrides"
 
@@ -142,7 +149,8 @@ def identity_context(
 ) -> EvaluationContext[Any, Any]:
     """The context for one identity: the base context plus, at most, its own override segment."""
     context = mapped.context
-    identity = {"identifier": identifier, "traits": traits}
+    # the caller's traits as they are (no copy per request): values are the JSON scalars the engine takes
+    identity = cast("IdentityContext", {"identifier": identifier, "traits": traits})
     override = mapped.override_segments.get(identifier)
     if override is None:
         return {**context, "identity": identity}
@@ -166,7 +174,7 @@ def _feature_context(state: dict[str, Any]) -> FeatureContext[Any]:
         variants = []
         for mv in mv_values:
             option = mv["multivariate_feature_option"]
-            variant = {
+            variant: FeatureValue = {
                 "value": option.get("value"),
                 "weight": mv["percentage_allocation"],
                 # Variants are walked in id order; ids missing on legacy data fall back to the uuid's integer.

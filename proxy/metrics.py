@@ -25,8 +25,8 @@ from proxy import __version__
 # -- Flagsmith API's shapes ---------------------------------------------------------------------------
 # Flagsmith's buckets are prometheus-client's defaults (5 ms … 10 s); ours start lower because answers here
 # take tens of µs, and include every default bound so queries written for Flagsmith's API still work.
-LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75)
-LATENCY_BUCKETS += (1.0, 2.5, 5.0, 7.5, 10.0)
+LATENCY_BUCKETS: tuple[float, ...] = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075)
+LATENCY_BUCKETS += (0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
 HTTP_LABELS = ["route", "method", "response_status"]
 HTTP_SERVER_REQUESTS = Counter("flagsmith_http_server_requests", "Total number of HTTP requests", HTTP_LABELS)
 HTTP_SERVER_REQUEST_DURATION = Histogram(
@@ -227,7 +227,7 @@ def render() -> bytes:
         extra.register(collector)
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # untyped in prometheus-client
         return generate_latest(registry) + generate_latest(extra)
     return generate_latest() + generate_latest(extra)
 

@@ -35,9 +35,9 @@ from proxy.errors import PayloadTooLarge, ProxyError
 from proxy.evaluation import FlagResult
 from proxy.handover import CountsBuffer
 from proxy.identity_request import MAX_TRAIT_STRING
+from proxy.responses import JSON, accepts_gzip
 from proxy.store import Store
 
-JSON = b"application/json"
 # Far above any real evaluation context; bounds what one request can make the worker hash and keep.
 MAX_CONTEXT_ENTRIES = 1000
 # Context entries that are not traits: the Flagsmith provider's conventions (a nested `traits` object,
@@ -221,10 +221,10 @@ class OfrepRoutes:
     def __init__(self, store: Store, read_body: Callable[[Request], Awaitable[bytes]]) -> None:
         self.store = store
         self.read_body = read_body
-        self.usage: CountsBuffer | None = store.usage
+        self.usage: CountsBuffer | None = store.counters.usage
 
     async def flag(self, request: Request) -> Response:
-        key = request.route_values.get("key", "")
+        key = request.route_values.get("key") or ""
         try:
             state, evaluation, identifier = await self._evaluate(request, False)
         except OfrepError as error:
@@ -237,7 +237,7 @@ class OfrepRoutes:
 
     async def flags(self, request: Request) -> Response:
         try:
-            state, evaluation, identifier = await self._evaluate(request, _accepts_gzip(request))
+            state, evaluation, identifier = await self._evaluate(request, accepts_gzip(request))
         except OfrepError as error:
             return error.response(None)
         headers = [(b"etag", evaluation.etag)]
@@ -247,7 +247,7 @@ class OfrepRoutes:
         data = evaluation.plain
         if len(data) >= GZIP_MIN_BYTES:
             headers.append((b"vary", b"Accept-Encoding"))
-            if evaluation.gzip is not None and _accepts_gzip(request):
+            if evaluation.gzip is not None and accepts_gzip(request):
                 data = evaluation.gzip
                 headers.append((b"content-encoding", b"gzip"))
         self._count(state, identifier)
@@ -290,8 +290,3 @@ class OfrepRoutes:
         # Usage reporting knows Flagsmith's resources: an OFREP answer is an identity's or the environment's flags.
         if self.usage is not None:
             self.usage.increment(state.client_key, "identities" if identifier else "flags")
-
-
-def _accepts_gzip(request: Request) -> bool:
-    accept = request.get_first_header(b"accept-encoding")
-    return accept is not None and b"gzip" in accept.lower() and b"gzip;q=0" not in accept.replace(b" ", b"")

@@ -67,7 +67,7 @@ def reap(area: Path, metrics_dir: Path) -> list[str]:
         pid = int(entry.name)
         if _alive(pid, started.strip()):
             continue
-        multiprocess.mark_process_dead(pid, str(metrics_dir))
+        multiprocess.mark_process_dead(pid, str(metrics_dir))  # type: ignore[no-untyped-call]  # untyped upstream
         with contextlib.suppress(OSError):
             entry.unlink()
         gone.append(role)

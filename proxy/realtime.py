@@ -32,6 +32,7 @@ from proxy import metrics
 from proxy.environment import EnvironmentState, KeyKind
 from proxy.errors import NotFound, ServiceUnavailable, Unauthorized
 from proxy.identity_request import query_param
+from proxy.raw_request import raw_path, raw_query
 from proxy.settings import RealtimeSettings, mask_key
 from proxy.store import Store
 
@@ -106,12 +107,12 @@ class StreamHub:
                 stream.wake.set()
 
     async def handle(self, request: Request) -> Response:
-        path = request._path
+        path = raw_path(request)
         client_key = client_key_of(path)
         if client_key is None:
             raise NotFound("no such stream: use /sse/environments/{client-side key}/stream")
         try:
-            kind, _ = self.store.client_key(client_key.encode())
+            kind, _ = self.store.keys.lookup(client_key.encode())
         except Unauthorized:
             raise NotFound(f"unknown environment key '{client_key}'") from None
         if kind is not KeyKind.CLIENT:
@@ -131,8 +132,9 @@ class StreamHub:
         if request.method == "HEAD":
             return Response(200, list(STREAM_HEADERS), None)
         last_id = request.get_first_header(b"last-event-id")
-        if last_id is None and request._raw_query:
-            found = query_param(request._raw_query, "lastEventId")
+        query = raw_query(request)
+        if last_id is None and query:
+            found = query_param(query, "lastEventId")
             last_id = found.encode() if found else None
         stream = _Stream(client_key)
         self.streams[client_key].add(stream)

@@ -11,9 +11,11 @@ import ipaddress
 import json
 import logging
 import os
+from collections.abc import Mapping
+from contextvars import ContextVar
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import (
@@ -76,7 +78,7 @@ class CacheSettings(_Frozen):
 
 
 class IdentityCacheSettings(CacheSettings):
-    # On by default (DESIGN): the LRU holds encoded identity responses, bounded in entries and bytes.
+    # On by default (docs/DESIGN.md): the LRU holds encoded identity responses, bounded in entries and bytes.
     use_cache: bool = True
     cache_max_size: int = Field(default=4096, ge=1)
     cache_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
@@ -207,6 +209,8 @@ class Settings(BaseSettings):
     max_request_body_bytes: int = Field(default=64 * 1024, ge=1024)
     request_body_timeout_seconds: float = Field(default=10, gt=0)
     max_concurrent_fetches: int = Field(default=8, ge=1)
+    # A leader whose heartbeat stops this long (a hung loop, SIGSTOP) is killed and replaced.
+    leader_heartbeat_timeout_seconds: float = Field(default=10, gt=0)
     shared_memory_dir: str = "/dev/shm"
     # Bytes of documents the area may hold (e.g. the container's /dev/shm size); None: whatever is free.
     shared_memory_max_bytes: int | None = Field(default=None, ge=1024)
@@ -283,17 +287,19 @@ class Settings(BaseSettings):
         return (init_settings, env_settings, _FileSource(settings_cls))
 
 
+# The config file `load_settings` read, for the one Settings construction it runs (a context variable, so
+# nothing global is mutated and concurrent constructions cannot see each other's file).
+_file_data: ContextVar[dict[str, Any]] = ContextVar("config_file_data", default={})  # noqa: B039 - never mutated
+
+
 class _FileSource(PydanticBaseSettingsSource):
     """Feeds the already-loaded config file (see `load_settings`) to pydantic-settings."""
-
-    # Set by load_settings for the duration of one construction (start-up is single-threaded).
-    data: ClassVar[dict[str, Any]] = {}
 
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
         return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        return dict(self.data)
+        return dict(_file_data.get())
 
 
 def file_source_dir(api_url: str) -> Path:
@@ -304,9 +310,9 @@ def file_source_dir(api_url: str) -> Path:
     return Path(rest)
 
 
-def config_path(environ: dict[str, str] | None = None) -> Path:
-    environ = os.environ if environ is None else environ
-    return Path(environ.get("CONFIG_PATH", "config.json"))
+def config_path(environ: Mapping[str, str] | None = None) -> Path:
+    found = (os.environ if environ is None else environ).get("CONFIG_PATH")
+    return Path(found or "config.json")
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -327,13 +333,13 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
     """Read, merge and validate the configuration; raise ConfigError with one line per problem."""
     path = config_path() if path is None else path
     data = read_config_file(path)
-    _FileSource.data = data
+    token = _file_data.set(data)
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc)) from None
     finally:
-        _FileSource.data = {}
+        _file_data.reset(token)
     for warning in config_warnings(data, settings):
         log.warning(warning)
     return settings

@@ -8,10 +8,11 @@ The protocol is write-then-rename, with a generation counter in an mmap for the 
 * Each published document is an immutable file `env-<key hash>-<generation>.json`. Changing one of 1,000
   environments writes one file. A document is written to a temporary name and renamed into place.
 * `manifest.json` lists every environment: keys, the file, its length and CRC32, and the leader's health
-  status for it. It is replaced atomically by rename, so a reader sees the old manifest or the new one,
-  never a mix.
+  status for it (`proxy/manifest.py` defines it, for both sides). It is replaced atomically by rename,
+  so a reader sees the old manifest or the new one, never a mix.
 * `control` is a 4 KiB mmap whose second u64 is the published generation, stored after the rename.
-  A worker's "anything new?" check is one aligned 8-byte read from it (tens of ns).
+  A worker's "anything new?" check is one aligned 8-byte read from it (tens of ns). The third u64 is the
+  leader's heartbeat (`time.monotonic_ns()`, system-wide on Linux), which the supervisor watches.
 
 Why not a seqlock over one big mmap: Python exposes no memory fences, so on weakly ordered CPUs (arm64)
 a seqlock reader can observe the counter before the data. Here every data access is a syscall (rename,
@@ -29,16 +30,18 @@ import hashlib
 import mmap
 import os
 import shutil
+import time
 import zlib
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Self
 
-import orjson
+from proxy.manifest import Location, Manifest, ManifestEntry
 
 CONTROL_SIZE = 4096
 MAGIC = 0x45445052_4F585931  # "EDPROXY1"
-_MAGIC, _GENERATION = 0, 1
+_MAGIC, _GENERATION, _HEARTBEAT = 0, 1, 2
 MANIFEST = "manifest.json"
 CONTROL = "control"
 LOCK = "lock"
@@ -153,15 +156,6 @@ class Area:
             self._lock_fd = None
 
 
-@dataclass(frozen=True, slots=True)
-class Published:
-    """One environment as the manifest lists it."""
-
-    file: str | None
-    length: int
-    crc32: int
-
-
 class Publisher:
     """The leader's side. Not thread-safe: one leader, one writer."""
 
@@ -174,21 +168,19 @@ class Publisher:
         if self._words[_MAGIC] != MAGIC:
             raise AreaError(f"{path / CONTROL} is not an edge-proxy control file")
         self.generation = self._words[_GENERATION]
-        self._published: dict[str, dict[str, Any]] = {}  # client key → its file, length, crc32
+        self._published: dict[str, Location] = {}  # client key → where its current document is
         self._previous_files: set[str] = set()
         self._current_files: set[str] = set()
 
-    def resume(self) -> dict[str, Any] | None:
+    def resume(self) -> Manifest | None:
         """The last published manifest (a restarted leader continues from it), or None."""
         manifest = read_manifest(self.path)
         if manifest is not None:
-            self.generation = max(self.generation, manifest["generation"])
+            self.generation = max(self.generation, manifest.generation)
             self._published = {
-                key: {field: entry[field] for field in ("file", "length", "crc32")}
-                for key, entry in manifest["environments"].items()
-                if entry.get("file")
+                key: entry.location for key, entry in manifest.environments.items() if entry.location is not None
             }
-            self._current_files = {e["file"] for e in self._published.values()}
+            self._current_files = {location.file for location in self._published.values()}
         # A killed leader may have left older documents and half-written temporaries: the next
         # publication removes the documents (readers may still be on them now), the temporaries go now.
         self._previous_files = {p.name for p in self.path.glob("env-*.json")} - self._current_files
@@ -197,16 +189,24 @@ class Publisher:
                 tmp.unlink()
         return manifest
 
-    def read_document(self, entry: dict[str, Any]) -> bytes | None:
-        return read_verified(self.path, entry)
+    def beat(self) -> None:
+        """The leader is alive and its loop turns: called from the event loop every HEARTBEAT_EVERY."""
+        self._words[_HEARTBEAT] = time.monotonic_ns()
+
+    def read_document(self, entry: ManifestEntry) -> bytes | None:
+        return read_verified(self.path, entry.location)
 
     def publish(
-        self, documents: dict[str, bytes], environments: dict[str, dict[str, Any]], meta: dict[str, Any] | None = None
+        self,
+        documents: Mapping[str, bytes],
+        environments: Mapping[str, ManifestEntry],
+        discovered_at: float | None = None,
+        extra: Mapping[str, Any] | None = None,
     ) -> int:
         """Write the changed `documents` (client key → bytes), then the manifest of all `environments`.
 
-        `environments` maps client key → the leader's status for it; the publisher adds where each
-        environment's document is (file, length, crc32). An environment left out is no longer published.
+        `environments` maps client key → the leader's status for it; the publisher sets where each
+        environment's document is (`location`). An environment left out is no longer published.
         On failure nothing already published is touched.
         """
         generation = self.generation + 1
@@ -218,12 +218,14 @@ class Publisher:
                 name = f"env-{key_hash(client_key)}-{generation}.json"
                 _write_atomic(self.path / name, data)
                 written.append(self.path / name)
-                published[client_key] = {"file": name, "length": len(data), "crc32": zlib.crc32(data)}
-            manifest = {key: {**status, **published.get(key, {})} for key, status in environments.items()}
-            _write_atomic(
-                self.path / MANIFEST,
-                orjson.dumps({"generation": generation, "environments": manifest, "meta": meta or {}}),
+                published[client_key] = Location(name, len(data), zlib.crc32(data))
+            manifest = Manifest(
+                generation,
+                {key: replace(status, location=published.get(key)) for key, status in environments.items()},
+                discovered_at,
+                dict(extra or {}),
             )
+            _write_atomic(self.path / MANIFEST, manifest.to_bytes())
         except OSError as exc:
             for path in written:
                 with contextlib.suppress(OSError):
@@ -234,7 +236,7 @@ class Publisher:
         self._words[_GENERATION] = generation
         self.generation = generation
         self._published = published
-        current = {e["file"] for e in published.values()}
+        current = {location.file for location in published.values()}
         # Keep the previous generation's files: a reader may have read the old manifest a moment ago.
         for stale in self._previous_files - current - self._current_files:
             with contextlib.suppress(OSError):
@@ -281,25 +283,41 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def read_manifest(path: Path) -> dict[str, Any] | None:
+def read_manifest(path: Path) -> Manifest | None:
     try:
-        return orjson.loads((path / MANIFEST).read_bytes())
+        return Manifest.from_bytes((path / MANIFEST).read_bytes())
     except FileNotFoundError:
         return None
 
 
-def read_verified(path: Path, entry: dict[str, Any]) -> bytes | None:
-    """The document an entry names, or None when it is gone or fails its length or CRC check."""
-    name = entry.get("file")
-    if not name:
+def read_verified(path: Path, location: Location | None) -> bytes | None:
+    """The document at `location`, or None when there is none, it is gone or it fails its length or CRC check."""
+    if location is None:
         return None
     try:
-        data = (path / name).read_bytes()
+        data = (path / location.file).read_bytes()
     except FileNotFoundError:
         return None
-    if len(data) != entry["length"] or zlib.crc32(data) != entry["crc32"]:
+    if len(data) != location.length or zlib.crc32(data) != location.crc32:
         return None
     return data
+
+
+class Heartbeat:
+    """The supervisor's view of the leader's heartbeat word."""
+
+    def __init__(self, path: Path) -> None:
+        with open(path / CONTROL, "rb") as control:
+            self._mm = mmap.mmap(control.fileno(), CONTROL_SIZE, access=mmap.ACCESS_READ)
+        self._words = memoryview(self._mm).cast("Q")
+
+    def read(self) -> int:
+        """The last beat, `time.monotonic_ns()` in the leader; 0 before any leader beat."""
+        return int(self._words[_HEARTBEAT])
+
+    def close(self) -> None:
+        self._words.release()
+        self._mm.close()
 
 
 class Subscriber:
@@ -313,7 +331,7 @@ class Subscriber:
         if self._words[_MAGIC] != MAGIC:
             raise AreaError(f"{path / CONTROL} is not an edge-proxy control file")
         self.seen = 0
-        self._loaded: dict[str, tuple[str, int]] = {}  # client key → (file, crc32) already handed out
+        self._loaded: dict[str, Location] = {}  # client key → the document already handed out
 
     @property
     def published(self) -> int:
@@ -322,33 +340,32 @@ class Subscriber:
     def changed(self) -> bool:
         return self._words[_GENERATION] != self.seen
 
-    def poll(self) -> tuple[dict[str, Any], dict[str, bytes]] | None:
+    def poll(self) -> tuple[Manifest, dict[str, bytes]] | None:
         """(manifest, changed documents) when a new generation is readable and verified, else None.
 
         `seen` advances only when every changed document was read and verified; otherwise the next
         poll retries, so a reader never settles on a torn or half-written view.
         """
         manifest = read_manifest(self.path)
-        if manifest is None or manifest["generation"] < self._words[_GENERATION]:
+        if manifest is None or manifest.generation < self._words[_GENERATION]:
             return None  # the counter moved before the rename became visible here: retry
         changed: dict[str, bytes] = {}
-        for client_key, entry in manifest["environments"].items():
-            if not entry.get("file"):
+        for client_key, entry in manifest.environments.items():
+            location = entry.location
+            if location is None or self._loaded.get(client_key) == location:
                 continue
-            marker = (entry["file"], entry["crc32"])
-            if self._loaded.get(client_key) == marker:
-                continue
-            data = read_verified(self.path, entry)
+            data = read_verified(self.path, location)
             if data is None:
                 return None  # lapped by the writer, or torn: the next poll retries
             changed[client_key] = data
         for client_key in changed:
-            entry = manifest["environments"][client_key]
-            self._loaded[client_key] = (entry["file"], entry["crc32"])
+            location = manifest.environments[client_key].location
+            assert location is not None
+            self._loaded[client_key] = location
         for client_key in list(self._loaded):
-            if client_key not in manifest["environments"]:
+            if client_key not in manifest.environments:
                 del self._loaded[client_key]
-        self.seen = manifest["generation"]
+        self.seen = manifest.generation
         return manifest, changed
 
     def close(self) -> None:

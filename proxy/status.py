@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 
+from proxy.manifest import ManifestEntry
 from proxy.settings import Settings, mask_key
 from proxy.store import Store
 
@@ -57,26 +58,27 @@ def _generation_of(file: str | None) -> int | None:
         return None
 
 
-def _environment(entry: dict[str, Any], build_error: str | None, details: bool) -> dict[str, Any]:
+def _environment(entry: ManifestEntry, build_error: str | None, details: bool) -> dict[str, Any]:
     error = None
-    if entry.get("error_kind") or build_error:
+    if entry.error_kind or build_error:
         error = {
-            "kind": entry.get("error_kind") or "build_failed",
-            "message": (entry.get("last_error") or build_error) if details else None,
+            "kind": entry.error_kind or "build_failed",
+            "message": (entry.last_error or build_error) if details else None,
         }
+    location = entry.location
     return {
-        "name": entry.get("name"),
-        "state": entry.get("state") or "initializing",
-        "since": _iso(entry.get("state_since")),
+        "name": entry.name,
+        "state": entry.state or "initializing",
+        "since": _iso(entry.state_since),
         "last_error": error,
-        "last_200": _iso(entry.get("last_200")),
-        "last_304": _iso(entry.get("last_304")),
-        "last_success": _iso(entry.get("last_success")),
-        "updated_at": entry.get("updated_at"),
-        "source": entry.get("source") if entry.get("file") else None,
-        "snapshot_saved_at": _iso(entry.get("snapshot_saved_at")),
-        "size": entry.get("length") if entry.get("file") else None,
-        "generation": _generation_of(entry.get("file")),
+        "last_200": _iso(entry.last_200),
+        "last_304": _iso(entry.last_304),
+        "last_success": _iso(entry.last_success),
+        "updated_at": entry.updated_at,
+        "source": entry.source if location is not None else None,
+        "snapshot_saved_at": _iso(entry.snapshot_saved_at),
+        "size": location.length if location is not None else None,
+        "generation": _generation_of(location.file if location is not None else None),
     }
 
 
@@ -84,9 +86,9 @@ def status_body(settings: Settings, store: Store) -> bytes:
     details = settings.status_token is not None or settings.health_check.show_details
     environments = {
         mask_key(client_key): _environment(
-            store.status.get(client_key) or {}, store.build_errors.get(client_key), details
+            store.status.get(client_key) or ManifestEntry(), store.build_errors.get(client_key), details
         )
-        for client_key in store.client_keys
+        for client_key in store.keys.client_keys
     }
     meta = store.meta
     snapshots = meta.get("snapshots")

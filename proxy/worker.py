@@ -8,11 +8,9 @@ workers on Python 3.14).
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
 import os
-import pickle
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -36,12 +34,14 @@ log = logging.getLogger("proxy.worker")
 
 
 def encode_settings(settings: Settings) -> str:
-    return base64.b64encode(pickle.dumps(settings)).decode()
+    """The validated settings as JSON, for the workers' environment (readable, no pickle)."""
+    return settings.model_dump_json()
 
 
 def decode_settings(value: str) -> Settings:
-    # Written by our own main process into our children's environment; never from outside.
-    return pickle.loads(base64.b64decode(value))
+    # model_validate_json checks the values again but reads no environment variable or file: the workers
+    # serve exactly what the main process validated.
+    return Settings.model_validate_json(value)
 
 
 def create_app() -> Application:
@@ -59,7 +59,7 @@ def create_worker_app(settings: Settings, area: Path) -> Application:
     metrics.scrape_collectors[:] = [EnvironmentCollector(store)]  # one worker, one store
     end_streams_on_shutdown_signal(store.stop_streams)
 
-    @app.lifespan
+    @app.lifespan  # type: ignore[untyped-decorator]  # BlackSheep's lifespan decorator is untyped
     async def follow_publications() -> AsyncIterator[None]:
         register(area, WORKER)
         subscriber = Subscriber(area)
@@ -75,7 +75,7 @@ def create_worker_app(settings: Settings, area: Path) -> Application:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-            store.hand_over(area)  # what this worker counted since its last hand-over
+            store.counters.hand_over(area)  # what this worker counted since its last hand-over
             subscriber.close()
 
     return app

@@ -1,6 +1,6 @@
 """Replays the 54 requests captured from Flagsmith's Python Edge Proxy against a real `edge-proxy serve`
 pointed at the fake upstream serving the same documents. 48 cases must answer with the captured status and
-body; the 6 deliberate fixes (tests/data/README.md) are asserted as DESIGN.md decides.
+body; the 6 deliberate fixes (tests/data/README.md) are asserted as docs/DESIGN.md decides.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import EXAMPLES, ProxyProcess, conformance_documents, load_json, proxy_config, serving
+from tests.support import EXAMPLES, ProxyProcess, conformance_documents, load_json, proxy_config, serving
 
 CASES = sorted(p for p in EXAMPLES.glob("[0-9][0-9]_*.json"))
 FIXED = {"12", "13", "18", "44", "46", "47"}

@@ -8,8 +8,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from proxy.leader.discovery import parse_proxy_config
-from tests.conftest import ProxyProcess, wait_for
 from tests.fake_upstream import FakeFlagsmith
+from tests.support import ProxyProcess, wait_for
 
 
 def environment(client_key: str, *server_keys: dict[str, Any]) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import ENGINE_DATA, ProxyProcess, load_json, serving
+from tests.support import ENGINE_DATA, ProxyProcess, load_json, serving
 
 SERVER_KEY = "ser.engine_test_data"
 EXPECTED = load_json(ENGINE_DATA / "v1_identities_expected_composite_key.json")

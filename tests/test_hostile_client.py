@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import ProxyProcess, conformance_documents, proxy_config, serving, wait_for
+from tests.support import ProxyProcess, conformance_documents, proxy_config, serving, wait_for
 
 CLIENT = {"X-Environment-Key": "env_client_key_1"}
 ORIGIN = "https://app.example.com"

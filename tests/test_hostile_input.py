@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import ProxyProcess, conformance_documents, proxy_config, serving
+from tests.support import ProxyProcess, conformance_documents, proxy_config, serving
 
 EXAMPLES = 2500  # per test; four tests: 10,000 requests
 SETTINGS = settings(

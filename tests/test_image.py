@@ -25,8 +25,8 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from tests.conftest import KEYS, conformance_documents, free_port, wait_for
 from tests.fake_upstream import FakeFlagsmith
+from tests.support import KEYS, conformance_documents, free_port, wait_for
 
 ROOT = Path(__file__).parents[1]
 

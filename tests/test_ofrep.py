@@ -27,7 +27,7 @@ from openfeature.flag_evaluation import FlagEvaluationDetails, Reason
 
 from proxy.identity_request import MAX_TRAIT_STRING
 from proxy.ofrep import MAX_CONTEXT_ENTRIES
-from tests.conftest import ProxyProcess, conformance_documents, proxy_config, serving, wait_for
+from tests.support import ProxyProcess, conformance_documents, proxy_config, serving, wait_for
 
 NODE_DIR = Path(__file__).parent / "ofrep_node"
 MAX_BODY = 16384

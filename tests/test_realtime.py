@@ -24,7 +24,7 @@ import pytest
 from flagsmith import Flagsmith
 from flagsmith.webhooks import generate_signature
 
-from tests.conftest import ProxyProcess, conformance_documents, proxy_config, serving, wait_for
+from tests.support import ProxyProcess, conformance_documents, proxy_config, serving, wait_for
 
 NODE_DIR = Path(__file__).parent / "realtime_node"
 SERVER_1, CLIENT_1 = "ser.env_server_key_1", "env_client_key_1"

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 from flagsmith import Flagsmith
 
-from tests.conftest import ProxyProcess, conformance_documents, proxy_config, serving, wait_for
+from tests.support import ProxyProcess, conformance_documents, proxy_config, serving, wait_for
 
 IDENTITIES = [
     ("user-42", {"plan": "premium", "age": 30}),

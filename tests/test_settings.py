@@ -12,7 +12,7 @@ import pytest
 
 from proxy.granian_config import available_cpus, load_granian_options
 from proxy.settings import ConfigError, Settings, default_config, load_settings, mask_key
-from tests.conftest import EDGE_PROXY, EXAMPLES
+from tests.support import EDGE_PROXY, EXAMPLES
 
 PAIR = {"server_side_key": "ser.abc123", "client_side_key": "client123"}
 

@@ -8,9 +8,12 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import orjson
 import pytest
 
+from proxy.manifest import Location, Manifest, ManifestEntry
 from proxy.shm import Area, AreaError, Publisher, Subscriber
 
 
@@ -22,8 +25,8 @@ def area(tmp_path: Path) -> Iterator[Area]:
     created.remove()
 
 
-def entry(name: str = "env") -> dict[str, object]:
-    return {"server_keys": [f"ser.{name}"], "name": name, "last_success": 1.0, "last_error": None}
+def entry(name: str = "env", last_success: float = 1.0) -> ManifestEntry:
+    return ManifestEntry(server_keys={f"ser.{name}": None}, name=name, last_success=last_success)
 
 
 def test_publish_then_read(area: Area) -> None:
@@ -33,7 +36,7 @@ def test_publish_then_read(area: Area) -> None:
         assert subscriber.changed()
         manifest, documents = subscriber.poll()
         assert documents == {"a": b'{"x":1}'}
-        assert manifest["generation"] == 1
+        assert manifest.generation == 1
         assert not subscriber.changed()
 
 
@@ -54,10 +57,10 @@ def test_a_status_only_publication_carries_no_documents(area: Area) -> None:
     with Publisher(area.path) as publisher, Subscriber(area.path) as subscriber:
         publisher.publish({"a": b"{}"}, {"a": entry()})
         subscriber.poll()
-        publisher.publish({}, {"a": {**entry(), "last_success": 2.0}})
+        publisher.publish({}, {"a": entry(last_success=2.0)})
         manifest, documents = subscriber.poll()
         assert documents == {}
-        assert manifest["environments"]["a"]["last_success"] == 2.0
+        assert manifest.environments["a"].last_success == 2.0
 
 
 def test_corrupted_document_is_not_handed_out(area: Area) -> None:
@@ -85,8 +88,8 @@ def test_a_restarted_publisher_resumes_the_generation(area: Area) -> None:
         first.publish({}, {"a": entry()})
     with Publisher(area.path) as second:
         manifest = second.resume()
-        assert manifest is not None and manifest["generation"] == 2
-        assert second.read_document(manifest["environments"]["a"]) == b"{}"
+        assert manifest is not None and manifest.generation == 2
+        assert second.read_document(manifest.environments["a"]) == b"{}"
         assert second.publish({}, {"a": entry()}) == 3
 
 
@@ -192,3 +195,63 @@ def test_a_restarted_publisher_cleans_up_what_a_killed_one_left(area: Area) -> N
         with Subscriber(area.path) as subscriber:
             assert subscriber.poll()[1] == {"a": b"3"}
     assert len(list(area.path.glob("env-*.json"))) == 1
+
+
+# What a leader before the typed manifest wrote (generation 41, one environment published, one not yet).
+OLD_MANIFEST = {
+    "generation": 41,
+    "environments": {
+        "client_a": {
+            "server_keys": {"ser.a": None, "ser.a2": 1900000000.0},
+            "name": "Production",
+            "updated_at": "2024-05-01T10:00:00+00:00",
+            "last_success": 1714557600.5,
+            "last_error": None,
+            "error_kind": None,
+            "file": "env-0123456789abcdef-41.json",
+            "length": 2,
+            "crc32": 2745614147,
+        },
+        "client_b": {
+            "server_keys": {"ser.b": None},
+            "name": None,
+            "updated_at": None,
+            "last_success": None,
+            "last_error": "HTTP 503 from upstream",
+            "error_kind": "http_status",
+        },
+    },
+    "meta": {"discovered_at": 1714557500.0},
+}
+
+
+def as_written_now(old: dict[str, Any], generation: int) -> dict[str, Any]:
+    """An earlier manifest as this version writes it: the fields added since (`environment_id`) as null."""
+    environments = {key: {**entry, "environment_id": None} for key, entry in old["environments"].items()}
+    return {**old, "generation": generation, "environments": environments}
+
+
+def test_the_manifest_json_form_is_what_earlier_leaders_wrote() -> None:
+    manifest = Manifest.from_json(OLD_MANIFEST)
+    a, b = manifest.environments["client_a"], manifest.environments["client_b"]
+    assert a.location == Location("env-0123456789abcdef-41.json", 2, 2745614147)
+    assert a.server_keys == {"ser.a": None, "ser.a2": 1900000000.0}
+    assert (b.location, b.error_kind, manifest.discovered_at) == (None, "http_status", 1714557500.0)
+    assert manifest.to_json() == as_written_now(OLD_MANIFEST, 41)  # and back, field for field
+    # fields a later version adds are ignored; missing ones take their defaults
+    newer = Manifest.from_json({"generation": 3, "environments": {"c": {"file": "f", "future": 1}}, "x": 2})
+    assert newer.environments["c"] == ManifestEntry(location=Location("f", 0, 0))
+    assert newer.discovered_at is None
+
+
+def test_a_leader_resumes_from_an_earlier_leaders_manifest(area: Area) -> None:
+    (area.path / "env-0123456789abcdef-41.json").write_bytes(b"{}")
+    (area.path / "manifest.json").write_bytes(orjson.dumps(OLD_MANIFEST))
+    with Publisher(area.path) as publisher:
+        manifest = publisher.resume()
+        assert manifest is not None and publisher.generation == 41
+        assert publisher.read_document(manifest.environments["client_a"]) == b"{}"
+        assert publisher.read_document(manifest.environments["client_b"]) is None
+        assert publisher.publish({}, manifest.environments, manifest.discovered_at) == 42
+    republished = orjson.loads((area.path / "manifest.json").read_bytes())
+    assert republished == as_written_now(OLD_MANIFEST, 42)  # the document kept, nothing rewritten

@@ -31,8 +31,8 @@ from proxy.leader.snapshots import (
     encode,
 )
 from proxy.shm import key_hash
-from tests.conftest import KEYS, ProxyProcess, conformance_documents, free_port, proxy_config, wait_for
 from tests.fake_upstream import FakeFlagsmith
+from tests.support import KEYS, ProxyProcess, conformance_documents, free_port, proxy_config, wait_for
 
 CLIENT_1 = {"X-Environment-Key": "env_client_key_1"}
 SERVER_1 = {"X-Environment-Key": "ser.env_server_key_1"}
@@ -458,7 +458,9 @@ def test_readiness_from_a_snapshot_is_bounded_and_configurable() -> None:
         return Settings(environment_key_pairs=pairs, health_check=health)
 
     now = 1_000_000.0
-    entry = {"file": "env-x-1.json", "source": "snapshot", "last_success": None, "snapshot_saved_at": now - 3600}
+    from proxy.manifest import Location, ManifestEntry
+
+    entry = ManifestEntry(location=Location("env-x-1.json", 1, 1), source="snapshot", snapshot_saved_at=now - 3600)
     status = {client: entry for client in KEYS.values()}
     code, body = check_health(settings(), list(KEYS.values()), status, {}, now)
     assert code == 200

@@ -13,8 +13,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.conftest import ProxyProcess, proxy_config, wait_for
 from tests.fake_upstream import FakeFlagsmith
+from tests.support import ProxyProcess, proxy_config, wait_for
 
 
 def self_signed(directory: Path) -> tuple[Path, Path]:

@@ -16,10 +16,11 @@ from proxy.cache import ResponseCache
 from proxy.environment import Body, EnvironmentState, KeyKind
 from proxy.health import NOT_UPDATED, STALE, check_health
 from proxy.identity_request import RequestInvalid, is_json_content_type, parse_identity_body, parse_identity_query
+from proxy.manifest import Location, ManifestEntry
 from proxy.mapping import DocumentError, validate_document
 from proxy.settings import Settings
 from proxy.store import Store
-from tests.conftest import EXAMPLES
+from tests.support import EXAMPLES
 
 PAIRS = [
     {"server_side_key": "ser.one_server", "client_side_key": "one_client"},
@@ -53,8 +54,8 @@ def settings(**overrides: object) -> Settings:
     return Settings(environment_key_pairs=PAIRS, api_poll_frequency_seconds=10, **overrides)
 
 
-def status(last_success: float | None) -> dict[str, object]:
-    return {"file": "env-x-1.json", "last_success": last_success, "name": "n", "last_error": None}
+def status(last_success: float | None) -> ManifestEntry:
+    return ManifestEntry(name="n", last_success=last_success, location=Location("env-x-1.json", 2, 0))
 
 
 def test_health_rules() -> None:

@@ -9,8 +9,8 @@ from email.utils import parsedate_to_datetime
 
 import pytest
 
-from tests.conftest import ProxyProcess, free_port, proxy_config, wait_for
 from tests.fake_upstream import FakeFlagsmith
+from tests.support import ProxyProcess, free_port, proxy_config, wait_for
 
 CLIENT = {"X-Environment-Key": "env_client_key_1"}
 FAST = {"api_poll_frequency_seconds": 0.3, "health_check": {"environment_update_grace_period_seconds": 0.5}}

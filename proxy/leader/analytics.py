@@ -14,8 +14,7 @@ import httpx
 import orjson
 
 from proxy import metrics
-from proxy.analytics import FOLDER
-from proxy.handover import Inbox
+from proxy.handover import ANALYTICS_FOLDER, Inbox
 from proxy.leader.upstream import flush_every, upstream_client
 from proxy.settings import Settings, mask_key
 
@@ -26,7 +25,7 @@ class AnalyticsForwarder:
     """Every interval, collect and forward; what failed is retried next time."""
 
     def __init__(self, settings: Settings, area: Path, server_key_of: Callable[[str], str | None]) -> None:
-        self.inbox = Inbox(area, FOLDER)
+        self.inbox = Inbox(area, ANALYTICS_FOLDER)
         self.interval = settings.analytics_flush_interval_seconds
         self.server_key_of = server_key_of  # the leader knows discovered environments too
         self.url = None if settings.api_url.lower().startswith("file:") else settings.api_url + "/analytics/flags/"

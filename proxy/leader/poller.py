@@ -30,6 +30,7 @@ from proxy.environment import EnvironmentState, parse_updated_at
 from proxy.leader.discovery import Discovery
 from proxy.leader.snapshots import Snapshots
 from proxy.leader.sources import Fetched, FetchFailed, NotModified, Source
+from proxy.manifest import ManifestEntry
 from proxy.settings import Settings, mask_key
 from proxy.shm import AreaError, Publisher
 
@@ -69,22 +70,23 @@ class Environment:
         """The key used to fetch the document: the first one (discovered keys are sorted)."""
         return next(iter(self.server_keys))
 
-    def manifest_entry(self) -> dict[str, Any]:
-        return {
-            "server_keys": self.server_keys,
-            "name": self.name,
-            "environment_id": self.environment_id,
-            "updated_at": self.updated_at.isoformat() if self.updated_at else None,
-            "last_success": self.last_success,
-            "last_error": self.last_error,
-            "error_kind": self.error_kind,
-            "source": self.source,
-            "state": self.state,
-            "state_since": self.state_since,
-            "last_200": self.last_200,
-            "last_304": self.last_304,
-            "snapshot_saved_at": self.snapshot_saved_at,
-        }
+    def manifest_entry(self) -> ManifestEntry:
+        """Its status for the manifest; the publisher adds where the document is."""
+        return ManifestEntry(
+            server_keys=self.server_keys,
+            name=self.name,
+            environment_id=self.environment_id,
+            updated_at=self.updated_at.isoformat() if self.updated_at else None,
+            last_success=self.last_success,
+            last_error=self.last_error,
+            error_kind=self.error_kind,
+            source=self.source,
+            state=self.state,
+            state_since=self.state_since,
+            last_200=self.last_200,
+            last_304=self.last_304,
+            snapshot_saved_at=self.snapshot_saved_at,
+        )
 
     def enter(self, state: str) -> None:
         if state != self.state:
@@ -125,24 +127,24 @@ class Poller:
         manifest = self.publisher.resume()
         if manifest is None:
             return
-        self.discovered_at = (manifest.get("meta") or {}).get("discovered_at")
-        self.resumed_meta = manifest.get("meta") or {}
+        self.discovered_at = manifest.discovered_at
+        self.resumed_meta = manifest.extra
         # a manifest from a leader (not the main process's snapshot preload): we are its restart
         self.leader_restarts = self.resumed_meta.get("leader_restarts", 0) + ("leader_started_at" in self.resumed_meta)
-        for client_key, entry in manifest["environments"].items():
+        for client_key, entry in manifest.environments.items():
             env = self.environments.get(client_key)
-            server_keys = entry.get("server_keys") or {}
+            server_keys = entry.server_keys
             if env is None and self.discovery is not None and server_keys:
                 # a discovered environment: keep serving it until discovery says otherwise
                 env = self.environments[client_key] = Environment(client_key, server_keys, static=False)
             if env is None or env.server_key not in server_keys:
                 continue
-            env.last_success = entry.get("last_success")
-            env.last_error = entry.get("last_error")
-            env.error_kind = entry.get("error_kind")
+            env.last_success = entry.last_success
+            env.last_error = entry.last_error
+            env.error_kind = entry.error_kind
             for name in ("source", "state", "state_since", "last_200", "last_304", "snapshot_saved_at"):
-                if entry.get(name) is not None:
-                    setattr(env, name, entry[name])
+                if getattr(entry, name) is not None:
+                    setattr(env, name, getattr(entry, name))
             data = self.publisher.read_document(entry)
             if data is None:
                 continue
@@ -398,7 +400,6 @@ class Poller:
 
     def _meta(self) -> dict[str, Any]:
         return {
-            "discovered_at": self.discovered_at,
             "leader_restarts": self.leader_restarts,
             "leader_started_at": self._started_at,
             "snapshots": self.snapshots.status() if self.snapshots is not None else None,
@@ -409,7 +410,7 @@ class Poller:
         entries = {key: env.manifest_entry() for key, env in self.environments.items()}
         started = time.perf_counter()
         try:
-            generation = self.publisher.publish(changed, entries, self._meta())
+            generation = self.publisher.publish(changed, entries, self.discovered_at, self._meta())
         except AreaError as exc:
             metrics.PUBLICATION_ERRORS.inc()
             log.error("publication failed, workers keep the previous generation: %s", exc)

@@ -24,6 +24,7 @@ from proxy.shm import Publisher
 
 log = logging.getLogger("proxy.leader")
 
+HEARTBEAT_EVERY = 0.5  # seconds; the supervisor replaces a leader silent for leader_heartbeat_timeout_seconds
 REAP_INTERVAL = 1.0  # seconds between checks for dead workers (their live gauges go, a restart is counted)
 
 
@@ -43,6 +44,14 @@ async def _stop_when_orphaned(parent: int, stop: asyncio.Event) -> None:
             log.error("the main process (pid %d) is gone; leader exiting", parent)
             stop.set()
         await asyncio.sleep(0.5)
+
+
+async def _beat(publisher: Publisher, stop: asyncio.Event) -> None:
+    # From the event loop itself: a blocked loop stops beating, which is what the supervisor must see.
+    while not stop.is_set():
+        publisher.beat()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=HEARTBEAT_EVERY)
 
 
 async def _reap_dead_processes(area: Path, stop: asyncio.Event) -> None:
@@ -75,6 +84,8 @@ async def _main(settings: Settings, area: Path) -> None:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     publisher = Publisher(area, settings.shared_memory_max_bytes)
+    # The first beat comes after resuming (many environments take a while): the supervisor allows a new leader
+    # leader_heartbeat_timeout_seconds + LEADER_FIRST_BEAT_GRACE for it.
     source = make_source(settings)
     discovery = Discovery(settings) if settings.proxy_key else None
     poller = Poller(settings, source, publisher, discovery)
@@ -90,6 +101,7 @@ async def _main(settings: Settings, area: Path) -> None:
     register(area, LEADER)
     log.info("leader started, polling %d environment(s)", len(poller.environments))
     orphan_watch = asyncio.create_task(_stop_when_orphaned(os.getppid(), stop))
+    heartbeat = asyncio.create_task(_beat(publisher, stop))
     reaper = asyncio.create_task(_reap_dead_processes(area, stop))
     analytics = asyncio.create_task(AnalyticsForwarder(settings, area, poller.server_key_of).run(stop))
     usage = asyncio.create_task(UsageReporter(settings, area).run(stop)) if settings.proxy_key else None
@@ -102,6 +114,7 @@ async def _main(settings: Settings, area: Path) -> None:
         await poller.run(stop)
     finally:
         orphan_watch.cancel()
+        heartbeat.cancel()
         reaper.cancel()
         stop.set()
         for task in on_demand:

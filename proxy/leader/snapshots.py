@@ -304,6 +304,7 @@ def preload(settings: Settings, area: Path) -> None:
     snapshots, so the workers' first load serves them. The leader takes them over (`Poller.resume`)."""
     if not (settings.snapshot_dir or settings.snapshot_redis_url):
         return
+    from proxy.manifest import ManifestEntry
     from proxy.shm import AreaError, Publisher
 
     try:
@@ -312,7 +313,7 @@ def preload(settings: Settings, area: Path) -> None:
         log.error("snapshot store unavailable, starting without snapshots: %s", exc)
         return
     documents: dict[str, bytes] = {}
-    entries: dict[str, dict[str, Any]] = {}
+    entries: dict[str, ManifestEntry] = {}
     now = time.time()
     try:
         for pair in settings.environment_key_pairs:
@@ -329,22 +330,18 @@ def preload(settings: Settings, area: Path) -> None:
                 log.error("snapshot of environment %s skipped: not a document", mask_key(pair.client_side_key))
                 continue
             documents[pair.client_side_key] = snapshot.document
-            entries[pair.client_side_key] = {
-                "server_keys": {pair.server_side_key: None},
-                "name": document.get("name"),
-                "updated_at": updated_at if isinstance(updated_at, str) else None,
-                "last_success": None,
-                "last_error": None,
-                "error_kind": None,
-                "source": "snapshot",
-                "state": "initializing",
-                "state_since": now,
-                "last_200": None,
-                "last_304": None,
-                "snapshot_saved_at": snapshot.saved_at,
-            }
+            entries[pair.client_side_key] = ManifestEntry(
+                server_keys={pair.server_side_key: None},
+                name=document.get("name") if isinstance(document.get("name"), str) else None,
+                environment_id=document.get("id") if isinstance(document.get("id"), int) else None,
+                updated_at=updated_at if isinstance(updated_at, str) else None,
+                source="snapshot",
+                state="initializing",
+                state_since=now,
+                snapshot_saved_at=snapshot.saved_at,
+            )
         with Publisher(area, settings.shared_memory_max_bytes) as publisher:
-            publisher.publish(documents, entries, {"discovered_at": None, "snapshots": snapshots.status()})
+            publisher.publish(documents, entries, None, {"snapshots": snapshots.status()})
     except AreaError as exc:
         log.error("snapshots not published before start: %s", exc)
     finally:

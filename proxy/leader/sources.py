@@ -176,8 +176,8 @@ class HttpSource:
                     raise DocumentTooLarge
                 chunks.append(chunk)
             content = _decode(response, b"".join(chunks), self.max_bytes)
-        headers = [(k, v) for k, v in response.headers.items() if k not in ("content-encoding", "content-length")]
-        return httpx.Response(response.status_code, headers=headers, content=content, request=response.request)
+        kept = [(k, v) for k, v in response.headers.items() if k not in ("content-encoding", "content-length")]
+        return httpx.Response(response.status_code, headers=kept, content=content, request=response.request)
 
 
 def _decode(response: httpx.Response, raw: bytes, limit: int) -> bytes:

@@ -24,13 +24,12 @@ import httpx
 import orjson
 
 from proxy import metrics
-from proxy.handover import Inbox
+from proxy.handover import USAGE_FOLDER, Inbox
 from proxy.leader.upstream import flush_every, upstream_client
 from proxy.settings import Settings
 
 log = logging.getLogger("proxy.leader")
 
-FOLDER = "usage"
 BATCHES = "batches.json"
 MAX_ROWS = 1000
 
@@ -40,8 +39,8 @@ Batch = tuple[str, list[dict[str, Any]]]  # (idempotency key, rows)
 class UsageReporter:
     def __init__(self, settings: Settings, area: Path) -> None:
         assert settings.proxy_key is not None
-        self.inbox = Inbox(area, FOLDER)
-        self.batches_path = area / FOLDER / BATCHES
+        self.inbox = Inbox(area, USAGE_FOLDER)
+        self.batches_path = area / USAGE_FOLDER / BATCHES
         self.url = settings.api_url + "/proxy/usage/"
         self.interval = settings.usage_flush_interval_seconds
         self.proxy_key = settings.proxy_key

@@ -1,0 +1,120 @@
+"""The in-process tier: the real BlackSheep app and Store, no processes, no sockets.
+
+`InProcessProxy` builds a worker's `Store` with states from documents (as `Follower` would from a
+publication), the app from `proxy.app.build_app`, and sends requests through BlackSheep's `TestClient`
+on its own event loop, so a route test costs well under a millisecond. Processes, publication, Granian
+and failures stay in the real-process tier (`tests/support.py` `ProxyProcess`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from blacksheep import Content
+from blacksheep.testing import TestClient
+
+from proxy.app import build_app
+from proxy.environment import EnvironmentState
+from proxy.manifest import Location, Manifest, ManifestEntry
+from proxy.settings import Settings
+from proxy.store import Store, build_states
+from tests.support import KEYS
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    headers: dict[str, str]  # lower-case names; repeated headers joined with ", "
+    raw: bytes  # the body as sent (gzip when encoded)
+
+    @property
+    def content(self) -> bytes:
+        return gzip.decompress(self.raw) if self.headers.get("content-encoding") == "gzip" else self.raw
+
+    @property
+    def text(self) -> str:
+        return self.content.decode()
+
+    def json(self) -> Any:
+        return orjson.loads(self.content)
+
+
+def settings_for(**overrides: Any) -> Settings:
+    pairs = [{"server_side_key": server, "client_side_key": client} for server, client in KEYS.items()]
+    return Settings(environment_key_pairs=pairs, api_url="http://127.0.0.1:9", **overrides)
+
+
+class InProcessProxy:
+    def __init__(self, settings: Settings, documents: dict[str, dict[str, Any]]) -> None:
+        """`documents`: server key → environment document (as upstream serves it)."""
+        self.settings = settings
+        self.store = Store(settings)
+        client_keys = {pair.server_side_key: pair.client_side_key for pair in settings.environment_key_pairs}
+        published = {client_keys[server]: orjson.dumps(document) for server, document in documents.items()}
+        self.publish(published)
+        self.app = build_app(settings, self.store)
+        self.loop = asyncio.new_event_loop()
+        self.loop.run_until_complete(self.app.start())
+        self.client = TestClient(self.app)
+
+    def publish(self, documents: dict[str, bytes], last_success: float | None = None) -> None:
+        """Swap in a new generation, as a worker's Follower does after a publication."""
+        now = time.time() if last_success is None else last_success
+        entries = {
+            pair.client_side_key: ManifestEntry(
+                server_keys={pair.server_side_key: None},
+                last_success=now,
+                location=Location(f"env-{pair.client_side_key}.json", len(data), zlib.crc32(data))
+                if (data := documents.get(pair.client_side_key)) is not None
+                else None,
+            )
+            for pair in self.settings.environment_key_pairs
+        }
+        built = build_states(documents, self.store.build_errors)
+        self.store.apply(Manifest(self.store.generation + 1, entries), built)
+
+    def state(self, client_key: str) -> EnvironmentState:
+        return self.store.states[client_key]
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        headers: dict[str, str] | None = None,
+        body: bytes | None = None,
+        content_type: str | None = "application/json",
+    ) -> Answer:
+        """`content_type` None: a body with no Content-Type header."""
+        # TestClient adds browser-like defaults (Accept-Encoding: gzip, deflate): ask for identity unless told
+        sent = {"accept-encoding": "identity", **{name.lower(): value for name, value in (headers or {}).items()}}
+        content = None
+        if body is not None:
+            content = Content((content_type or "application/octet-stream").encode(), body)
+            if content_type is not None:
+                sent.setdefault("content-type", content_type)
+            sent.setdefault("content-length", str(len(body)))
+        send = getattr(self.client, method.lower())  # TestClient.get, .post, .options, ...
+        call = send(path, headers=sent, content=content) if content is not None else send(path, headers=sent)
+        response = self.loop.run_until_complete(call)
+        raw = self.loop.run_until_complete(response.read()) or b""
+        names: dict[str, str] = {}
+        for name, value in response.headers:
+            key = name.decode().lower()
+            names[key] = f"{names[key]}, {value.decode()}" if key in names else value.decode()
+        return Answer(response.status, names, raw)
+
+    def get(self, path: str, headers: dict[str, str] | None = None) -> Answer:
+        return self.request("GET", path, headers)
+
+    def post(self, path: str, body: bytes, headers: dict[str, str] | None = None, **kwargs: Any) -> Answer:
+        return self.request("POST", path, headers, body, **kwargs)
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.app.stop())
+        self.loop.close()

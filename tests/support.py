@@ -1,0 +1,246 @@
+"""Test helpers: real `edge-proxy serve` processes (bounded waits, always stopped), the fake upstream's
+documents, free ports, process inspection through /proc. Imported by tests, by `conftest.py`'s fixtures
+and by the benchmark scripts (`python -m benchmarks.x` from the repository root)."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.fake_upstream import FakeFlagsmith
+
+DATA = Path(__file__).parent / "data"
+EXAMPLES = DATA / "ep-examples"
+ENGINE_DATA = DATA / "engine-test-data"
+EDGE_PROXY = str(Path(sys.executable).parent / "edge-proxy")
+
+KEYS = {
+    "ser.env_server_key_1": "env_client_key_1",
+    "ser.env_server_key_2": "env_client_key_2",
+}
+
+
+def load_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def conformance_documents() -> dict[str, dict[str, Any]]:
+    return {
+        "ser.env_server_key_1": load_json(EXAMPLES / "upstream_env1_document.json"),
+        "ser.env_server_key_2": load_json(EXAMPLES / "upstream_env2_document.json"),
+    }
+
+
+# Ports handed out by this test process: never the same one twice, even once its socket is closed.
+_handed_out: set[int] = set()
+# How often a proxy is restarted on a fresh port when another process took its port between `free_port`
+# and Granian's bind (two cores, several engineers' test runs at once).
+START_RETRIES = 3
+
+
+def free_port(attempts: int = 20) -> int:
+    """A port nobody listens on now (the kernel's pick), not handed out before; retries on EADDRINUSE."""
+    for _ in range(attempts):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", 0))
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                continue
+            port: int = sock.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise RuntimeError(f"no free port on 127.0.0.1 after {attempts} attempts")
+
+
+def lost_the_port(log: str) -> bool:
+    """Did a start-up fail because another process bound our port first?"""
+    text = log.lower()
+    return "address already in use" in text or "os error 98" in text or "errno 98" in text
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # the command may contain spaces and parentheses: fields follow the last ')'
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = (Path("/proc") / str(pid) / "stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+class ProxyProcess:
+    """`edge-proxy serve` in its own working directory, as a user would start it."""
+
+    def __init__(self, workdir: Path, config: dict[str, Any], workers: int = 1, env: dict[str, str] | None = None):
+        self.workdir = workdir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(json.dumps(config))
+        self.log_path = workdir / "proxy.log"
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("GRANIAN_", "PROMETHEUS_"))},
+            "CONFIG_PATH": str(workdir / "config.json"),
+            **(env or {}),
+        }
+        self.workers = workers
+        self.start_retries = START_RETRIES
+        self._log_start = 0
+        self.process: subprocess.Popen[bytes] | None = None
+        self.upstream: FakeFlagsmith | None = None  # set by `serving`
+
+    def start(self) -> ProxyProcess:
+        self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0  # this attempt's output
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    EDGE_PROXY,
+                    "serve",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--workers",
+                    str(self.workers),
+                ],
+                cwd=self.workdir,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group, as in a terminal (see the Ctrl-C test)
+            )
+        return self
+
+    def _restart_on_a_new_port(self) -> None:
+        self.start_retries -= 1
+        with open(self.log_path, "ab") as log:
+            log.write(f"\n[tests] port {self.port} was taken by another process; retrying on a new port\n".encode())
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.start()
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    @property
+    def area(self) -> Path:
+        return Path("/dev/shm") / f"edge-proxy.{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def get(self, path: str, **kwargs: Any) -> httpx.Response:
+        return httpx.get(self.url + path, timeout=10, **kwargs)
+
+    def wait_live(self, timeout: float = 30) -> None:
+        def live() -> bool:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                if self.start_retries > 0 and lost_the_port(self.log()[self._log_start :]):
+                    self._restart_on_a_new_port()
+                    return False
+                raise AssertionError(f"proxy exited with {self.process.returncode}:\n{self.log()}")
+            with contextlib.suppress(httpx.HTTPError):
+                return self.get("/proxy/health/liveness").status_code == 200
+            return False
+
+        assert wait_for(live, timeout, 0.1), f"proxy not live after {timeout}s:\n{self.log()}"
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        self.wait_live(timeout)
+        ready = wait_for(lambda: self.get("/proxy/health/readiness").status_code == 200, timeout, 0.1)
+        assert ready, f"proxy not ready after {timeout}s:\n{self.log()}"
+
+    def leader_pid(self) -> int | None:
+        pids = [p for p in children(self.pid) if "spawn_main" in cmdline(p) and alive(p)]
+        return pids[0] if pids else None
+
+    def worker_pids(self) -> list[int]:
+        own = cmdline(self.pid)
+        return sorted(p for p in children(self.pid) if cmdline(p) == own and alive(p))
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait(10)
+
+
+def proxy_config(api_url: str, **overrides: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "environment_key_pairs": [
+            {"server_side_key": server, "client_side_key": client} for server, client in KEYS.items()
+        ],
+        "api_url": api_url,
+        "api_poll_frequency_seconds": 10,
+        "api_poll_timeout_seconds": 5,
+        "logging": {"log_level": "INFO"},
+    }
+    config.update(overrides)
+    return config
+
+
+@contextlib.contextmanager
+def serving(
+    workdir: Path, documents: dict[str, dict[str, Any]], config: Callable[[str], dict[str, Any]]
+) -> Iterator[ProxyProcess]:
+    """A fake upstream serving `documents` and a ready proxy configured by `config(api_url)`; both stopped after."""
+    upstream = FakeFlagsmith(documents).start()
+    proxy = ProxyProcess(workdir, config(upstream.api_url)).start()
+    proxy.upstream = upstream
+    try:
+        proxy.wait_ready()
+        yield proxy
+    finally:
+        proxy.stop()
+        upstream.stop()
