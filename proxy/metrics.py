@@ -41,6 +41,12 @@ ANALYTICS_EVENTS = Counter(
     "Flag evaluations reported by SDKs, by outcome (forwarded, rejected, dropped)",
     ["outcome"],
 )
+EVALUATOR_FALLBACKS = Counter(
+    "edge_proxy_evaluator_fallbacks",
+    "Times the compiled evaluator handed work to flag-engine, by reason and scope (environment or segment"
+    " when a state is built; request for one request's unusual traits)",
+    ["reason", "scope"],
+)
 LEADER_RESTARTS = Counter("edge_proxy_leader_restarts", "Times the leader process was restarted")
 ENVIRONMENT_LAST_SUCCESS = Gauge(
     "edge_proxy_environment_last_success_timestamp_seconds",
