@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
 
-.PHONY: run test lint format bench wrk clean
+.PHONY: run test lint format bench wrk wrk-table fuzz-evaluator clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ test: $(VENV)/.installed-test
 	$(BIN)/ruff format --check proxy tests benchmarks
 	$(BIN)/pytest
 
+## The compiled evaluator against flag-engine on 11,000 generated documents (over 100,000 identity cases).
+fuzz-evaluator: $(VENV)/.installed-test
+	EVALUATOR_EXAMPLES=11000 $(BIN)/pytest tests/test_evaluator_differential.py -k flag_engine -s -p no:cacheprovider --timeout 0
+
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check proxy tests benchmarks
 	$(BIN)/ruff format --check proxy tests benchmarks
@@ -44,6 +48,11 @@ bench: $(VENV)/.installed-test
 wrk: $(VENV)/.installed-test
 	command -v wrk >/dev/null || (apt-get install -y wrk || sudo apt-get install -y wrk)
 	$(BIN)/python benchmarks/wrk_run.py
+
+## Issue 8's table: the proxy (default and heavy profile) vs the fixed-bytes Granian + BlackSheep ceiling.
+wrk-table: $(VENV)/.installed-test
+	command -v wrk >/dev/null || (apt-get install -y wrk || sudo apt-get install -y wrk)
+	$(BIN)/python benchmarks/wrk_run.py --table --duration 10 --rounds 3
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .benchmarks

@@ -15,7 +15,6 @@ from collections.abc import Awaitable, Callable
 from email.utils import parsedate_to_datetime
 from typing import Any
 
-import orjson
 from blacksheep import Application, Content, Request, Response
 from blacksheep.server.routing import Router
 
@@ -146,8 +145,7 @@ class ProxyApp:
         body = cache.get(state.client_key, cache_key) if cache is not None else None
         gzip_wanted = _accepts_gzip(request)
         if body is None:
-            flags = state.identity_flags(kind, identifier, traits)
-            data = orjson.dumps({"identifier": identifier, "traits": echo, "flags": flags})
+            data = state.identity_body(kind, identifier, echo, traits)
             body = Body.of(data) if gzip_wanted else Body(data, None)
             if cache is not None:
                 cache.put(state.client_key, cache_key, body)

@@ -3,12 +3,14 @@
 flag-engine re-walks rule trees, re-reads traits through JSONPath and re-casts condition values on
 every call (~150 µs on the conformance environment). Here, when a state is built:
 
-* each segment becomes one predicate over the identity's facts (proxy/conditions.py);
+* each segment becomes one predicate over the identity's facts (proxy/rules.py, proxy/conditions.py);
 * each feature gets its candidate overrides in the order the engine's `_wins_over` would pick them
   (lowest priority first, ties in segment then override-list order), so the winner is the first
-  candidate whose segment matches: segments are evaluated lazily, at most once per request;
+  candidate whose segment matches. Features with the same candidate segments share that search (a
+  `Ladder`); segments are evaluated lazily, at most once per request;
 * every possible result of a feature is an `Outcome` with its reason, variant and encoded bytes
-  (proxy/outcomes.py), and features no segment can change are fixed outright.
+  (proxy/outcomes.py), and features no segment can change are fixed outright;
+* identity overrides come from the mapping's `OverrideIndex`, turned into outcomes on first use.
 
 flag-engine stays the reference: tests/test_evaluator_differential.py compares the two on generated
 documents. What this module cannot reproduce raises `Unsupported` (see proxy/conditions.py).
@@ -24,108 +26,17 @@ from typing import Any
 import orjson
 from flag_engine.segments.evaluator import is_context_in_segment
 
-from proxy.conditions import (
-    IDENTITY_KEY,
-    Facts,
-    Predicate,
-    Unsupported,
-    coerce,
-    compile_condition,
-    fact_key,
-    path_resolver,
-)
+from proxy.conditions import IDENTITY_KEY, Facts, Predicate, Unsupported, coerce, fact_key, path_resolver
 from proxy.evaluation import FlagResult
 from proxy.mapping import MappedEnvironment, identity_context
 from proxy.outcomes import Choice, Outcome, Split, choice_for, outcome
+from proxy.rules import compile_segment, conditions_of, never, raise_environment_scoped
 
 # Facts key of the full engine context, present only when some segment is decided by flag-engine.
 ENGINE_CONTEXT = ("engine", "context")
 IDENTITY_OVERRIDE_REASON = "TARGETING_MATCH; segment=identity_overrides"
 
 SegmentFallback = Callable[[str, str, str], None]  # (segment name, reason, detail): report it
-
-
-def _always(facts: Facts) -> bool:
-    return True
-
-
-def _never(facts: Facts) -> bool:
-    return False
-
-
-# Rules are combined by plain `and`/`or` chains for the common small sizes, and a loop beyond: each
-# costs about half of all()/any() over a generator per call. Predicates return real bools.
-
-
-def _all(predicates: list[Predicate]) -> Predicate:
-    if len(predicates) == 1:
-        return predicates[0]
-    if len(predicates) == 2:
-        a, b = predicates
-        return lambda facts: a(facts) and b(facts)
-    if len(predicates) == 3:
-        a, b, c = predicates
-        return lambda facts: a(facts) and b(facts) and c(facts)
-
-    def check(facts: Facts) -> bool:
-        for predicate in predicates:  # noqa: SIM110
-            if not predicate(facts):
-                return False
-        return True
-
-    return check
-
-
-def _any(predicates: list[Predicate]) -> Predicate:
-    if len(predicates) == 1:
-        return predicates[0]
-    if len(predicates) == 2:
-        a, b = predicates
-        return lambda facts: a(facts) or b(facts)
-    if len(predicates) == 3:
-        a, b, c = predicates
-        return lambda facts: a(facts) or b(facts) or c(facts)
-
-    def check(facts: Facts) -> bool:
-        for predicate in predicates:  # noqa: SIM110
-            if predicate(facts):
-                return True
-        return False
-
-    return check
-
-
-def _none(predicates: list[Predicate]) -> Predicate:
-    matches_any = _any(predicates)
-    return lambda facts: not matches_any(facts)
-
-
-_COMBINE = {"ALL": _all, "ANY": _any, "NONE": _none}
-
-
-def compile_rule(rule: dict[str, Any], segment_key: str) -> Predicate:
-    conditions = rule.get("conditions") or []
-    sub_rules = rule.get("rules") or []
-    if not conditions and not sub_rules:
-        return _always  # whatever its type, even NONE (engine §2)
-    combine = _COMBINE.get(rule["type"]) if isinstance(rule["type"], str) else None
-    if combine is None:
-        raise Unsupported("raises", "environment", f"rule type {rule['type']!r}")
-    # Conditions and sub-rules are two groups, each combined by the rule's type, then ANDed. Nothing
-    # here raises or has side effects, so short-circuiting between the groups changes no answer.
-    groups = []
-    if conditions:
-        groups.append(combine([compile_condition(condition, segment_key) for condition in conditions]))
-    if sub_rules:
-        groups.append(combine([compile_rule(sub_rule, segment_key) for sub_rule in sub_rules]))
-    return _all(groups)
-
-
-def compile_segment(segment: dict[str, Any]) -> Predicate:
-    rules = segment["rules"]
-    if not rules:
-        return _never  # a segment without rules never matches
-    return _all([compile_rule(rule, segment["key"]) for rule in rules])
 
 
 def _engine_segment(segment: dict[str, Any]) -> Predicate:
@@ -193,11 +104,11 @@ class CompiledEnvironment:
         except Unsupported as exc:
             if exc.scope != "segment":
                 raise
-            _raise_environment_scoped(segment["rules"], segment["key"])
+            raise_environment_scoped(segment["rules"], segment["key"])
             on_fallback(segment["name"], exc.reason, exc.detail)
             self.uses_engine = True
             return _engine_segment(segment)
-        for condition in _conditions(segment["rules"]):
+        for condition in conditions_of(segment["rules"]):
             reads.setdefault(fact_key(condition["property"], condition["operator"]))
         return predicate
 
@@ -212,7 +123,7 @@ class CompiledEnvironment:
             for override in segment.get("overrides") or ():
                 name = override["name"]
                 priority = _priority(override)
-                if name not in features or self.predicates[index] is _never:
+                if name not in features or self.predicates[index] is never:
                     continue  # dropped by the engine, or can never match
                 reason = f"TARGETING_MATCH; segment={segment['name']}"
                 choice = choice_for(features[name], override, reason)
@@ -350,28 +261,6 @@ class CompiledEnvironment:
             for o in outcomes
             if o.enabled or not hide
         ]
-
-
-def _raise_environment_scoped(rules: Iterable[dict[str, Any]], segment_key: str) -> None:
-    """Compiling stops at the first problem; before one segment goes to flag-engine on its own, make
-    sure nothing else in it needs the whole environment there (a `$.flags` read, a raising value)."""
-    for rule in rules:
-        kind = rule["type"]
-        if (rule.get("conditions") or rule.get("rules")) and not (isinstance(kind, str) and kind in _COMBINE):
-            raise Unsupported("raises", "environment", f"rule type {kind!r}")
-        for condition in rule.get("conditions") or ():
-            try:
-                compile_condition(condition, segment_key)
-            except Unsupported as exc:
-                if exc.scope != "segment":
-                    raise
-        _raise_environment_scoped(rule.get("rules") or (), segment_key)
-
-
-def _conditions(rules: Iterable[dict[str, Any]]) -> Iterable[dict[str, Any]]:
-    for rule in rules:
-        yield from rule.get("conditions") or ()
-        yield from _conditions(rule.get("rules") or ())
 
 
 def _priority(override: dict[str, Any]) -> float:

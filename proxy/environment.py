@@ -93,12 +93,15 @@ class EnvironmentState:
         client_visible = frozenset(name for name, feature in self.features.items() if feature["id"] not in server_only)
         hide_disabled = bool(project.get("hide_disabled_flags"))
         # One environment evaluation serves both kinds: only the filters differ.
-        all_flags = evaluate(self.mapped, self.features)
+        self.environment_results = evaluate_results(self.mapped, self.features)
+        all_flags = [
+            {"feature": r.feature, "enabled": r.enabled, "feature_state_value": r.value}
+            for r in self.environment_results
+        ]
         self.views = (
             self._view(all_flags, client_visible, hide_disabled),
             self._view(all_flags, None, False),
         )
-        self.environment_results = evaluate_results(self.mapped, self.features)
         self.compiled = self._compile()
 
     @staticmethod

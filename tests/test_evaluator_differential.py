@@ -277,15 +277,34 @@ def test_compiled_evaluator_matches_flag_engine() -> None:
     assert counts["compiled"] >= 0.8 * (counts["compiled"] + counts["engine"]), counts
 
 
+# A trait value each pattern matches (or, for pitfall 11, seems to): REGEX sees the coerced value.
+REGEX_EXAMPLES = {
+    r"^p.*": "premium",
+    r"\d+": "42",
+    r"[A-Z]{2}": "GB",
+    r"(?i)PREM": "Premium",
+    "b": "bob",
+    r".*@example\.com$": "x@example.com",
+    r"^1\.50$": "1.50",
+    r"ab$": "ab\n",
+    "True": True,
+}
+
+
 def related_values(value: Any) -> list[Any]:
     """Trait values near a condition value: itself, its parts, and what casting it gives."""
     if isinstance(value, list):
         return value or [None]
+    if value in REGEX_EXAMPLES:
+        return [REGEX_EXAMPLES[value], f"{REGEX_EXAMPLES[value]}", "x" + str(REGEX_EXAMPLES[value])]
     text = str(value).removesuffix(":semver")
     found: list[Any] = [value, text, *text.strip("[]").split(","), *text.split("|"), text.upper(), text + "x"]
     for cast in (int, float):
         with contextlib.suppress(ValueError):
             found.append(cast(text))
+    with contextlib.suppress(ValueError):  # MODULO "d|r": numbers that leave remainder r
+        divisor, remainder = (int(part) for part in text.split("|"))
+        found += [remainder, divisor + remainder, str(2 * divisor + remainder), float(remainder)]
     return found
 
 
@@ -293,7 +312,7 @@ def test_each_condition_matches_flag_engine() -> None:
     """Operators alone, many more of them: one condition's verdict, compiled vs the engine's."""
     counts: Counter[str] = Counter()
 
-    @settings(max_examples=EXAMPLES_PER_RUN * 5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=EXAMPLES_PER_RUN * 2, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(
         condition=conditions(),
         people=st.lists(identities, min_size=IDENTITIES_PER_DOCUMENT, max_size=IDENTITIES_PER_DOCUMENT),
