@@ -54,7 +54,7 @@ class Target:
     name: str
     url: str
     root_pid: int
-    runs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    runs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # row label → wrk results
 
     def pids(self) -> list[int]:
         found, queue = [], [self.root_pid]
@@ -104,14 +104,14 @@ def start_ceiling(tmp: Path) -> tuple[subprocess.Popen[bytes], Target]:
     return process, Target("ceiling", url, process.pid)
 
 
-def measure(target: Target, scenario: str, args: argparse.Namespace, warm: bool) -> None:
+def measure(target: Target, row: str, scenario: str, args: argparse.Namespace, warm: bool) -> None:
     path, extra = SCENARIOS[scenario]
     if warm:
         run_wrk(target.url + path, extra, args.warmup, args.connections, WRK_CPU)
     before = target.cpu_seconds()
     result = run_wrk(target.url + path, extra, args.duration, args.connections, WRK_CPU)
     result["cpu"] = target.cpu_seconds() - before
-    target.runs.setdefault(scenario, []).append(result)
+    target.runs.setdefault(row, []).append(result)
 
 
 def median(runs: list[dict[str, Any]], key: str) -> float:
@@ -145,9 +145,9 @@ def table_lines(proxies: dict[str, Target], ceiling: Target) -> list[str]:
         "| proxy / ceiling | Rust proxy README |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for label, profile, scenario, rust in ROWS:
-        ours = summary(proxies[profile].runs[scenario])
-        top = summary(ceiling.runs[scenario])
+    for label, profile, _, rust in ROWS:
+        ours = summary(proxies[profile].runs[label])
+        top = summary(ceiling.runs[label])
         errors = f" ({ours['non2xx'] + top['non2xx']:.0f} non-2xx!)" if ours["non2xx"] or top["non2xx"] else ""
         lines.append(
             f"| {label}{errors} | {ours['rps']:,.0f} | {ours['p50']:.2f} ms | {ours['p99']:.2f} ms "
@@ -212,7 +212,7 @@ def run_table(args: argparse.Namespace, output: Path) -> int:
                 if round_number % 2:
                     pair.reverse()
                 for target in pair:
-                    measure(target, scenario, args, warm=round_number == 0)
+                    measure(target, label, scenario, args, warm=round_number == 0)
                 print(f"round {round_number + 1}/{args.rounds}: {label} done", flush=True)
         lines = table_lines(proxies, ceiling)
     finally:

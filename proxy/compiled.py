@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -207,10 +207,10 @@ class CompiledEnvironment:
         if (overrides := self._overrides_of(identifier)) is not None:
             if _override_applies(facts, identifier):
                 for override in overrides:
-                    if (index := plan.position.get(override.feature["name"])) is not None:
+                    if (index := plan.position.get(override.name)) is not None:
                         outcomes[index] = override
             else:
-                demoted = frozenset(override.feature["name"] for override in overrides)
+                demoted = frozenset(override.name for override in overrides)
         return outcomes, demoted
 
     def _overrides_of(self, identifier: str) -> tuple[Outcome, ...] | None:
@@ -249,18 +249,11 @@ class CompiledEnvironment:
 
     def results(self, kind: int, identifier: str, traits: dict[str, Any]) -> list[FlagResult]:
         outcomes, demoted = self.outcomes(kind, identifier, traits)
-        hide = self.plans[kind].hide_disabled
-        return [
-            FlagResult(
-                o.feature,
-                o.enabled,
-                o.value,
-                "DEFAULT" if o.fallback and o.feature["name"] in demoted else o.reason,
-                o.variant,
-            )
-            for o in outcomes
-            if o.enabled or not hide
-        ]
+        if self.plans[kind].hide_disabled:
+            outcomes = [o for o in outcomes if o.enabled]
+        if not demoted:
+            return [o.result for o in outcomes]
+        return [replace(o.result, reason="DEFAULT") if o.fallback and o.name in demoted else o.result for o in outcomes]
 
 
 def _priority(override: dict[str, Any]) -> float:

@@ -119,7 +119,7 @@ def is_scalar(value: Any) -> bool:
 
 def hashed_percentage(joined_ids: str) -> float:
     """The engine's percentage for ids already joined with ","; the rare exact-100 case re-hashes there."""
-    number = int.from_bytes(md5(joined_ids.encode()).digest(), "big")
+    number = int.from_bytes(md5(joined_ids.encode()).digest())  # big-endian, as int(hexdigest, 16)
     value = ((number % 9999) / 9998) * 100
     if value == 100:
         return get_hashed_percentage_for_object_ids([joined_ids], iterations=2)

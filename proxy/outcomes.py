@@ -16,25 +16,27 @@ from typing import Any
 import orjson
 
 from proxy.conditions import hashed_percentage
+from proxy.evaluation import FlagResult
 
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    feature: dict[str, Any]  # the shared {id, name, type} object
-    enabled: bool
-    value: Any
-    reason: str
-    variant: str | None
+    result: FlagResult  # built once, shared by every request that lands here
+    enabled: bool  # result.enabled, one attribute closer for the hide-disabled filter
     fragment: bytes  # the flag as the response encodes it: {"feature", "enabled", "feature_state_value"}
     # True when the reason is the engine's fallback (DEFAULT or STATIC): an identity's own override
     # segment makes its features "targeted", which turns STATIC into DEFAULT for that identity.
     fallback: bool
 
+    @property
+    def name(self) -> str:
+        return self.result.feature["name"]
+
 
 def outcome(feature: dict[str, Any], enabled: bool, value: Any, reason: str, variant: str | None) -> Outcome:
     fragment = orjson.dumps({"feature": feature, "enabled": enabled, "feature_state_value": value})
-    fallback = reason in ("DEFAULT", "STATIC")
-    return Outcome(feature, enabled, value, reason, variant, fragment, fallback)
+    result = FlagResult(feature, enabled, value, reason, variant)
+    return Outcome(result, enabled, fragment, reason in ("DEFAULT", "STATIC"))
 
 
 class Split:

@@ -28,12 +28,13 @@ from typing import Any
 import orjson
 import pytest
 from flag_engine.segments.evaluator import is_context_in_segment
+from flag_engine.utils.hashing import get_hashed_percentage_for_object_ids
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
 from proxy.compiled import CompiledEnvironment
-from proxy.conditions import NeedsEngine, Unsupported
+from proxy.conditions import NeedsEngine, Unsupported, hashed_percentage
 from proxy.environment import EnvironmentState, KeyKind
 from proxy.evaluation import evaluate, evaluate_results, feature_objects, visible_results, visible_to
 from proxy.mapping import identity_context, map_document
@@ -448,3 +449,11 @@ def test_unusual_traits_go_to_flag_engine_for_that_request() -> None:
     # 320 digits: past what float() takes, so MODULO would raise in the engine; answered by it alike
     check_identity(state, "u", {"user_id": "9" * 320})
     assert fallbacks("unusual_trait", "request") == before + 2 * len(KeyKind)
+
+
+def test_hashing_matches_the_engine_including_its_rehash_of_exactly_100() -> None:
+    assert hashed_percentage("seg,u3377") == get_hashed_percentage_for_object_ids(["seg", "u3377"])
+    assert 97.5 < hashed_percentage("seg,u3377") < 97.6  # the first pass gives exactly 100 (engine §5)
+    for i in range(2_000):
+        ids = [str(i), f"env_user-{i * 7919}"]
+        assert hashed_percentage(",".join(ids)) == get_hashed_percentage_for_object_ids(ids)
