@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
 
-.PHONY: run test lint format bench wrk wrk-table fuzz-evaluator clean
+.PHONY: run test lint format bench wrk wrk-table fuzz-evaluator faults soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,14 @@ wrk: $(VENV)/.installed-test
 wrk-table: $(VENV)/.installed-test
 	command -v wrk >/dev/null || (apt-get install -y wrk || sudo apt-get install -y wrk)
 	$(BIN)/python benchmarks/wrk_run.py --table --duration 10 --rounds 3
+
+## Steady load while the leader, a worker and upstream are hurt (~1.5 min); results in benchmarks/results/faults.md.
+faults: $(VENV)/.installed-test
+	$(BIN)/python -m benchmarks.faults
+
+## Five minutes of mixed traffic with a fault every 30 s; results in benchmarks/results/soak.md.
+soak: $(VENV)/.installed-test
+	$(BIN)/python -m benchmarks.faults --soak
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .benchmarks

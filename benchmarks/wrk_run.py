@@ -54,6 +54,13 @@ SCENARIOS: dict[str, tuple[str, list[str]]] = {
         ["-H", CLIENT, "-s", str(HERE / "wrk" / "post_identity_random.lua")],
     ),
     "environment_document": ("/api/v1/environment-document/", ["-H", SERVER]),
+    # OpenFeature remote evaluation: the same evaluation and identity LRU as the identity routes above.
+    "ofrep_flag": ("/ofrep/v1/evaluate/flags/max_items", ["-H", CLIENT, "-s", str(HERE / "wrk" / "ofrep_flag.lua")]),
+    "ofrep_flag_random": (
+        "/ofrep/v1/evaluate/flags/max_items",
+        ["-H", CLIENT, "-s", str(HERE / "wrk" / "ofrep_flag_random.lua")],
+    ),
+    "ofrep_bulk": ("/ofrep/v1/evaluate/flags", ["-H", CLIENT, "-s", str(HERE / "wrk" / "ofrep_flag.lua")]),
 }
 
 

@@ -8,6 +8,7 @@ responses are evaluated once and kept in the per-worker LRU.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -16,19 +17,25 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 
 from blacksheep import Application, Content, Request, Response
+from blacksheep.exceptions import MessageAborted
 from blacksheep.server.routing import Router
 
 from proxy import metrics
 from proxy.analytics import parse_analytics_body
 from proxy.environment import GZIP_MIN_BYTES, Body, EnvironmentState, KeyKind
-from proxy.errors import NotFound, PayloadTooLarge, ProxyError, Unauthorized
-from proxy.health import check_health
-from proxy.identity_request import (
-    RequestInvalid,
-    parse_identity_body,
-    parse_identity_query,
-    query_param,
+from proxy.errors import (
+    INTERNAL_ERROR_BODY,
+    METHOD_NOT_ALLOWED_BODY,
+    NOT_FOUND_BODY,
+    NotFound,
+    PayloadTooLarge,
+    ProxyError,
+    RequestTimeout,
+    Unauthorized,
 )
+from proxy.health import check_health
+from proxy.identity_request import parse_identity_body, parse_identity_query, query_param
+from proxy.ofrep import OfrepRoutes
 from proxy.settings import Settings
 from proxy.store import Store
 
@@ -52,6 +59,8 @@ ROUTES: dict[str, tuple[str, dict[str, str]]] = {
     "/proxy/health/readiness": ("health", {"GET": "health"}),
     "/proxy/health/liveness": ("liveness", {"GET": "liveness"}),
     "/metrics": ("metrics", {"GET": "metrics"}),
+    "/ofrep/v1/evaluate/flags/{key}": ("ofrep_flag", {"POST": "ofrep_flag"}),
+    "/ofrep/v1/evaluate/flags": ("ofrep_flags", {"POST": "ofrep_flags"}),
 }
 
 
@@ -63,8 +72,27 @@ def _allowed(methods: dict[str, str]) -> bytes:
 ROUTE_BY_PATH: dict[bytes, tuple[str, bytes]] = {
     spelling: (label, _allowed(methods))
     for path, (label, methods) in ROUTES.items()
+    if "{" not in path
     for spelling in (path.rstrip("/").encode(), path.rstrip("/").encode() + b"/")
 }
+# paths ending in one `{param}` segment: (prefix up to the parameter, metrics label, Allow header)
+ROUTE_BY_PREFIX: list[tuple[bytes, str, bytes]] = [
+    (path[: path.index("{")].encode(), label, _allowed(methods))
+    for path, (label, methods) in ROUTES.items()
+    if "{" in path
+]
+
+
+def route_of(path: bytes) -> tuple[str, bytes] | None:
+    """(metrics label, Allow header) of the route `path` belongs to, whatever method it was sent with."""
+    route = ROUTE_BY_PATH.get(path)
+    if route is None:
+        for prefix, label, allow in ROUTE_BY_PREFIX:
+            if path.startswith(prefix):
+                param = path[len(prefix) :].removesuffix(b"/")
+                if param and b"/" not in param:
+                    return label, allow
+    return route
 
 
 def _accepts_gzip(request: Request) -> bool:
@@ -96,10 +124,12 @@ class ProxyApp:
         self.settings = settings
         self.store = store
         self.max_body = settings.max_request_body_bytes
+        self.body_timeout = settings.request_body_timeout_seconds
         self.allow_any_origin = "*" in settings.allow_origins
         self.allowed_origins = {origin.encode() for origin in settings.allow_origins}
         self.pid = str(os.getpid()).encode()
         self.usage = store.usage
+        self.ofrep = OfrepRoutes(store, self._read_body)
 
     # -- flags -----------------------------------------------------------------------------------
     async def flags(self, request: Request) -> Response:
@@ -157,7 +187,7 @@ class ProxyApp:
     def _ok(self, request: Request, body: Body, state: EnvironmentState, resource: str) -> Response:
         # Usage reporting (with a proxy_key) counts successful answers per environment and resource.
         if self.usage is not None:
-            self.usage.counts[state.client_key][resource] += 1
+            self.usage.increment(state.client_key, resource)
         return _send(request, body, state)
 
     async def _read_body(self, request: Request) -> bytes:
@@ -166,6 +196,16 @@ class ProxyApp:
             raise PayloadTooLarge(f"request body exceeds {self.max_body} bytes")
         if request.content is None:
             return b""
+        # A body that trickles in (or never completes) must not hold a connection and a task forever.
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                return await self._read_within_cap(request, length)
+        except TimeoutError:
+            raise RequestTimeout(
+                f"request body not received within {self.body_timeout:g} s (request_body_timeout_seconds)"
+            ) from None
+
+    async def _read_within_cap(self, request: Request, length: bytes | None) -> bytes:
         if (length is not None and length.isdigit()) or not hasattr(request.content, "stream"):
             # A declared length within the cap (or a body already in memory): one read.
             body = await request.read() or b""
@@ -182,9 +222,15 @@ class ProxyApp:
 
     # -- analytics -------------------------------------------------------------------------------
     async def analytics(self, request: Request) -> Response:
-        _, client_key = self.store.client_key(request.get_first_header(b"x-environment-key"))
-        counts = parse_analytics_body(await self._read_body(request))
-        self.store.analytics.record(client_key, counts)
+        key = request.get_first_header(b"x-environment-key")
+        self.store.resolve(key)
+        raw = await self._read_body(request)
+        _, state = self.store.resolve(key)
+        # Only features the environment has are counted: invented names cannot grow buffers.
+        counts, ignored = parse_analytics_body(raw, state.features)
+        self.store.analytics.record(state.client_key, counts)
+        if ignored:
+            metrics.analytics_ignored[0] += ignored
         return _json(200, b"{}")
 
     # -- environment document --------------------------------------------------------------------
@@ -202,6 +248,13 @@ class ProxyApp:
             response.add_header(b"last-modified", state.last_modified)
         return response
 
+    # -- OpenFeature remote evaluation (proxy/ofrep.py) -------------------------------------------
+    async def ofrep_flag(self, request: Request) -> Response:
+        return await self.ofrep.flag(request)
+
+    async def ofrep_flags(self, request: Request) -> Response:
+        return await self.ofrep.flags(request)
+
     # -- health and metrics ----------------------------------------------------------------------
     async def health(self, request: Request) -> Response:
         store = self.store
@@ -209,8 +262,10 @@ class ProxyApp:
         status, body = check_health(
             self.settings, store.client_keys, store.status, store.build_errors, time.time(), waiting
         )
-        # Which worker answered, and what it has loaded: for operators (and tests) telling workers apart.
-        headers = [(b"x-edge-proxy-worker", self.pid), (b"x-edge-proxy-generation", str(store.generation).encode())]
+        # What the answering worker has loaded; with show_details also which worker it is (its pid).
+        headers = [(b"x-edge-proxy-generation", str(store.generation).encode())]
+        if self.settings.health_check.show_details:
+            headers.append((b"x-edge-proxy-worker", self.pid))
         return Response(status, headers, Content(JSON, body))
 
     async def liveness(self, request: Request) -> Response:
@@ -224,10 +279,10 @@ class ProxyApp:
     async def fallback(self, request: Request) -> Response:
         if request.method == "OPTIONS" and request.get_first_header(b"access-control-request-method"):
             return self._preflight(request)
-        route = ROUTE_BY_PATH.get(request._path)
+        route = route_of(request._path)
         if route is None:
-            return _json(404, b'{"detail":"Not Found"}')
-        return Response(405, [(b"allow", route[1])], Content(JSON, b'{"detail":"Method Not Allowed"}'))
+            return _json(404, NOT_FOUND_BODY)
+        return Response(405, [(b"allow", route[1])], Content(JSON, METHOD_NOT_ALLOWED_BODY))
 
     def _preflight(self, request: Request) -> Response:
         response = Response(200, None, Content(b"text/plain; charset=utf-8", b"OK"))
@@ -252,15 +307,19 @@ class ProxyApp:
             response = await handler(request)
         except ProxyError as error:
             response = _json(error.status, error.body())
-        except RequestInvalid as error:
-            response = _json(422, error.body())
+            if error.status == 408:
+                response.add_header(b"connection", b"close")
+        except MessageAborted:
+            # The client went away mid-body: its mistake, not ours. Counted (as nginx's 499), never a traceback.
+            log.debug("client disconnected before sending the whole body: %s", request._path.decode(errors="replace"))
+            response = _json(499, b'{"status":"client_closed_request","message":"client disconnected"}')
         except Exception:
             log.exception("unexpected error serving %s %s", request.method, request._path.decode(errors="replace"))
-            response = _json(500, b'{"status":"error","message":"internal error"}')
+            response = _json(500, INTERNAL_ERROR_BODY)
         origin = request.get_first_header(b"origin")
         if origin is not None:
             self._add_cors(response, origin)
-        route = ROUTE_BY_PATH.get(request._path)
+        route = route_of(request._path)
         metrics.request_counts[(route[0] if route else "other", response.status)] += 1
         return response
 
@@ -270,7 +329,8 @@ class ProxyApp:
         # Echo the origin (never `*` with credentials), let browser SDKs read the document timestamp.
         response.add_header(b"access-control-allow-origin", origin)
         response.add_header(b"access-control-allow-credentials", b"true")
-        response.add_header(b"access-control-expose-headers", DOCUMENT_UPDATED_AT)
+        # ETag: browser OFREP providers poll the bulk endpoint with If-None-Match.
+        response.add_header(b"access-control-expose-headers", DOCUMENT_UPDATED_AT + b", etag")
         vary = response.get_first_header(b"vary")
         response.set_header(b"vary", vary + b", Origin" if vary else b"Origin")
 

@@ -6,6 +6,8 @@ dropped (`drop_environment`, run by the background loader, never on the request 
 
 from __future__ import annotations
 
+import dataclasses
+import sys
 from collections import OrderedDict
 from collections.abc import Hashable
 
@@ -38,6 +40,8 @@ class ResponseCache:
 
     def put(self, client_key: str, key: Hashable, body: Body) -> None:
         full_key = (client_key, key)
+        # orjson's output keeps its growth buffer (a 57 KB body held 260 KB): keep an exact-size copy.
+        body = dataclasses.replace(body, plain=bytes(memoryview(body.plain)))  # keeps a subclass's fields
         cost = _cost(full_key, body)
         if cost > self.max_bytes:
             return
@@ -62,5 +66,25 @@ class ResponseCache:
 
 
 def _cost(full_key: tuple[str, Hashable], body: Body) -> int:
-    # Bodies dominate (the key's identifier and traits are echoed in them); entry overhead is estimated.
-    return 2 * len(body.plain) + len(body.gzip or b"") + 200
+    """What an entry really holds: the bodies, the key (identifier and every trait as Python objects, which
+    is several times the bytes they take in the body: measured 3.8x with 1,300 short traits) and the
+    dict/OrderedDict entry overhead."""
+    return body.size() + _key_cost(full_key[1]) + ENTRY_OVERHEAD
+
+
+ENTRY_OVERHEAD = 300  # OrderedDict node, Body object, the key tuple and its hash slot (bytes, measured)
+
+
+def _key_cost(key: Hashable) -> int:
+    # (kind, identifier, ((trait key, type, value), ...)): sizes of the objects themselves, not estimates
+    if not isinstance(key, tuple):
+        return sys.getsizeof(key)
+    cost = sys.getsizeof(key)
+    for part in key:
+        if isinstance(part, tuple):
+            cost += sys.getsizeof(part)
+            for trait in part:
+                cost += sys.getsizeof(trait) + sum(sys.getsizeof(item) for item in trait if not isinstance(item, type))
+        else:
+            cost += sys.getsizeof(part)
+    return cost

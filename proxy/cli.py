@@ -18,7 +18,7 @@ from typing import Any
 from proxy import __version__
 from proxy.granian_config import find_config_file, load_granian_options
 from proxy.logs import configure_logging
-from proxy.settings import ConfigError, Settings, default_config, load_settings, masked_settings
+from proxy.settings import ConfigError, Settings, default_config, load_settings, masked_options, masked_settings
 
 DEMO_DIR = Path(__file__).parent / "demo"
 DEMO_SERVER_KEY = "ser.demo_server_key"
@@ -94,7 +94,7 @@ def _serve(args: argparse.Namespace) -> int:
     # Must be set before prometheus_client is first imported, here and in every child.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(area.path / "metrics")
     log.info("edge-proxy %s, settings: %s", __version__, json.dumps(masked_settings(settings)))
-    log.info("granian: %s", json.dumps({k: v for k, v in options.items() if k != "ssl_keyfile_password"}))
+    log.info("granian: %s", json.dumps(masked_options(options)))
     if args.demo:
         _print_demo_help(options["port"])
     from proxy.server import serve
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             return _health(args)
         if command == "check-config":
             settings, options = _load(args)
-            print(json.dumps({"settings": masked_settings(settings), "granian": options}, indent=2))
+            print(json.dumps({"settings": masked_settings(settings), "granian": masked_options(options)}, indent=2))
             return 0
         return _serve(args)
     except ConfigError as exc:

@@ -46,6 +46,10 @@ class Body:
     def of(cls, data: bytes) -> Body:
         return cls(data, compress(data) if len(data) >= GZIP_MIN_BYTES else None)
 
+    def size(self) -> int:
+        """Bytes held (a subclass holding more says so: the response cache counts this)."""
+        return len(self.plain) + len(self.gzip or b"")
+
 
 def compress(data: bytes) -> bytes:
     # mtime=0 keeps the bytes deterministic across workers and restarts.
@@ -189,5 +193,6 @@ def parse_updated_at(value: Any) -> datetime | None:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         return None
-    # A naive timestamp is read as UTC (the Python proxy reads it as local time, a quirk).
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    # A naive timestamp is read as UTC (the Python proxy reads it as local time, a quirk); an offset such as
+    # +02:00 is converted, since HTTP dates (Last-Modified) must be GMT.
+    return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)

@@ -1,8 +1,20 @@
-"""One error type, one JSON shape: `{"status": ..., "message": ...}`, rendered by one handler in app.py."""
+"""One error hierarchy, one place that renders it (`ProxyApp.middleware` in app.py).
+
+Application errors are `{"status": ..., "message": ...}` (the Rust proxy's shape); request validation keeps
+the captured FastAPI shape `{"detail": [{"type", "loc", "msg", "input"}]}` (`RequestInvalid`). Every body
+is JSON that says what is wrong, and rendering never fails: an input that cannot be echoed (nested past
+orjson's depth limit, say) is replaced by a note rather than turning a 422 into a 500.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
+
+# Inputs longer than this are not echoed whole in a 422 (a client must not make us send megabytes back).
+MAX_ECHO_BYTES = 64 * 1024
+UNECHOABLE = "<input not echoed: too large or too deeply nested>"
 
 
 class ProxyError(Exception):
@@ -17,6 +29,11 @@ class ProxyError(Exception):
         return orjson.dumps({"status": self.code, "message": self.message})
 
 
+class BadRequest(ProxyError):
+    status = 400
+    code = "bad_request"
+
+
 class Unauthorized(ProxyError):
     status = 401
     code = "unauthorized"
@@ -27,6 +44,11 @@ class NotFound(ProxyError):
     code = "not_found"
 
 
+class RequestTimeout(ProxyError):
+    status = 408
+    code = "request_timeout"
+
+
 class PayloadTooLarge(ProxyError):
     status = 413
     code = "payload_too_large"
@@ -35,3 +57,40 @@ class PayloadTooLarge(ProxyError):
 class ServiceUnavailable(ProxyError):
     status = 503
     code = "service_unavailable"
+
+
+class RequestInvalid(ProxyError):
+    """A request that fails validation: 422 with `{"detail": [errors]}`, as the Python proxy (FastAPI)."""
+
+    status = 422
+    code = "invalid"
+
+    def __init__(self, errors: list[dict[str, Any]]) -> None:
+        super().__init__("request invalid")
+        self.errors = errors
+
+    def body(self) -> bytes:
+        try:
+            return orjson.dumps({"detail": [_echoable(error) for error in self.errors]})
+        except TypeError:  # pragma: no cover - _echoable already guards
+            return orjson.dumps({"detail": [{**e, "input": UNECHOABLE} for e in self.errors]}, default=str)
+
+
+def _echoable(error: dict[str, Any]) -> dict[str, Any]:
+    if "input" not in error:
+        return error
+    try:
+        encoded = orjson.dumps(error["input"])
+    except (
+        TypeError
+    ):  # orjson.JSONEncodeError is one: deeper than orjson encodes (254 levels) or an integer past 64 bits
+        return {**error, "input": UNECHOABLE}
+    if len(encoded) > MAX_ECHO_BYTES:
+        return {**error, "input": UNECHOABLE}
+    return error
+
+
+# The compatibility shapes of the routing errors, as the captures have them.
+NOT_FOUND_BODY = orjson.dumps({"detail": "Not Found"})
+METHOD_NOT_ALLOWED_BODY = orjson.dumps({"detail": "Method Not Allowed"})
+INTERNAL_ERROR_BODY = orjson.dumps({"status": "error", "message": "internal error"})

@@ -45,14 +45,17 @@ def check_health(
         successes.append(last)
         if threshold is not None and now - last > threshold:
             stale.append(client_key)
+    # A worker that could not build the published document serves an older one (or none): not fresh.
+    failed = [key for key in client_keys if key in build_errors]
+    unfit = set(not_loaded) | set(stale) | set(failed)
 
-    fresh = len(client_keys) - len(not_loaded) - len(stale)
+    fresh = len(client_keys) - len(unfit)
     if settings.health_check.fail_readiness_when == ReadinessMode.all_stale:
         failing = bool(client_keys) and fresh == 0
         reason = NOT_UPDATED if not successes else STALE
     else:
-        failing = bool(not_loaded or stale)
-        reason = NOT_UPDATED if not_loaded else STALE
+        failing = bool(unfit)
+        reason = NOT_UPDATED if not_loaded or (failed and not stale) else STALE
     if waiting_for_discovery:  # with a proxy_key, nothing is known to serve before the first sync
         failing, reason = True, NOT_UPDATED
     # as the Python proxy: no timestamp until every environment has loaded, unless that is tolerated
@@ -63,15 +66,17 @@ def check_health(
         "reason": reason if failing else None,
         "last_successful_update": _iso(last_update) if last_update is not None else None,
     }
+    show = settings.health_check.show_details
     details: dict[str, Any] = {
-        name: [_describe(key, status) for key in keys]
-        for name, keys in (
-            ("stale", stale),
-            ("not_loaded", not_loaded),
-            ("failed_to_build", [k for k in client_keys if k in build_errors]),
-        )
+        name: [_describe(key, status, show) for key in keys]
+        for name, keys in (("stale", stale), ("not_loaded", not_loaded))
         if keys
     }
+    if failed:
+        details["failed_to_build"] = [
+            {"key": mask_key(key), "error": "build_failed", **({"last_error": build_errors[key]} if show else {})}
+            for key in failed
+        ]
     if waiting_for_discovery:
         details["proxy_config"] = "not synced yet"
     if details:
@@ -79,6 +84,9 @@ def check_health(
     return (503 if failing else 200), orjson.dumps(body)
 
 
-def _describe(client_key: str, status: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+def _describe(client_key: str, status: Mapping[str, Mapping[str, Any]], show_details: bool) -> dict[str, Any]:
     entry = status.get(client_key) or {}
-    return {"key": mask_key(client_key), "name": entry.get("name"), "last_error": entry.get("last_error")}
+    described = {"key": mask_key(client_key), "name": entry.get("name"), "error": entry.get("error_kind")}
+    if show_details:  # the full text may name internal hosts: only when the operator asked for it
+        described["last_error"] = entry.get("last_error")
+    return described

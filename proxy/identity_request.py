@@ -1,4 +1,9 @@
-"""Validation of identity requests, with 422 bodies shaped like the Python proxy's (FastAPI/pydantic)."""
+"""Validation of identity requests, with 422 bodies shaped like the Python proxy's (FastAPI/pydantic).
+
+Beyond the Python proxy's rules, sizes are bounded so one request cannot pin megabytes in the identity
+cache: an identifier of at most MAX_IDENTIFIER characters and at most MAX_TRAITS traits (Flagsmith's
+public limits cap trait values at 2,000 bytes but name no trait count; 1,000 is far above what SDKs send).
+"""
 
 from __future__ import annotations
 
@@ -7,18 +12,13 @@ from urllib.parse import parse_qs
 
 import orjson
 
+from proxy.errors import RequestInvalid
+
 MAX_TRAIT_STRING = 2000
+MAX_IDENTIFIER = 2000
+MAX_TRAITS = 1000
 
-
-class RequestInvalid(Exception):
-    """A request that fails validation: 422 with `{"detail": [errors]}`."""
-
-    def __init__(self, errors: list[dict[str, Any]]) -> None:
-        super().__init__(errors)
-        self.errors = errors
-
-    def body(self) -> bytes:
-        return orjson.dumps({"detail": self.errors})
+__all__ = ["RequestInvalid", "parse_identity_body", "parse_identity_query", "query_param"]
 
 
 def _error(kind: str, loc: list[Any], msg: str, value: Any, ctx: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -76,10 +76,22 @@ def parse_identity_body(raw: bytes, content_type: bytes | None) -> Identity:
         errors.append(_error("missing", ["body", "identifier"], "Field required", data))
     elif not isinstance(identifier, str):
         errors.append(_error("string_type", ["body", "identifier"], "Input should be a valid string", identifier))
+    else:
+        _check_identifier(identifier, ["body", "identifier"], errors)
     traits = data.get("traits", [])
     echo: list[dict[str, Any]] = []
     if traits is None or not isinstance(traits, list):
         errors.append(_error("list_type", ["body", "traits"], "Input should be a valid list", traits))
+    elif len(traits) > MAX_TRAITS:
+        errors.append(
+            _error(
+                "too_long",
+                ["body", "traits"],
+                f"List should have at most {MAX_TRAITS} items after validation, not {len(traits)}",
+                f"<{len(traits)} traits>",
+                {"field_type": "List", "max_length": MAX_TRAITS, "actual_length": len(traits)},
+            )
+        )
     else:
         for index, trait in enumerate(traits):
             checked = _check_trait(trait, ["body", "traits", index], errors)
@@ -88,6 +100,19 @@ def parse_identity_body(raw: bytes, content_type: bytes | None) -> Identity:
     if errors:
         raise RequestInvalid(errors)
     return identifier, echo, {t["trait_key"]: t["trait_value"] for t in echo}
+
+
+def _check_identifier(identifier: str, loc: list[Any], errors: list[dict[str, Any]]) -> None:
+    if len(identifier) > MAX_IDENTIFIER:
+        errors.append(
+            _error(
+                "string_too_long",
+                loc,
+                f"String should have at most {MAX_IDENTIFIER} characters",
+                identifier[:100] + "…",
+                {"max_length": MAX_IDENTIFIER, "actual_length": len(identifier)},
+            )
+        )
 
 
 def _check_trait(trait: Any, loc: list[Any], errors: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -142,6 +167,10 @@ def parse_identity_query(raw_query: bytes) -> str:
     identifier = query_param(raw_query, "identifier")
     if identifier is None:
         raise RequestInvalid([_error("missing", ["query", "identifier"], "Field required", None)])
+    errors: list[dict[str, Any]] = []
+    _check_identifier(identifier, ["query", "identifier"], errors)
+    if errors:
+        raise RequestInvalid(errors)
     return identifier
 
 

@@ -47,6 +47,10 @@ EVALUATOR_FALLBACKS = Counter(
     " when a state is built; request for one request's unusual traits)",
     ["reason", "scope"],
 )
+ANALYTICS_IGNORED = Counter(
+    "edge_proxy_analytics_ignored_names",
+    "Feature names in SDK analytics that the environment does not have (ignored, never buffered)",
+)
 LEADER_RESTARTS = Counter("edge_proxy_leader_restarts", "Times the leader process was restarted")
 ENVIRONMENT_LAST_SUCCESS = Gauge(
     "edge_proxy_environment_last_success_timestamp_seconds",
@@ -55,8 +59,10 @@ ENVIRONMENT_LAST_SUCCESS = Gauge(
     multiprocess_mode="max",  # set by the leader only; a restarted leader continues upwards
 )
 
-# Per-worker counts, flushed in the background: (route, status) → count.
+# Per-worker counts, flushed in the background: (route, status) → count. A client that disconnects
+# mid-request is counted with nginx's 499.
 request_counts: defaultdict[tuple[str, int], int] = defaultdict(int)
+analytics_ignored = [0]  # one plain integer, incremented on the request path
 _flushed: dict[object, int] = {}
 
 
@@ -73,6 +79,7 @@ def flush(cache_hits: int = 0, cache_misses: int = 0) -> None:
         _flush((route, status), count, HTTP_REQUESTS.labels(route=route, status=str(status)))
     _flush("cache_hit", cache_hits, IDENTITY_CACHE.labels(result="hit"))
     _flush("cache_miss", cache_misses, IDENTITY_CACHE.labels(result="miss"))
+    _flush("analytics_ignored", analytics_ignored[0], ANALYTICS_IGNORED)
 
 
 def render() -> bytes:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from proxy.leader.process import run_leader
+from proxy.leader.process import drain_seconds, run_leader
 from proxy.logs import logging_config
 from proxy.settings import Settings
 from proxy.shm import Area
@@ -88,7 +88,7 @@ class LeaderSupervisor:
         process = self.process
         if process is not None and process.is_alive():
             process.terminate()
-            process.join(timeout=5)
+            process.join(timeout=drain_seconds(self.settings))  # its final flushes need this long at most
             if process.is_alive():
                 process.kill()
                 process.join(timeout=5)

@@ -14,6 +14,7 @@ import os
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, ClassVar
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import (
     AliasChoices,
@@ -143,6 +144,9 @@ class ReadinessMode(StrEnum):
 class HealthCheckSettings(_Frozen):
     environment_update_grace_period_seconds: float | None = Field(default=30, ge=0)
     fail_readiness_when: ReadinessMode = ReadinessMode.any_stale
+    # Health is unauthenticated: by default it names an error's kind only; the full text (which may name
+    # internal hosts) and the answering worker's pid only when this is on. Logs and metrics always have them.
+    show_details: bool = False
 
 
 class Settings(BaseSettings):
@@ -162,6 +166,10 @@ class Settings(BaseSettings):
     api_poll_timeout_seconds: float = Field(
         default=5, gt=0, validation_alias=AliasChoices("api_poll_timeout_seconds", "api_poll_timeout")
     )
+    # One environment's whole fetch, pages included (the timeout above is per read): a trickling upstream
+    # cannot hold a refresh for longer than this.
+    api_fetch_deadline_seconds: float = Field(default=30, gt=0)
+    max_document_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     endpoint_caches: EndpointCaches | None = None
     allow_origins: list[str] = Field(default_factory=lambda: ["*"])
     logging: LoggingSettings = LoggingSettings()
@@ -171,6 +179,7 @@ class Settings(BaseSettings):
     usage_flush_interval_seconds: int = Field(default=60, ge=1)
     analytics_flush_interval_seconds: float = Field(default=10, gt=0)
     max_request_body_bytes: int = Field(default=64 * 1024, ge=1024)
+    request_body_timeout_seconds: float = Field(default=10, gt=0)
     max_concurrent_fetches: int = Field(default=8, ge=1)
     shared_memory_dir: str = "/dev/shm"
     # Bytes of documents the area may hold (e.g. the container's /dev/shm size); None: whatever is free.
@@ -249,11 +258,11 @@ def config_path(environ: dict[str, str] | None = None) -> Path:
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        return {}
     try:
         data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError) as exc:
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError) as exc:  # unreadable, or in a folder we may not enter
         raise ConfigError(f"{path}: cannot be read: {exc}") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
@@ -328,7 +337,23 @@ def masked_settings(settings: Settings) -> dict[str, Any]:
     ]
     if data.get("proxy_key"):
         data["proxy_key"] = mask_key(data["proxy_key"])
+    data["api_url"] = mask_url(data["api_url"])
     return data
+
+
+def mask_url(url: str) -> str:
+    """`https://user:secret@host/...` → `https://***@host/...`: credentials never printed."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
+
+
+SECRET_GRANIAN_OPTIONS = ("ssl_keyfile_password",)
+
+
+def masked_options(options: dict[str, Any]) -> dict[str, Any]:
+    return {key: ("***" if key in SECRET_GRANIAN_OPTIONS and value else value) for key, value in options.items()}
 
 
 def default_config() -> dict[str, Any]:

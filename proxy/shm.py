@@ -115,8 +115,10 @@ class Area:
         try:
             fd = os.open(lock, os.O_RDWR)
         except FileNotFoundError:
-            shutil.rmtree(self.path, ignore_errors=True)
+            self._remove_leftover()
             return
+        except PermissionError:
+            raise AreaError(self._not_ours()) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -127,7 +129,22 @@ class Area:
                 "use another port or shared_memory_dir"
             ) from None
         os.close(fd)
+        self._remove_leftover()
+
+    def _remove_leftover(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+        if self.path.exists():
+            raise AreaError(self._not_ours())
+
+    def _not_ours(self) -> str:
+        try:
+            owner = f"uid {self.path.stat().st_uid}"
+        except OSError:
+            owner = "another user"
+        return (
+            f"shared-memory area {self.path} exists and cannot be taken over (owned by {owner}, we are uid "
+            f"{os.getuid()}): remove it, or use another port or shared_memory_dir"
+        )
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

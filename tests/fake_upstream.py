@@ -2,7 +2,10 @@
 
 Serves `GET /api/v1/environment-document/` chosen by `X-Environment-Key`, honours If-Modified-Since the
 way Django does (IMF-fixdate GMT only, second precision), sends Last-Modified, and can paginate.
-Failure modes: `fail` (HTTP status), `garbage` ("list", "notjson", "304", "invalid"), `delay` (seconds).
+Failure modes: `fail` (HTTP status), `garbage` ("list", "notjson", "304", "invalid"), `delay` (seconds),
+and per environment: `trickle[key]` (seconds between chunks of its document), `stall` (keys answered only
+after STALL seconds), `oversize[key]` (bytes of padding added to its document); `analytics_delay`
+(seconds before answering an analytics post).
 """
 
 from __future__ import annotations
@@ -10,11 +13,13 @@ from __future__ import annotations
 import copy
 import json
 import threading
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime, parsedate_to_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+STALL = 120.0  # seconds a stalled answer waits (ends at once when the fake stops)
 
 
 class FakeFlagsmith:
@@ -33,6 +38,11 @@ class FakeFlagsmith:
         self.delay = 0.0
         self.page_size: int | None = None  # identity overrides per page; None: no pagination
         self.next_link: str | None = None  # force a `Link: <...>; rel="next"` (e.g. another origin)
+        self.trickle: dict[str, float] = {}
+        self.stall: set[str] = set()
+        self.oversize: dict[str, int] = {}
+        self.analytics_delay = 0.0
+        self.closing = threading.Event()  # set by stop(): stalled and trickling answers end at once
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
@@ -50,6 +60,7 @@ class FakeFlagsmith:
         return self
 
     def stop(self) -> None:
+        self.closing.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -72,7 +83,9 @@ class FakeFlagsmith:
                     break
             else:
                 raise KeyError(feature_name)
-            document["updated_at"] = datetime.now(UTC).isoformat()
+            # Last-Modified has second precision: a later change must be at least a second later
+            previous = datetime.fromisoformat(document["updated_at"])
+            document["updated_at"] = max(datetime.now(UTC), previous + timedelta(seconds=1)).isoformat()
             return enabled
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
@@ -100,6 +113,8 @@ class FakeFlagsmith:
                     return self._send(202, b"{}")
                 if path != "/api/v1/analytics/flags/":
                     return self._send(404, b'{"detail":"Not Found"}')
+                if fake.analytics_delay:
+                    fake.closing.wait(fake.analytics_delay)
                 if fake.fail:
                     return self._send(fake.fail, b'{"detail":"failure on demand"}')
                 with fake.lock:
@@ -121,8 +136,15 @@ class FakeFlagsmith:
                     )
                     delay, fail, garbage = fake.delay, fake.fail, fake.garbage
                     document = copy.deepcopy(fake.documents.get(key or ""))
+                    trickle, stall, padding = (
+                        fake.trickle.get(key or ""),
+                        key in fake.stall,
+                        fake.oversize.get(key or ""),
+                    )
                 if delay:
                     threading.Event().wait(delay)
+                if stall:
+                    fake.closing.wait(STALL)
                 if parts.path == "/api/v1/proxy/config/":
                     if fake.proxy_config_fail:
                         return self._send(fake.proxy_config_fail, b'{"detail":"failure on demand"}')
@@ -163,7 +185,28 @@ class FakeFlagsmith:
                         headers["Link"] = f'</api/v1/environment-document/?page_id={page + 1}>; rel="next"'
                 if fake.next_link:
                     headers["Link"] = f'<{fake.next_link}>; rel="next"'
+                if padding:
+                    document["padding"] = "x" * padding
+                if trickle:
+                    return self._trickle(json.dumps(document).encode(), headers, trickle)
                 return self._send(200, json.dumps(document).encode(), headers)
+
+            def _trickle(self, body: bytes, headers: dict[str, str], interval: float) -> None:
+                # the whole length declared, then a few bytes at a time: a read timeout never fires
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                for start in range(0, len(body), 16):
+                    if fake.closing.wait(interval):
+                        return
+                    try:
+                        self.wfile.write(body[start : start + 16])
+                        self.wfile.flush()
+                    except OSError:
+                        return
 
             def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
                 self.send_response(status)

@@ -1,12 +1,12 @@
 """The leader's side of flag analytics: sum the workers' hand-overs, forward them upstream per environment
-with its server key (`{api_url}/analytics/flags/`). 5xx and network errors are retried at the next flush.
+with its server key (`{api_url}/analytics/flags/`). 5xx and network errors keep the counts (in the
+hand-over folder's pending file, so a restarted leader still has them) for the next flush; 4xx drop them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter, defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,39 +15,34 @@ import orjson
 
 from proxy import metrics
 from proxy.analytics import FOLDER
-from proxy.handover import collect
+from proxy.handover import Inbox
 from proxy.leader.upstream import flush_every, upstream_client
 from proxy.settings import Settings, mask_key
 
 log = logging.getLogger("proxy.leader")
 
-MAX_PENDING_FEATURES = 100_000  # per environment: bounds memory if upstream fails for a long time
-
 
 class AnalyticsForwarder:
-    """The leader's side: every interval, collect and forward; failed batches are retried next time."""
+    """Every interval, collect and forward; what failed is retried next time."""
 
     def __init__(self, settings: Settings, area: Path, server_key_of: Callable[[str], str | None]) -> None:
-        self.area = area
+        self.inbox = Inbox(area, FOLDER)
         self.interval = settings.analytics_flush_interval_seconds
         self.server_key_of = server_key_of  # the leader knows discovered environments too
         self.url = None if settings.api_url.lower().startswith("file:") else settings.api_url + "/analytics/flags/"
         self.settings = settings
-        self.pending: defaultdict[str, Counter[str]] = defaultdict(Counter)
 
     async def run(self, stop: asyncio.Event) -> None:
         async with upstream_client(self.settings) as client:
             await flush_every(self.interval, stop, lambda: self.flush(client), "analytics")
 
     async def flush(self, client: httpx.AsyncClient) -> None:
-        for client_key, counts in collect(self.area, FOLDER).items():
-            self.pending[client_key].update(counts)
-        for client_key in list(self.pending):
-            counts = self.pending[client_key]
+        remainder: dict[str, dict[str, int]] = {}
+        for client_key, counts in self.inbox.take().items():
+            total = sum(counts.values())
             server_key = self.server_key_of(client_key)
             if self.url is None or server_key is None or not counts:
-                metrics.ANALYTICS_EVENTS.labels(outcome="dropped").inc(sum(counts.values()))
-                del self.pending[client_key]
+                metrics.ANALYTICS_EVENTS.labels(outcome="dropped").inc(total)
                 continue
             try:
                 response = await client.post(
@@ -55,21 +50,16 @@ class AnalyticsForwarder:
                 )
             except httpx.HTTPError as exc:
                 log.warning("analytics for %s not forwarded (%s); retrying later", mask_key(client_key), exc)
-                self._bound(client_key)
+                remainder[client_key] = dict(counts)
                 continue
             if response.status_code >= 500:
                 log.warning(
                     "analytics for %s: upstream answered %d; retrying later", mask_key(client_key), response.status_code
                 )
-                self._bound(client_key)
+                remainder[client_key] = dict(counts)
                 continue
             outcome = "forwarded" if response.is_success else "rejected"
             if not response.is_success:
                 log.warning("analytics for %s rejected with %d; dropped", mask_key(client_key), response.status_code)
-            metrics.ANALYTICS_EVENTS.labels(outcome=outcome).inc(sum(counts.values()))
-            del self.pending[client_key]
-
-    def _bound(self, client_key: str) -> None:
-        counts = self.pending[client_key]
-        if len(counts) > MAX_PENDING_FEATURES:
-            self.pending[client_key] = Counter(dict(counts.most_common(MAX_PENDING_FEATURES)))
+            metrics.ANALYTICS_EVENTS.labels(outcome=outcome).inc(total)
+        self.inbox.settle(remainder)

@@ -15,7 +15,7 @@ import httpx
 import orjson
 
 from proxy.leader.upstream import upstream_client
-from proxy.settings import SERVER_KEY_PREFIX, Settings
+from proxy.settings import SERVER_KEY_PREFIX, Settings, mask_key
 
 log = logging.getLogger("proxy.leader")
 
@@ -23,26 +23,59 @@ log = logging.getLogger("proxy.leader")
 Desired = dict[str, dict[str, float | None]]
 
 
-def parse_proxy_config(data: Any, now: float) -> Desired:
+def parse_proxy_config(data: Any, now: float, reserved: frozenset[str] = frozenset()) -> Desired:
+    """The environments to serve. Every entry is checked on its own: a bad one is skipped with a log line,
+    never trusted. No key may serve two environments, and none may take over a key in `reserved` (the
+    configured pairs): a client key that looks like a server key, or a server key that is another
+    environment's key, is refused."""
     if not isinstance(data, list):
         raise ValueError(f"expected a JSON list of environments, got {type(data).__name__}")
     desired: Desired = {}
-    for environment in data:
-        if not isinstance(environment, dict) or not isinstance(environment.get("client_side_key"), str):
+    claimed: set[str] = set(reserved)
+    for index, environment in enumerate(data):
+        problem = _entry_problem(environment)
+        if problem is not None:
+            log.warning("proxy config: entry %d skipped: %s", index, problem)
+            continue
+        client_key: str = environment["client_side_key"]
+        if client_key in claimed:
+            log.warning(
+                "proxy config: entry %d skipped: its client key %s is already used", index, mask_key(client_key)
+            )
             continue
         keys: dict[str, float | None] = {}
         for server_key in environment.get("server_side_keys") or []:
             if not isinstance(server_key, dict) or not server_key.get("active", True):
                 continue
             key = server_key.get("key")
-            if not isinstance(key, str) or not key.startswith(SERVER_KEY_PREFIX):
+            if not isinstance(key, str) or not key.startswith(SERVER_KEY_PREFIX) or len(key) == len(SERVER_KEY_PREFIX):
+                log.warning("proxy config: entry %d: a server key that is not a 'ser.' string skipped", index)
+                continue
+            if key in claimed or key == client_key:
+                log.warning("proxy config: entry %d: server key %s is already used, skipped", index, mask_key(key))
                 continue
             expires = _epoch(server_key.get("expires_at"))
             if expires is None or expires > now:
                 keys[key] = expires
         if keys:
-            desired[environment["client_side_key"]] = dict(sorted(keys.items()))
+            claimed.add(client_key)
+            claimed.update(keys)
+            desired[client_key] = dict(sorted(keys.items()))
     return desired
+
+
+def _entry_problem(environment: Any) -> str | None:
+    if not isinstance(environment, dict):
+        return f"not an object ({type(environment).__name__})"
+    client_key = environment.get("client_side_key")
+    if not isinstance(client_key, str) or not client_key.strip():
+        return "client_side_key is missing or not a string"
+    if client_key.startswith(SERVER_KEY_PREFIX):
+        return f"client_side_key {mask_key(client_key)} starts with '{SERVER_KEY_PREFIX}'"
+    server_keys = environment.get("server_side_keys")
+    if server_keys is not None and not isinstance(server_keys, list):
+        return f"server_side_keys is not a list ({type(server_keys).__name__})"
+    return None
 
 
 def _epoch(value: Any) -> float | None:
@@ -59,6 +92,9 @@ class Discovery:
         assert settings.proxy_key is not None
         self.url = settings.api_url + "/proxy/config/"
         self.client = upstream_client(settings, {"X-Proxy-Key": settings.proxy_key})
+        self.reserved = frozenset(
+            key for pair in settings.environment_key_pairs for key in (pair.client_side_key, pair.server_side_key)
+        )
 
     async def fetch(self, now: float) -> Desired | None:
         """The environments to serve, or None when the answer cannot be trusted (logged)."""
@@ -69,7 +105,7 @@ class Discovery:
                     "proxy config: upstream answered HTTP %d; keeping the current environments", response.status_code
                 )
                 return None
-            return parse_proxy_config(orjson.loads(response.content), now)
+            return parse_proxy_config(orjson.loads(response.content), now, self.reserved)
         except (httpx.HTTPError, orjson.JSONDecodeError, ValueError) as exc:
             log.warning("proxy config: %s; keeping the current environments", exc)
             return None

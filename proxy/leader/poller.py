@@ -1,9 +1,15 @@
-"""The poll loop: fetch each environment on its own schedule, keep the last good copy, publish changes.
+"""The poll loops: each environment on its own schedule, the last good copy kept, changes published.
 
-Independent of where it runs: it needs a Source (upstream) and a Publisher (shared memory). A failure
-of any kind (network, HTTP status, bad JSON, invalid document, a full shared-memory area) keeps the last
-good document, is logged, shows in the manifest's status (health) and in metrics, and is retried with
-backoff and jitter, never more often than needed and never less often than the poll interval.
+Independent of where it runs: it needs a Source (upstream) and a Publisher (shared memory). Every
+environment has its own task, so one slow or failing environment never delays another's refresh (nor
+discovery, which has its own task too); each fetch has a total deadline (pages included). A failure of any
+kind (network, HTTP status, bad JSON, a document too large, one the workers could not build, a full
+shared-memory area) keeps the last good document, is logged, shows in the manifest's status (health) and
+in metrics, and is retried with backoff and jitter, never less often than the poll interval.
+
+Publication is its own task: a changed document is published within PUBLISH_SOON; status-only changes
+(a 304, an error) are batched for up to PUBLISH_STATUS_EVERY, so thousands of environments do not write
+thousands of manifests a second.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from typing import Any
 import orjson
 
 from proxy import metrics
-from proxy.environment import parse_updated_at
+from proxy.environment import EnvironmentState, parse_updated_at
 from proxy.leader.discovery import Discovery
 from proxy.leader.sources import Fetched, FetchFailed, NotModified, Source
 from proxy.settings import Settings, mask_key
@@ -29,6 +35,8 @@ from proxy.shm import AreaError, Publisher
 log = logging.getLogger("proxy.leader")
 
 BACKOFF_FIRST = 0.5
+PUBLISH_SOON = 0.01  # seconds: environments that change together share one generation
+PUBLISH_STATUS_EVERY = 0.5  # seconds: the most a status-only change (304, error) waits for publication
 
 
 @dataclass(slots=True)
@@ -41,6 +49,7 @@ class Environment:
     name: str | None = None
     last_success: float | None = None  # wall-clock seconds of the last good answer (200 or 304)
     last_error: str | None = None
+    error_kind: str | None = None  # a short category of last_error, safe to show without details
     failures: int = 0
     next_due: float = 0.0
     dirty: bool = False  # fetched, not yet published
@@ -57,6 +66,7 @@ class Environment:
             "updated_at": self.updated_at.isoformat() if self.updated_at else None,
             "last_success": self.last_success,
             "last_error": self.last_error,
+            "error_kind": self.error_kind,
         }
 
 
@@ -74,10 +84,12 @@ class Poller:
         }
         self._static_keys = {key for env in self.environments.values() for key in (env.client_key, *env.server_keys)}
         self._limit = asyncio.Semaphore(settings.max_concurrent_fetches)
+        self.deadline = settings.api_fetch_deadline_seconds
         self.discovery = discovery
-        self._next_discovery = 0.0
         self.discovered_at: float | None = None  # last successful proxy-config sync
-        self._needs_publish = False
+        self._environments_changed = asyncio.Event()
+        self._publish_wanted = asyncio.Event()
+        self._publish_soon = asyncio.Event()
 
     def resume(self) -> None:
         """Take over what a previous leader published, so nothing is refetched that can be reused."""
@@ -105,22 +117,81 @@ class Poller:
         log.info("resumed at generation %d", self.publisher.generation)
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Keep one task per environment (discovery adds and removes environments), plus the publisher."""
+        tasks: dict[str, tuple[Environment, asyncio.Task[None]]] = {}
+        helpers = [asyncio.create_task(self._publish_loop(stop))]
+        if self.discovery is not None:
+            helpers.append(asyncio.create_task(self._discovery_loop(stop)))
+        try:
+            while not stop.is_set():
+                for client_key, env in self.environments.items():
+                    running = tasks.get(client_key)
+                    if running is None or running[0] is not env or running[1].done():
+                        if running is not None:
+                            running[1].cancel()
+                        tasks[client_key] = (env, asyncio.create_task(self._environment_loop(env, stop)))
+                for client_key in [key for key in tasks if key not in self.environments]:
+                    tasks.pop(client_key)[1].cancel()
+                self._environments_changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._environments_changed.wait(), timeout=1.0)
+        finally:
+            for _, task in tasks.values():
+                task.cancel()
+            for task in helpers:
+                task.cancel()
+            await asyncio.gather(*(task for _, task in tasks.values()), *helpers, return_exceptions=True)
+
+    async def _environment_loop(self, env: Environment, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            if self.discovery is not None and time.monotonic() >= self._next_discovery:
+            delay = env.next_due - time.monotonic()
+            if delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=delay)
+                continue
+            try:
+                await self._refresh(env)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never let one environment's loop die
+                log.exception("environment %s: refresh failed unexpectedly", mask_key(env.client_key))
+                env.next_due = time.monotonic() + self.interval
+            self._want_publish(soon=env.dirty)
+
+    async def _discovery_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
                 await self.discover()
-                self._next_discovery = time.monotonic() + self.interval
-            # Environments due within a short window share one round, hence one publication.
-            horizon = time.monotonic() + min(0.25, self.interval / 10)
-            due = [env for env in self.environments.values() if env.next_due <= horizon]
-            now = time.monotonic()
-            if due:
-                await self.poll(due)
-            elif self._needs_publish:
-                self.publish()
-            next_due = min((env.next_due for env in self.environments.values()), default=now + self.interval)
-            delay = max(0.01, next_due - time.monotonic())
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bad answer must never take the leader down
+                metrics.UPSTREAM_FETCHES.labels(outcome="proxy_config_error").inc()
+                log.exception("proxy config: sync failed unexpectedly; keeping the current environments")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=delay)
+                await asyncio.wait_for(stop.wait(), timeout=self.interval)
+
+    def _want_publish(self, soon: bool) -> None:
+        if soon:
+            self._publish_soon.set()
+        self._publish_wanted.set()
+
+    async def _publish_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await self._publish_wanted.wait()
+            # a changed document goes out at once; status-only changes wait to share a generation
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._publish_soon.wait(), timeout=PUBLISH_STATUS_EVERY)
+            await asyncio.sleep(PUBLISH_SOON)
+            self._publish_wanted.clear()
+            self._publish_soon.clear()
+            try:
+                published = self.publish()
+            except Exception:  # publish() reports area errors itself; anything else must not stop us either
+                log.exception("publication failed unexpectedly")
+                published = False
+            if not published:  # retry: the workers must learn what changed
+                await asyncio.sleep(1.0)
+                self._want_publish(soon=True)
 
     def server_key_of(self, client_key: str) -> str | None:
         env = self.environments.get(client_key)
@@ -134,7 +205,7 @@ class Poller:
             metrics.UPSTREAM_FETCHES.labels(outcome="proxy_config_error").inc()
             return
         if self.discovered_at is None:
-            self._needs_publish = True  # readiness waits for the first sync
+            self._want_publish(soon=True)  # readiness waits for the first sync
         self.discovered_at = time.time()
         changed = removed = 0
         for client_key, server_keys in desired.items():
@@ -153,24 +224,29 @@ class Poller:
                 log.info("environment removed from proxy config: %s", mask_key(client_key))
                 removed += 1
         if changed or removed:
-            self._needs_publish = True
+            self._environments_changed.set()
+            self._want_publish(soon=True)
             log.info("proxy config applied: %d changed, %d removed", changed, removed)
-
-    async def poll(self, environments: list[Environment]) -> None:
-        await asyncio.gather(*(self._refresh(env) for env in environments))
-        self.publish()
 
     async def _refresh(self, env: Environment) -> None:
         async with self._limit:
             try:
-                result = await self.source.fetch(env.server_key, env.updated_at if env.document else None)
+                async with asyncio.timeout(self.deadline):
+                    result = await self.source.fetch(env.server_key, env.updated_at if env.document else None)
+                if isinstance(result, Fetched):
+                    result = await self._check_builds(env, result)
+            except TimeoutError:
+                result = FetchFailed(
+                    f"fetch not complete within {self.deadline:g} s (api_fetch_deadline_seconds)", "timeout"
+                )
             except Exception as exc:  # a bug in a source must not kill the loop
                 log.exception("fetching %s failed unexpectedly", mask_key(env.server_key))
-                result = FetchFailed(f"unexpected error: {type(exc).__name__}")
+                result = FetchFailed(f"unexpected error: {type(exc).__name__}", "unexpected")
         now = time.monotonic()
         if isinstance(result, FetchFailed):
             env.failures += 1
             env.last_error = result.reason
+            env.error_kind = result.kind
             backoff = min(self.interval, BACKOFF_FIRST * 2 ** (env.failures - 1))
             env.next_due = now + backoff * random.uniform(0.8, 1.2)
             metrics.UPSTREAM_FETCHES.labels(outcome="error").inc()
@@ -184,14 +260,13 @@ class Poller:
         if env.failures:
             log.info("environment %s: upstream recovered", mask_key(env.client_key))
         env.failures = 0
-        env.last_error = None
+        env.last_error = env.error_kind = None
         env.last_success = time.time()
         metrics.ENVIRONMENT_LAST_SUCCESS.labels(environment=mask_key(env.client_key)).set(env.last_success)
         env.next_due = now + self.interval
         if isinstance(result, NotModified):
             metrics.UPSTREAM_FETCHES.labels(outcome="not_modified").inc()
             return
-        assert isinstance(result, Fetched)
         metrics.UPSTREAM_FETCHES.labels(outcome="ok").inc()
         data = orjson.dumps(result.document)
         if data != env.document:
@@ -201,7 +276,18 @@ class Poller:
             env.name = result.document.get("name")
             log.info("environment %s: new document (%d bytes)", mask_key(env.client_key), len(data))
 
-    def publish(self) -> None:
+    async def _check_builds(self, env: Environment, result: Fetched) -> Fetched | FetchFailed:
+        """Build the state exactly as a worker will: nothing is published that a worker cannot build."""
+        data = orjson.dumps(result.document)
+        if data == env.document:
+            return result
+        try:
+            await asyncio.to_thread(EnvironmentState, env.client_key, data)
+        except Exception as exc:
+            return FetchFailed(f"document cannot be served: {type(exc).__name__}: {exc}", "invalid_document")
+        return result
+
+    def publish(self) -> bool:
         changed = {key: env.document for key, env in self.environments.items() if env.dirty and env.document}
         entries = {key: env.manifest_entry() for key, env in self.environments.items()}
         started = time.perf_counter()
@@ -210,10 +296,10 @@ class Poller:
         except AreaError as exc:
             metrics.PUBLICATION_ERRORS.inc()
             log.error("publication failed, workers keep the previous generation: %s", exc)
-            return
+            return False
         metrics.PUBLICATION_SECONDS.observe(time.perf_counter() - started)
         for key in changed:
             self.environments[key].dirty = False
-        self._needs_publish = False
         if changed:
             log.info("published generation %d (%d changed)", generation, len(changed))
+        return True

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -19,6 +18,15 @@ from proxy.settings import Settings
 from proxy.shm import Publisher
 
 log = logging.getLogger("proxy.leader")
+
+
+def final_flush_seconds(settings: Settings) -> float:
+    return settings.api_poll_timeout_seconds + 1
+
+
+def drain_seconds(settings: Settings) -> float:
+    """How long the supervisor waits for a stopping leader before killing it."""
+    return final_flush_seconds(settings) + 3
 
 
 async def _stop_when_orphaned(parent: int, stop: asyncio.Event) -> None:
@@ -61,11 +69,13 @@ async def _main(settings: Settings, area: Path) -> None:
     finally:
         orphan_watch.cancel()
         stop.set()
-        # last flushes (workers hand their counts over as they stop), bounded in time
-        for task in (analytics, usage):
-            if task is not None:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(task, timeout=settings.api_poll_timeout_seconds + 1)
+        # Last flushes (workers handed their counts over as they stopped), together, within one deadline
+        # that the supervisor's kill timeout (`drain_seconds`) leaves room for.
+        flushes = [task for task in (analytics, usage) if task is not None]
+        _, pending = await asyncio.wait(flushes, timeout=final_flush_seconds(settings))
+        for task in pending:
+            log.warning("final flush cut off after %.1fs; its counts are lost", final_flush_seconds(settings))
+            task.cancel()
         await source.aclose()
         if discovery is not None:
             await discovery.aclose()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+import zlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -40,7 +41,8 @@ class NotModified:
 
 @dataclass(frozen=True, slots=True)
 class FetchFailed:
-    reason: str
+    reason: str  # for logs and, with health_check.show_details, health
+    kind: str = "upstream_error"  # a short category, always safe to show
 
 
 FetchResult = Fetched | NotModified | FetchFailed
@@ -61,17 +63,26 @@ def _check(document: Any) -> FetchResult:
     try:
         validate_document(document)
     except DocumentError as exc:
-        return FetchFailed(f"invalid document: {exc}")
+        return FetchFailed(f"invalid document: {exc}", "invalid_document")
     return Fetched(document)
 
 
+class DocumentTooLarge(Exception):
+    pass
+
+
 class HttpSource:
-    """`GET {api_url}/environment-document/` with If-Modified-Since, following same-origin pages."""
+    """`GET {api_url}/environment-document/` with If-Modified-Since, following same-origin pages.
+
+    Bodies are read as a stream and refused past `max_document_bytes` (all pages together), so an upstream
+    cannot make the leader buffer without bound.
+    """
 
     def __init__(self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.url = settings.api_url + "/environment-document/"
         self.origin = _origin(self.url)
         self.poll_frequency = settings.api_poll_frequency_seconds
+        self.max_bytes = settings.max_document_bytes
         self.client = upstream_client(settings, transport=transport)
 
     async def aclose(self) -> None:
@@ -79,27 +90,36 @@ class HttpSource:
 
     async def fetch(self, server_key: str, cached_updated_at: datetime | None) -> FetchResult:
         started = time.monotonic()
-        headers = {"X-Environment-Key": server_key}
+        headers = {"X-Environment-Key": server_key, "Accept-Encoding": "gzip"}
         if cached_updated_at is not None:
             headers["If-Modified-Since"] = if_modified_since(cached_updated_at)
+        self._budget = self.max_bytes
         try:
             response = await self._get(self.url, headers)
             if response.status_code == 304:
                 if cached_updated_at is None:
-                    return FetchFailed("upstream answered 304 Not Modified, but no document is cached")
+                    return FetchFailed("upstream answered 304 Not Modified, but no document is cached", "http_status")
                 return NotModified()
             if response.status_code != 200:
-                return FetchFailed(f"upstream answered HTTP {response.status_code}")
+                return FetchFailed(f"upstream answered HTTP {response.status_code}", "http_status")
             document = orjson.loads(response.content)
             if not isinstance(document, dict):
-                return FetchFailed(f"invalid document: a JSON {type(document).__name__}, not an object")
-            result = await self._follow_pages(response, document, {"X-Environment-Key": server_key})
+                return FetchFailed(
+                    f"invalid document: a JSON {type(document).__name__}, not an object", "invalid_document"
+                )
+            result = await self._follow_pages(
+                response, document, {"X-Environment-Key": server_key, "Accept-Encoding": "gzip"}
+            )
         except httpx.TimeoutException:
-            return FetchFailed("upstream timed out")
+            return FetchFailed("upstream timed out", "timeout")
         except httpx.HTTPError as exc:
-            return FetchFailed(f"upstream request failed: {type(exc).__name__}: {exc}")
+            return FetchFailed(f"upstream request failed: {type(exc).__name__}: {exc}", "network")
         except orjson.JSONDecodeError as exc:
-            return FetchFailed(f"upstream sent invalid JSON: {exc}")
+            return FetchFailed(f"upstream sent invalid JSON: {exc}", "invalid_json")
+        except DocumentTooLarge:
+            return FetchFailed(
+                f"document larger than {self.max_bytes} bytes (raise max_document_bytes to accept it)", "too_large"
+            )
         elapsed = time.monotonic() - started
         if elapsed > self.poll_frequency:
             log.warning("fetching %s took %.1fs, longer than the poll interval", mask_key(server_key), elapsed)
@@ -114,16 +134,16 @@ class HttpSource:
         while (next_url := response.links.get("next", {}).get("url")) is not None:
             target = urljoin(str(response.url), next_url)
             if _origin(target) != self.origin:
-                return FetchFailed(f"refusing a next page on another origin ({_origin(target)})")
+                return FetchFailed(f"refusing a next page on another origin ({_origin(target)})", "redirect")
             pages += 1
             if pages > MAX_PAGES:
-                return FetchFailed(f"more than {MAX_PAGES} pages")
+                return FetchFailed(f"more than {MAX_PAGES} pages", "too_large")
             response = await self._get(target, headers)
             if response.status_code != 200:
-                return FetchFailed(f"upstream answered HTTP {response.status_code} for page {pages}")
+                return FetchFailed(f"upstream answered HTTP {response.status_code} for page {pages}", "http_status")
             page = orjson.loads(response.content)
             if not isinstance(page, dict):
-                return FetchFailed(f"page {pages} is not a JSON object")
+                return FetchFailed(f"page {pages} is not a JSON object", "invalid_document")
             overrides.extend(page.get("identity_overrides") or [])
         if pages > 1:
             document["identity_overrides"] = overrides
@@ -132,7 +152,7 @@ class HttpSource:
     async def _get(self, url: str, headers: dict[str, str]) -> httpx.Response:
         # Redirects are followed by hand: same origin only, so keys never leak to another host.
         for _ in range(MAX_REDIRECTS + 1):
-            response = await self.client.get(url, headers=headers)
+            response = await self._read_capped(url, headers)
             if response.status_code not in (301, 302, 303, 307, 308):
                 return response
             target = urljoin(url, response.headers.get("location", ""))
@@ -140,6 +160,38 @@ class HttpSource:
                 raise httpx.HTTPError(f"refusing a redirect to another origin ({_origin(target)})")
             url = target
         raise httpx.HTTPError("too many redirects")
+
+    async def _read_capped(self, url: str, headers: dict[str, str]) -> httpx.Response:
+        async with self.client.stream("GET", url, headers=headers) as response:
+            declared = response.headers.get("content-length")
+            if declared is not None and declared.isdigit() and int(declared) > self._budget:
+                raise DocumentTooLarge
+            chunks = []
+            async for chunk in response.aiter_raw():
+                self._budget -= len(chunk)
+                if self._budget < 0:
+                    raise DocumentTooLarge
+                chunks.append(chunk)
+            content = _decode(response, b"".join(chunks), self.max_bytes)
+        headers = [(k, v) for k, v in response.headers.items() if k not in ("content-encoding", "content-length")]
+        return httpx.Response(response.status_code, headers=headers, content=content, request=response.request)
+
+
+def _decode(response: httpx.Response, raw: bytes, limit: int) -> bytes:
+    # decoded bytes count against the same limit (a small gzip body can expand a thousandfold)
+    encoding = response.headers.get("content-encoding", "").lower()
+    if encoding in ("", "identity"):
+        return raw
+    if encoding != "gzip":
+        raise httpx.DecodingError(f"unsupported content-encoding {encoding!r}")
+    decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        data = decompressor.decompress(raw, limit + 1)
+    except zlib.error as exc:
+        raise httpx.DecodingError(f"invalid gzip body: {exc}") from None
+    if len(data) > limit:
+        raise DocumentTooLarge
+    return data
 
 
 def _origin(url: str) -> tuple[str, str]:
@@ -173,11 +225,11 @@ class FileSource:
                 return NotModified()
             document = orjson.loads(path.read_bytes())
         except FileNotFoundError:
-            return FetchFailed(f"no file {self.directory}/{mask_key(server_key)}.json")
+            return FetchFailed(f"no file {self.directory}/{mask_key(server_key)}.json", "file")
         except OSError as exc:
-            return FetchFailed(f"cannot read the document file: {exc.strerror}")
+            return FetchFailed(f"cannot read the document file: {exc.strerror}", "file")
         except orjson.JSONDecodeError as exc:
-            return FetchFailed(f"the document file holds invalid JSON: {exc}")
+            return FetchFailed(f"the document file holds invalid JSON: {exc}", "invalid_json")
         result = _check(document)
         if isinstance(result, Fetched):
             self._mtimes[server_key] = mtime
