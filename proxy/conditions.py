@@ -18,6 +18,7 @@ import json
 import operator
 import re
 from collections.abc import Callable
+from functools import lru_cache
 from typing import Any
 
 import jsonpath_rfc9535
@@ -137,15 +138,23 @@ def fact_key(prop: Any, operator_name: str) -> Any:
         return IDENTITY_KEY
     if not prop.startswith("$."):
         return prop
-    try:
-        jsonpath_rfc9535.compile(prop)
-    except jsonpath_rfc9535.JSONPathSyntaxError:
+    if not _is_jsonpath(prop):
         return prop  # not a JSONPath: the engine reads a trait of that literal name
     if prop in _FIELD_PATHS or _TRAIT_PATH.fullmatch(prop):
         return ("path", prop)
     scope = "segment" if _SEGMENT_SAFE_ROOT.match(prop) and not prop.startswith("$.flags") else "environment"
     reason = "flags_dependency" if prop.startswith(("$.flags", "$['flags']", '$["flags"]')) else "unsupported_path"
     raise Unsupported(reason, scope, f"property {prop!r}")
+
+
+@lru_cache(maxsize=4096)
+def _is_jsonpath(prop: str) -> bool:
+    # Parsing a path costs ~50 µs and every environment names the same few: remember the verdicts.
+    try:
+        jsonpath_rfc9535.compile(prop)
+    except jsonpath_rfc9535.JSONPathSyntaxError:
+        return False
+    return True
 
 
 def path_resolver(prop: str, environment: dict[str, Any]) -> Callable[[Facts, str, str, dict[str, Any]], Any]:
