@@ -43,18 +43,21 @@ def _engine_segment(segment: dict[str, Any]) -> Predicate:
     return lambda facts: is_context_in_segment(facts[ENGINE_CONTEXT], segment)
 
 
+# Per rung: the fixed outcomes to write at their flag positions, and the splits whose variant the
+# identity's hash picks (an empty tuple when none: most rungs).
+Rung = tuple[tuple[tuple[int, Outcome], ...], tuple[tuple[int, Split], ...]]
+
+
 @dataclass(frozen=True, slots=True)
 class Ladder:
     """Features whose candidates come from the same segments in the same order share one search.
 
     The first of `segments` that matches (the rung) decides every one of them; rung len(segments)
-    means none matched. Per rung, what to write at which flag position: fixed outcomes, and splits
-    whose variant the identity's hash picks. In the heavy profile, all 50 features share one ladder.
+    means none matched. In the heavy profile, all 50 features share one ladder.
     """
 
     segments: tuple[int, ...]
-    fixed: tuple[tuple[tuple[int, Outcome], ...], ...]
-    splits: tuple[tuple[tuple[int, Split], ...], ...]
+    rungs: tuple[Rung, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,8 +162,13 @@ class CompiledEnvironment:
         ladders = tuple(
             Ladder(
                 order,
-                tuple(tuple((i, c) for i, c in rung if isinstance(c, Outcome)) for rung in per_rung),
-                tuple(tuple((i, c) for i, c in rung if isinstance(c, Split)) for rung in per_rung),
+                tuple(
+                    (
+                        tuple((i, c) for i, c in rung if isinstance(c, Outcome)),
+                        tuple((i, c) for i, c in rung if isinstance(c, Split)),
+                    )
+                    for rung in per_rung
+                ),
             )
             for order, per_rung in rungs.items()
         )
@@ -168,10 +176,10 @@ class CompiledEnvironment:
 
     # -- evaluating ------------------------------------------------------------------------------
 
-    def facts(self, identifier: str, key: str, traits: dict[str, Any]) -> Facts:
+    def facts(self, identifier: str, key: str, key_bytes: bytes, traits: dict[str, Any]) -> Facts:
         facts: Facts = {name: coerce(value) for name, value in traits.items()}
         if self.needs_identity_key:
-            facts[IDENTITY_KEY] = key
+            facts[IDENTITY_KEY] = key_bytes
         for fact, resolve in self.paths:
             facts[fact] = resolve(facts, identifier, key, traits)
         if self.uses_engine:
@@ -185,7 +193,8 @@ class CompiledEnvironment:
         this identity's unapplied override segment turns into DEFAULT."""
         plan = self.plans[kind]
         key = f"{self.environment_key}_{identifier}"
-        facts = self.facts(identifier, key, traits)
+        key_bytes = key.encode()
+        facts = self.facts(identifier, key, key_bytes, traits)
         outcomes: list[Any] = list(plan.template)
         predicates = self.predicates
         matched: list[bool | None] = [None] * len(predicates)
@@ -199,10 +208,12 @@ class CompiledEnvironment:
                 if verdict:
                     rung = step
                     break
-            for index, fixed in ladder.fixed[rung]:
-                outcomes[index] = fixed
-            for index, split in ladder.splits[rung]:
-                outcomes[index] = split.pick(key)
+            fixed, splits = ladder.rungs[rung]
+            for index, chosen in fixed:
+                outcomes[index] = chosen
+            if splits:
+                for index, split in splits:
+                    outcomes[index] = split.pick(key_bytes)
         demoted: frozenset[str] = frozenset()
         if (overrides := self._overrides_of(identifier)) is not None:
             if _override_applies(facts, identifier):

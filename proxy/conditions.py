@@ -35,7 +35,8 @@ Facts = dict[Any, Any]
 Predicate = Callable[[Facts], bool]
 
 # Facts keys for the identity's own fields (tuples: never equal to a trait name).
-IDENTITY_KEY = ("identity", "key")  # raw, uncoerced: what a blank-property PERCENTAGE_SPLIT hashes
+# The identity key, raw (uncoerced) and UTF-8 encoded: what a blank-property PERCENTAGE_SPLIT hashes.
+IDENTITY_KEY = ("identity", "key")
 
 # JSONPath properties compiled here (anything else under "$." falls back to flag-engine):
 # the identity's identifier and key, the environment's key and name, and a trait by a plain name.
@@ -76,7 +77,7 @@ class NeedsEngine(Exception):
 
 # -- coercion (flag_engine.context.mappers.map_any_value_to_context_value) ---------------------------
 
-_INT = re.compile(r"-?[0-9]+")
+_NUMBER_START = frozenset("-0123456789")
 _FLOAT = re.compile(r"-?[0-9]+\.[0-9]+")
 # Above this many digits an int can overflow float() in MODULO, and past 4,300 int() refuses it: the
 # engine raises there, so such requests go to the engine rather than risk answering where it raises.
@@ -87,15 +88,15 @@ _HUGE = 10**_MAX_INT_DIGITS
 def coerce(value: Any) -> Any:
     kind = type(value)
     if kind is str:
-        # Only strings starting like a number can match either pattern; most traits skip both regexes.
-        if value and (value[0] == "-" or "0" <= value[0] <= "9"):
-            if _INT.fullmatch(value):
-                if len(value) > _MAX_INT_DIGITS:
-                    raise NeedsEngine("a numeric string too long for int()")
-                return int(value)
-            if _FLOAT.fullmatch(value):
-                return float(value)
-        return value
+        # Only strings starting like a number can be one; most traits return here.
+        if value[:1] not in _NUMBER_START:
+            return value
+        digits = value[1:] if value[0] == "-" else value
+        if digits.isascii() and digits.isdigit():  # -?[0-9]+ without the regex
+            if len(digits) > _MAX_INT_DIGITS:
+                raise NeedsEngine("a numeric string too long for int()")
+            return int(value)
+        return float(value) if _FLOAT.fullmatch(value) else value
     if kind is bool or kind is float or value is None:
         return value
     if kind is int:
@@ -118,12 +119,12 @@ def is_scalar(value: Any) -> bool:
 # -- hashing (flag_engine.utils.hashing) --------------------------------------------------------------
 
 
-def hashed_percentage(joined_ids: str) -> float:
-    """The engine's percentage for ids already joined with ","; the rare exact-100 case re-hashes there."""
-    number = int.from_bytes(md5(joined_ids.encode()).digest())  # big-endian, as int(hexdigest, 16)
-    value = ((number % 9999) / 9998) * 100
+def hashed_percentage(joined_ids: bytes) -> float:
+    """The engine's percentage for ids already joined with "," and encoded; the rare exact-100 case
+    (the engine then hashes the ids repeated) is left to the engine's own function."""
+    value = ((int.from_bytes(md5(joined_ids).digest()) % 9999) / 9998) * 100  # big-endian, as int(hex, 16)
     if value == 100:
-        return get_hashed_percentage_for_object_ids([joined_ids], iterations=2)
+        return get_hashed_percentage_for_object_ids([joined_ids.decode()], iterations=2)
     return value
 
 
@@ -241,10 +242,13 @@ def _percentage_split(key: Any, value: Any, segment_key: str) -> Predicate:
     except TypeError:
         raise Unsupported("raises", "environment", f"PERCENTAGE_SPLIT value {value!r}") from None
     prefix = f"{segment_key},"
+    if key is IDENTITY_KEY:  # already encoded
+        encoded_prefix = prefix.encode()
+        return lambda facts: hashed_percentage(encoded_prefix + facts[IDENTITY_KEY]) <= threshold
 
     def check(facts: Facts) -> bool:
         found = facts.get(key)
-        return found is not None and hashed_percentage(prefix + str(found)) <= threshold
+        return found is not None and hashed_percentage((prefix + str(found)).encode()) <= threshold
 
     return check
 

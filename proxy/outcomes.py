@@ -44,12 +44,12 @@ class Split:
 
     __slots__ = ("bands", "control", "prefix")
 
-    def __init__(self, prefix: str, bands: tuple[tuple[float, float, Outcome], ...], control: Outcome) -> None:
-        self.prefix = prefix  # "<feature context key>," : the hashed ids are [context key, identity key]
+    def __init__(self, prefix: bytes, bands: tuple[tuple[float, float, Outcome], ...], control: Outcome) -> None:
+        self.prefix = prefix  # b"<feature context key>," : the hashed ids are [context key, identity key]
         self.bands = bands
         self.control = control
 
-    def pick(self, identity_key: str) -> Outcome:
+    def pick(self, identity_key: bytes) -> Outcome:
         percentage = hashed_percentage(self.prefix + identity_key)
         for start, limit, band in self.bands:
             if start <= percentage < limit:
@@ -67,7 +67,7 @@ def choice_for(feature: dict[str, Any], context: dict[str, Any], reason: str) ->
     if not variants:
         return outcome(feature, enabled, value, reason, None)
     return Split(
-        f"{context['key']},",
+        f"{context['key']},".encode(),
         tuple(_bands(feature, enabled, variants)),
         outcome(feature, enabled, value, reason, "control"),
     )
