@@ -27,6 +27,7 @@ from typing import Any
 
 import orjson
 import pytest
+from flag_engine.context.mappers import map_any_value_to_context_value
 from flag_engine.segments.evaluator import is_context_in_segment
 from flag_engine.utils.hashing import get_hashed_percentage_for_object_ids
 from hypothesis import HealthCheck, given, settings
@@ -34,7 +35,7 @@ from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
 from proxy.compiled import CompiledEnvironment
-from proxy.conditions import NeedsEngine, Unsupported, hashed_percentage
+from proxy.conditions import NeedsEngine, Unsupported, coerce, hashed_percentage
 from proxy.environment import EnvironmentState, KeyKind
 from proxy.evaluation import evaluate, evaluate_results, feature_objects, visible_results, visible_to
 from proxy.mapping import identity_context, map_document
@@ -461,3 +462,23 @@ def test_hashing_matches_the_engine_including_its_rehash_of_exactly_100() -> Non
     for i in range(2_000):
         ids = [str(i), f"env_user-{i * 7919}é"]
         assert hashed_percentage(",".join(ids).encode()) == get_hashed_percentage_for_object_ids(ids)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        *["007", "-3", "-0", "0", "-", "--1", "+5", " 42", "42 ", "1_000", "1e5", "0x10", "٣", "²", "١٢", "4٣"],
+        *["1.50", "-1.5", "1.", ".5", "1.5.5", "-.5", "1.0e3", "", "abc", "9" * 300, "1" * 40, "-" + "2" * 300],
+        *[None, True, False, 0, -7, 2**63, 1.5, -0.0, 1e300, ["a", 1], {"k": None}, [[]]],
+    ],
+)
+def test_coercion_matches_the_engine(value: Any) -> None:
+    want = map_any_value_to_context_value(value)
+    got = coerce(value)
+    assert (type(got), got) == (type(want), want)
+
+
+@pytest.mark.parametrize("value", ["9" * 301, "-" + "1" * 301, 10**301, -(10**301)])
+def test_numbers_the_engine_may_raise_on_go_to_the_engine(value: Any) -> None:
+    with pytest.raises(NeedsEngine):
+        coerce(value)
