@@ -150,7 +150,7 @@ def fact_key(prop: Any, operator_name: str) -> Any:
 
 @lru_cache(maxsize=4096)
 def _is_jsonpath(prop: str) -> bool:
-    # Parsing a path costs ~50 µs and every environment names the same few: remember the verdicts.
+    # Parsing a path costs ~80 µs (measured) and environments name the same few: remember the verdicts.
     try:
         jsonpath_rfc9535.compile(prop)
     except jsonpath_rfc9535.JSONPathSyntaxError:
