@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
 
-.PHONY: run test lint format bench wrk wrk-table fuzz-evaluator faults soak clean
+.PHONY: run test tools lint format bench wrk wrk-table fuzz-evaluator faults soak lock clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,7 @@ run: $(VENV)/.installed
 	$(BIN)/edge-proxy serve --demo --port $(PORT)
 
 ## Lint, check formatting, run the whole test suite.
-test: $(VENV)/.installed-test
+test: $(VENV)/.installed-test tools
 	$(BIN)/ruff check proxy tests benchmarks
 	$(BIN)/ruff format --check proxy tests benchmarks
 	$(BIN)/pytest
@@ -31,6 +31,13 @@ test: $(VENV)/.installed-test
 ## The compiled evaluator against flag-engine on 11,000 generated documents (over 100,000 identity cases).
 fuzz-evaluator: $(VENV)/.installed-test
 	EVALUATOR_EXAMPLES=11000 $(BIN)/pytest tests/test_evaluator_differential.py -k flag_engine -s -p no:cacheprovider --timeout 0
+
+## What the tests need besides Python packages: promtool (Debian's prometheus package); for the image test
+## unshare and setpriv, and a Python 3.11 outside /root that a non-root user can run.
+tools:
+	command -v promtool >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
+	command -v unshare >/dev/null && command -v setpriv >/dev/null || { apt-get update -qq && apt-get install -y -qq util-linux; }
+	test -x /usr/bin/python3.11 || test -x /usr/local/bin/python3.11 || { apt-get update -qq && apt-get install -y -qq python3.11-venv; }
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check proxy tests benchmarks
@@ -61,6 +68,14 @@ faults: $(VENV)/.installed-test
 ## Five minutes of mixed traffic with a fault every 30 s; results in benchmarks/results/soak.md.
 soak: $(VENV)/.installed-test
 	$(BIN)/python -m benchmarks.faults --soak
+
+## Re-lock the runtime and build dependencies (exact versions with hashes) after changing pyproject.toml.
+lock: $(BIN)/python
+	$(BIN)/pip install --quiet pip-tools
+	$(BIN)/pip-compile --quiet --generate-hashes --strip-extras --no-emit-index-url --no-emit-find-links \
+		--output-file requirements.lock pyproject.toml
+	$(BIN)/pip-compile --quiet --generate-hashes --strip-extras --no-emit-index-url --no-emit-find-links \
+		--allow-unsafe --only-build-deps --build-deps-for wheel --output-file requirements-build.lock pyproject.toml
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .benchmarks

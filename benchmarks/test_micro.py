@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ from flag_engine.engine import get_evaluation_result
 from flagsmith.mappers import map_context_and_identity_data_to_context, map_environment_document_to_context
 
 from benchmarks.documents import HEAVY_TRAITS, about_one_megabyte, base_document, heavy_document, with_overrides
+from proxy import metrics
+from proxy.app import route_of
 from proxy.environment import EnvironmentState, KeyKind
 from proxy.settings import Settings
 from proxy.shm import Area, Publisher, Subscriber
@@ -106,6 +109,21 @@ def test_sdk_style_per_request_mapping(benchmark: Any, overrides: int) -> None:
         return get_evaluation_result(context)
 
     benchmark(evaluate)
+
+
+def test_request_metrics(benchmark: Any) -> None:
+    """What the middleware adds per request for metrics: two clock reads, the route lookup, `observe` (< 1 µs)."""
+    path = b"/api/v1/flags/"
+
+    def count() -> None:  # the middleware's counting lines, as written there
+        started = time.perf_counter()
+        route = route_of(path)
+        metrics.observe(route[0] if route else "unmatched", "GET", 200, time.perf_counter() - started)
+
+    # Many calls per round: one call is close to the timer's own overhead.
+    benchmark.pedantic(count, rounds=200, iterations=1000, warmup_rounds=5)
+    if not benchmark.disabled:
+        assert benchmark.stats.stats.median < 1e-6
 
 
 @pytest.fixture

@@ -3,9 +3,7 @@
 //   k6 run -e BASE_URL=http://localhost:8000 -e SERVER_KEY=ser.demo_server_key k6/environment_document.js
 import http from "k6/http";
 import { check } from "k6";
-import { BASE_URL, arrivalOptions } from "./common.js";
-
-const SERVER_KEY = __ENV.SERVER_KEY || "ser.demo_server_key";
+import { BASE_URL, SERVER_KEY, arrivalOptions } from "./common.js";
 
 export const options = arrivalOptions("document", 200, 100);
 

@@ -36,8 +36,10 @@ from proxy.errors import (
 from proxy.health import check_health
 from proxy.identity_request import parse_identity_body, parse_identity_query, query_param
 from proxy.ofrep import OfrepRoutes
+from proxy.realtime import StreamHub
 from proxy.settings import Settings
 from proxy.store import Store
+from proxy.webhook import WebhookReceiver
 
 log = logging.getLogger("proxy.app")
 
@@ -47,8 +49,8 @@ PREFLIGHT_METHODS = b"DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT"
 
 Handler = Callable[[Request], Awaitable[Response]]
 
-# path → (metrics label, {method: ProxyApp handler}). Every GET route also answers HEAD, and every route
-# answers with or without its trailing slash.
+# path → (short name, {method: ProxyApp handler}); metrics label a route by its path, as Flagsmith's API does.
+# Every GET route also answers HEAD, and every route answers with or without its trailing slash.
 ROUTES: dict[str, tuple[str, dict[str, str]]] = {
     "/api/v1/flags/": ("flags", {"GET": "flags"}),
     "/api/v1/identities/": ("identities", {"GET": "identities_get", "POST": "identities_post"}),
@@ -61,6 +63,8 @@ ROUTES: dict[str, tuple[str, dict[str, str]]] = {
     "/metrics": ("metrics", {"GET": "metrics"}),
     "/ofrep/v1/evaluate/flags/{key}": ("ofrep_flag", {"POST": "ofrep_flag"}),
     "/ofrep/v1/evaluate/flags": ("ofrep_flags", {"POST": "ofrep_flags"}),
+    "/sse/environments/{key}/stream": ("stream", {"GET": "stream"}),
+    "/proxy/webhooks/flagsmith": ("webhook", {"POST": "webhook"}),
 }
 
 
@@ -68,30 +72,34 @@ def _allowed(methods: dict[str, str]) -> bytes:
     return ", ".join(sorted({*methods, *(["HEAD"] if "GET" in methods else [])})).encode()
 
 
-# raw path (both spellings) → (metrics label, the Allow header for a 405)
+# raw path (both spellings) → (the route as Flagsmith's API labels metrics: its template, the Allow header)
 ROUTE_BY_PATH: dict[bytes, tuple[str, bytes]] = {
-    spelling: (label, _allowed(methods))
-    for path, (label, methods) in ROUTES.items()
+    spelling: (path, _allowed(methods))
+    for path, (_, methods) in ROUTES.items()
     if "{" not in path
     for spelling in (path.rstrip("/").encode(), path.rstrip("/").encode() + b"/")
 }
-# paths ending in one `{param}` segment: (prefix up to the parameter, metrics label, Allow header)
-ROUTE_BY_PREFIX: list[tuple[bytes, str, bytes]] = [
-    (path[: path.index("{")].encode(), label, _allowed(methods))
-    for path, (label, methods) in ROUTES.items()
+# paths with one `{param}` segment: (prefix up to the parameter, what follows it, route template, Allow header)
+ROUTE_BY_PREFIX: list[tuple[bytes, bytes, str, bytes]] = [
+    (path[: path.index("{")].encode(), path[path.index("}") + 1 :].encode(), path, _allowed(methods))
+    for path, (_, methods) in ROUTES.items()
     if "{" in path
 ]
 
 
 def route_of(path: bytes) -> tuple[str, bytes] | None:
-    """(metrics label, Allow header) of the route `path` belongs to, whatever method it was sent with."""
+    """(route template, Allow header) of the route `path` belongs to, whatever method it was sent with."""
     route = ROUTE_BY_PATH.get(path)
     if route is None:
-        for prefix, label, allow in ROUTE_BY_PREFIX:
+        for prefix, suffix, template, allow in ROUTE_BY_PREFIX:
             if path.startswith(prefix):
                 param = path[len(prefix) :].removesuffix(b"/")
+                if suffix:
+                    if not param.endswith(suffix):
+                        continue
+                    param = param[: -len(suffix)]
                 if param and b"/" not in param:
-                    return label, allow
+                    return template, allow
     return route
 
 
@@ -130,6 +138,8 @@ class ProxyApp:
         self.pid = str(os.getpid()).encode()
         self.usage = store.usage
         self.ofrep = OfrepRoutes(store, self._read_body)
+        self.realtime = StreamHub(settings.realtime, store)
+        self.webhooks = WebhookReceiver(settings.webhook, lambda: store.area)
 
     # -- flags -----------------------------------------------------------------------------------
     async def flags(self, request: Request) -> Response:
@@ -255,6 +265,15 @@ class ProxyApp:
     async def ofrep_flags(self, request: Request) -> Response:
         return await self.ofrep.flags(request)
 
+    # -- real-time stream and webhook refresh (proxy/realtime.py, proxy/webhook.py) ------------------
+    async def stream(self, request: Request) -> Response:
+        if not self.settings.realtime.enabled:
+            raise NotFound("real-time streams are off (realtime.enabled)")
+        return await self.realtime.handle(request)
+
+    async def webhook(self, request: Request) -> Response:
+        return await self.webhooks.handle(request, self._read_body)
+
     # -- health and metrics ----------------------------------------------------------------------
     async def health(self, request: Request) -> Response:
         store = self.store
@@ -303,6 +322,7 @@ class ProxyApp:
 
     # -- the one place errors become responses ---------------------------------------------------
     async def middleware(self, request: Request, handler: Handler) -> Response:
+        started = time.perf_counter()
         try:
             response = await handler(request)
         except ProxyError as error:
@@ -320,7 +340,9 @@ class ProxyApp:
         if origin is not None:
             self._add_cors(response, origin)
         route = route_of(request._path)
-        metrics.request_counts[(route[0] if route else "other", response.status)] += 1
+        metrics.observe(
+            route[0] if route else "unmatched", request.method, response.status, time.perf_counter() - started
+        )
         return response
 
     def _add_cors(self, response: Response, origin: bytes) -> None:
@@ -369,4 +391,5 @@ def build_app(settings: Settings, store: Store) -> Application:
     router.fallback = _plain(routes.fallback)
     app = Application(router=router, show_error_details=False)
     app.middlewares.append(routes.middleware)
+    store.stop_streams = routes.realtime.close_all
     return app

@@ -15,7 +15,7 @@ from proxy.environment import Body
 
 
 class ResponseCache:
-    __slots__ = ("_data", "hits", "max_bytes", "max_entries", "misses", "size_bytes")
+    __slots__ = ("_data", "evictions", "hits", "max_bytes", "max_entries", "misses", "size_bytes")
 
     def __init__(self, max_entries: int, max_bytes: int) -> None:
         self._data: OrderedDict[tuple[str, Hashable], Body] = OrderedDict()
@@ -24,6 +24,7 @@ class ResponseCache:
         self.size_bytes = 0
         self.hits = 0
         self.misses = 0
+        self.evictions = 0  # pushed out by the entry or byte bound (not by an environment change)
 
     def __len__(self) -> int:
         return len(self._data)
@@ -53,6 +54,7 @@ class ResponseCache:
         while len(self._data) > self.max_entries or self.size_bytes > self.max_bytes:
             evicted_key, evicted = self._data.popitem(last=False)
             self.size_bytes -= _cost(evicted_key, evicted)
+            self.evictions += 1
 
     def drop_environment(self, client_key: str) -> int:
         stale = [key for key in self._data if key[0] == client_key]

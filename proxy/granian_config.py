@@ -100,6 +100,7 @@ OPTIONS: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "access_log_fmt": (_optional(_str), None),
     "runtime_threads": (_int(1), 1),
     "runtime_mode": (_choice("auto", "mt", "st"), "auto"),
+    "task_impl": (_choice("asyncio", "rust"), "asyncio"),
     "loop": (_choice("auto", "asyncio", "uvloop"), "uvloop"),
     "metrics": (_bool, False),
     "metrics_address": (_str, "127.0.0.1"),

@@ -23,6 +23,12 @@ def _iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def stale_after(settings: Settings, environments: int) -> float | None:
+    """Seconds without a good answer from upstream after which an environment is stale (None: never)."""
+    grace = settings.health_check.environment_update_grace_period_seconds
+    return None if grace is None else settings.api_poll_frequency_seconds + grace * environments
+
+
 def check_health(
     settings: Settings,
     client_keys: list[str],
@@ -31,8 +37,7 @@ def check_health(
     now: float,
     waiting_for_discovery: bool = False,
 ) -> tuple[int, bytes]:
-    grace = settings.health_check.environment_update_grace_period_seconds
-    threshold = None if grace is None else settings.api_poll_frequency_seconds + grace * len(client_keys)
+    threshold = stale_after(settings, len(client_keys))
     not_loaded: list[str] = []
     stale: list[str] = []
     successes: list[float] = []

@@ -96,7 +96,7 @@ class LeaderSupervisor:
 
 
 def granian_kwargs(options: dict[str, Any], settings: Settings) -> dict[str, Any]:
-    from granian.constants import HTTPModes, Interfaces, Loops, RuntimeModes
+    from granian.constants import HTTPModes, Interfaces, Loops, RuntimeModes, TaskImpl
     from granian.http import HTTP1Settings, HTTP2Settings
 
     kwargs: dict[str, Any] = {
@@ -109,6 +109,7 @@ def granian_kwargs(options: dict[str, Any], settings: Settings) -> dict[str, Any
         "loop": Loops(options["loop"]),
         "runtime_threads": options["runtime_threads"],
         "runtime_mode": RuntimeModes(options["runtime_mode"]),
+        "task_impl": TaskImpl(options["task_impl"]),
         "http": HTTPModes(options["http"]),
         "backlog": options["backlog"],
         "backpressure": options["backpressure"],

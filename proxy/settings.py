@@ -149,6 +149,28 @@ class HealthCheckSettings(_Frozen):
     show_details: bool = False
 
 
+class RealtimeSettings(_Frozen):
+    """The SDKs' server-sent-events stream (`/sse/environments/{client key}/stream`)."""
+
+    enabled: bool = True
+    # A comment line this often keeps idle connections open through load balancers (most cut at 60 s).
+    keepalive_seconds: float = Field(default=20, ge=1, le=300)
+    # Per worker: past it a new stream is a 503 (the SDKs retry), so idle streams cannot exhaust memory.
+    max_streams_per_worker: int = Field(default=10_000, ge=1)
+    # A stream is closed after this long (the SDKs reconnect at once), so clients rebalance across replicas.
+    max_lifetime_seconds: float = Field(default=3600, ge=1)
+
+
+class WebhookSettings(_Frozen):
+    """`POST /proxy/webhooks/flagsmith`: Flagsmith environment webhooks trigger a refresh. Off without a secret."""
+
+    secret: str | None = Field(default=None, min_length=8)
+    # Refreshes of one environment started by webhooks are at least this far apart (a storm is coalesced).
+    min_refresh_interval_seconds: float = Field(default=1.0, ge=0)
+    # A payload whose `data.timestamp` is older than this, or a signature seen within it, is a 400.
+    replay_window_seconds: float = Field(default=300, ge=1)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         case_sensitive=False,
@@ -184,6 +206,12 @@ class Settings(BaseSettings):
     shared_memory_dir: str = "/dev/shm"
     # Bytes of documents the area may hold (e.g. the container's /dev/shm size); None: whatever is free.
     shared_memory_max_bytes: int | None = Field(default=None, ge=1024)
+    realtime: RealtimeSettings = RealtimeSettings()
+    webhook: WebhookSettings = WebhookSettings()
+    # Proxy-follows-proxy: the base URL of an upstream edge proxy's stream (e.g. `http://proxy-a:8000/`);
+    # the leader follows it and refreshes an environment as soon as it changes there, instead of waiting
+    # for its poll. None: poll only.
+    upstream_stream_url: str | None = None
 
     @field_validator("api_url")
     @classmethod
@@ -199,6 +227,16 @@ class Settings(BaseSettings):
             return value
         # A trailing slash would give `//environment-document/` (a Python-proxy quirk we fix).
         return value.rstrip("/")
+
+    @field_validator("upstream_stream_url")
+    @classmethod
+    def _stream_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.strip()
+        if value.split(":", 1)[0].lower() not in ("http", "https"):
+            raise ValueError(f"must be an http:// or https:// URL, not {value!r}")
+        return value.rstrip("/") + "/"
 
     @model_validator(mode="after")
     def _unique_keys(self) -> Settings:
@@ -337,6 +375,8 @@ def masked_settings(settings: Settings) -> dict[str, Any]:
     ]
     if data.get("proxy_key"):
         data["proxy_key"] = mask_key(data["proxy_key"])
+    if (data.get("webhook") or {}).get("secret"):
+        data["webhook"]["secret"] = "***"
     data["api_url"] = mask_url(data["api_url"])
     return data
 

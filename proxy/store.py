@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,10 @@ class Store:
         self.discovered = False  # with a proxy_key: has the leader synced the proxy config yet?
         self.analytics = CountsBuffer("analytics")
         self.usage = CountsBuffer("usage") if settings.proxy_key else None
+        # called after a swap with (rebuilt states, removed client keys): the real-time streams
+        self.listeners: list[Callable[[dict[str, EnvironmentState], list[str]], None]] = []
+        self.area: Path | None = None  # the shared-memory area, once the worker follows it (webhook hand-over)
+        self.stop_streams: Callable[[], None] = lambda: None  # set by build_app: ends the streams at shutdown
 
     def _index(self, environments: dict[str, dict[str, float | None]]) -> None:
         # every key → (kind, client key, expiry); bytes, as the header arrives
@@ -78,6 +83,12 @@ class Store:
     def flush_metrics(self) -> None:
         cache = self.cache
         metrics.flush(cache.hits if cache else 0, cache.misses if cache else 0)
+        metrics.flush_worker(
+            self.generation,
+            len(cache) if cache else 0,
+            cache.size_bytes if cache else 0,
+            cache.evictions if cache else 0,
+        )
 
     def apply(self, manifest: dict[str, Any], built: dict[str, EnvironmentState]) -> None:
         """Swap in new states and status (on the event loop, no await: requests see old or new)."""
@@ -92,6 +103,8 @@ class Store:
             if self.cache is not None:
                 for client_key in [*built, *gone]:
                     self.cache.drop_environment(client_key)
+            for listener in self.listeners:
+                listener(built, gone)
         self.generation = manifest["generation"]
 
 

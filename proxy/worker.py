@@ -19,8 +19,12 @@ from pathlib import Path
 
 from blacksheep import Application
 
+from proxy import metrics
 from proxy.app import build_app
+from proxy.environment_metrics import EnvironmentCollector
 from proxy.logs import configure_logging
+from proxy.processes import WORKER, register
+from proxy.realtime import end_streams_on_shutdown_signal
 from proxy.settings import Settings
 from proxy.shm import Subscriber
 from proxy.store import Follower, Store
@@ -52,17 +56,22 @@ def create_app() -> Application:
 def create_worker_app(settings: Settings, area: Path) -> Application:
     store = Store(settings)
     app = build_app(settings, store)
+    metrics.scrape_collectors[:] = [EnvironmentCollector(store)]  # one worker, one store
+    end_streams_on_shutdown_signal(store.stop_streams)
 
     @app.lifespan
     async def follow_publications() -> AsyncIterator[None]:
+        register(area, WORKER)
         subscriber = Subscriber(area)
         follower = Follower(store, subscriber)
         follower.load_now()
+        store.area = area
         task = asyncio.create_task(follower.run())
         log.debug("worker %d following %s at generation %d", os.getpid(), area, store.generation)
         try:
             yield
         finally:
+            store.stop_streams()
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task

@@ -90,7 +90,7 @@ def test_deep_nesting_is_a_json_4xx_with_cors(proxy: ProxyProcess, path: str, co
     headers = {**CLIENT, "Origin": ORIGIN}
     if content_type:
         headers["Content-Type"] = content_type
-    counted = rf'edge_proxy_http_requests_total\{{route="{path.split("/")[3]}",status="422"\}}'
+    counted = rf'flagsmith_http_server_requests_total\{{method="POST",response_status="422",route="{path}"\}}'
     before = metric(proxy, counted)
     body = _nested(300) if path.endswith("identities/") else b'{"a": ' + b"[" * 300 + b"]" * 300 + b"}"
     response = httpx.post(proxy.url + path, content=body, headers=headers, timeout=10)
@@ -103,6 +103,9 @@ def test_deep_nesting_is_a_json_4xx_with_cors(proxy: ProxyProcess, path: str, co
     assert "Traceback" not in proxy.log()
 
 
+HOSTILE_499 = r'flagsmith_http_server_requests_total\{method="POST",response_status="499",route="/api/v1/identities/"\}'
+
+
 def test_a_client_that_disconnects_mid_body_is_no_traceback(proxy: ProxyProcess) -> None:
     for _ in range(5):
         with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
@@ -111,9 +114,7 @@ def test_a_client_that_disconnects_mid_body_is_no_traceback(proxy: ProxyProcess)
                 b"Content-Type: application/json\r\nContent-Length: 5000\r\n\r\n" + b'{"identifier": "a'
             )
             time.sleep(0.05)
-    assert wait_for(
-        lambda: metric(proxy, r'edge_proxy_http_requests_total\{route="identities",status="499"\}') >= 1, 10
-    )
+    assert wait_for(lambda: metric(proxy, HOSTILE_499) >= 1, 10)
     assert proxy.get("/api/v1/flags/", headers=CLIENT).status_code == 200
     assert "Traceback" not in proxy.log()
     assert "ERROR" not in proxy.log()

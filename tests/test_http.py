@@ -176,10 +176,14 @@ def test_metrics_count_requests(proxy: ProxyProcess) -> None:
     for _ in range(3):
         proxy.get("/api/v1/flags/", headers=CLIENT)
     text = proxy.get("/metrics").text
-    match = re.search(r'^edge_proxy_http_requests_total\{route="flags",status="200"\} ([0-9.]+)$', text, re.M)
+    labels = r'method="GET",response_status="200",route="/api/v1/flags/"'
+    match = re.search(rf"^flagsmith_http_server_requests_total\{{{labels}\}} ([0-9.]+)$", text, re.M)
     assert match and float(match.group(1)) >= 3
     assert 'edge_proxy_upstream_fetches_total{outcome="ok"}' in text
-    assert 'edge_proxy_environment_last_success_timestamp_seconds{environment="en…_1"}' in text
+    # environments by the document's id and name, never by a key
+    labels = 'environment_id="1",environment_name="Development"'
+    assert f"edge_proxy_environment_last_success_timestamp_seconds{{{labels}}}" in text
+    assert "env_client_key" not in text and "en…_1" not in text
 
 
 def test_analytics_are_validated(proxy: ProxyProcess) -> None:

@@ -303,12 +303,15 @@ def test_node_sdk_reasons(proxy: ProxyProcess) -> None:
     ]
 
 
+OFREP_304 = 'method="POST",response_status="304",route="/ofrep/v1/evaluate/flags"'
+
+
 def test_node_web_sdk_bulk_evaluation_and_etag_polling(proxy: ProxyProcess) -> None:
     """The static-context provider: one bulk request per context, then polls answered 304 while nothing changes."""
     contexts = [CONTEXTS[1], CONTEXTS[4], CONTEXTS[0]]
     names = list(oracle(proxy, SERVER_1, None))
     cases = [{"flag": f, "type": t, "default": d} for f in [*names, "no_such_flag"] for t, d in NODE_DEFAULTS.items()]
-    polled_before = metric(proxy, "edge_proxy_http_requests_total", 'route="ofrep_flags",status="304"')
+    polled_before = metric(proxy, "flagsmith_http_server_requests_total", OFREP_304)
     results = run_node(
         proxy,
         [],
@@ -333,7 +336,7 @@ def test_node_web_sdk_bulk_evaluation_and_etag_polling(proxy: ProxyProcess) -> N
                 value if ok else case["default"],
                 None if ok else "TYPE_MISMATCH",
             )
-    polled = metric(proxy, "edge_proxy_http_requests_total", 'route="ofrep_flags",status="304"') - polled_before
+    polled = metric(proxy, "flagsmith_http_server_requests_total", OFREP_304) - polled_before
     assert polled >= 2, "the provider's polls should have been answered 304 Not Modified"
 
 
@@ -430,8 +433,9 @@ def test_routes_405_and_metrics_labels(proxy: ProxyProcess) -> None:
     assert httpx.get(proxy.url + "/ofrep/v1/evaluate/flags/a/b").status_code == 404
     assert post(proxy, "/", {"context": {}}).json()["flags"]  # a trailing slash is the bulk endpoint
     metrics = httpx.get(f"{proxy.url}/metrics").text
-    assert 'route="ofrep_flag",status="405"' in metrics
-    assert 'route="ofrep_flags",status="200"' in metrics
+    # labelled by route template, as Flagsmith's API labels its own
+    assert 'method="GET",response_status="405",route="/ofrep/v1/evaluate/flags/{key}"' in metrics
+    assert 'method="POST",response_status="200",route="/ofrep/v1/evaluate/flags"' in metrics
 
 
 def test_empty_or_null_context_is_the_environment(proxy: ProxyProcess) -> None:
@@ -510,9 +514,11 @@ def test_engine_errors_and_unknown_reasons() -> None:
     assert (status, entry["errorCode"], entry["key"]) == (400, "GENERAL", "f")
     assert flag_entry(FlagResult(feature, True, 1, "SOMETHING_NEW; x=1", None))[1]["reason"] == "UNKNOWN"
     assert (
-        route_of(b"/ofrep/v1/evaluate/flags/f") == route_of(b"/ofrep/v1/evaluate/flags/f/") == ("ofrep_flag", b"POST")
+        route_of(b"/ofrep/v1/evaluate/flags/f")
+        == route_of(b"/ofrep/v1/evaluate/flags/f/")
+        == ("/ofrep/v1/evaluate/flags/{key}", b"POST")
     )
-    assert route_of(b"/ofrep/v1/evaluate/flags/") == ("ofrep_flags", b"POST")
+    assert route_of(b"/ofrep/v1/evaluate/flags/") == ("/ofrep/v1/evaluate/flags", b"POST")
     assert route_of(b"/ofrep/v1/evaluate/flags/a/b") is None
 
 

@@ -57,6 +57,9 @@ def test_bad_answers_keep_the_last_good_document(
     # still served from the last good copy
     assert proxy.get("/api/v1/flags/", headers=CLIENT).json() == before
     assert wait_for(lambda: metric(proxy, "edge_proxy_upstream_fetches_total", '{outcome="error"}') >= 2, 10)
+    reason = {"fail": "http_5xx", "list": "invalid_document", "notjson": "invalid_json", "invalid": "invalid_document"}
+    errors = metric(proxy, "edge_proxy_upstream_fetch_errors_total", f'{{reason="{reason.get(mode, "timeout")}"}}')
+    assert errors >= 2, proxy.get("/metrics").text
     assert "keeping the last good document" in proxy.log()
 
     # the poll loop is alive: recovery, and a change upstream is picked up

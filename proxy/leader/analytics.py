@@ -50,12 +50,14 @@ class AnalyticsForwarder:
                 )
             except httpx.HTTPError as exc:
                 log.warning("analytics for %s not forwarded (%s); retrying later", mask_key(client_key), exc)
+                metrics.ANALYTICS_EVENTS.labels(outcome="retried").inc(total)
                 remainder[client_key] = dict(counts)
                 continue
             if response.status_code >= 500:
                 log.warning(
                     "analytics for %s: upstream answered %d; retrying later", mask_key(client_key), response.status_code
                 )
+                metrics.ANALYTICS_EVENTS.labels(outcome="retried").inc(total)
                 remainder[client_key] = dict(counts)
                 continue
             outcome = "forwarded" if response.is_success else "rejected"

@@ -47,6 +47,7 @@ class Environment:
     document: bytes | None = None
     updated_at: datetime | None = None
     name: str | None = None
+    environment_id: int | None = None  # the document's `id`: with `name`, how metrics label the environment
     last_success: float | None = None  # wall-clock seconds of the last good answer (200 or 304)
     last_error: str | None = None
     error_kind: str | None = None  # a short category of last_error, safe to show without details
@@ -63,6 +64,7 @@ class Environment:
         return {
             "server_keys": self.server_keys,
             "name": self.name,
+            "environment_id": self.environment_id,
             "updated_at": self.updated_at.isoformat() if self.updated_at else None,
             "last_success": self.last_success,
             "last_error": self.last_error,
@@ -90,6 +92,10 @@ class Poller:
         self._environments_changed = asyncio.Event()
         self._publish_wanted = asyncio.Event()
         self._publish_soon = asyncio.Event()
+        # on-demand refreshes (webhooks, an upstream proxy's stream): client key → wake-up, requested due time
+        self._wakes: dict[str, asyncio.Event] = {}
+        self._requested: dict[str, float] = {}
+        self._last_requested: dict[str, float] = {}
 
     def resume(self) -> None:
         """Take over what a previous leader published, so nothing is refetched that can be reused."""
@@ -114,6 +120,7 @@ class Poller:
             env.document = data
             env.updated_at = parse_updated_at(document.get("updated_at"))
             env.name = document.get("name")
+            env.environment_id = document.get("id")
         log.info("resumed at generation %d", self.publisher.generation)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -146,9 +153,9 @@ class Poller:
         while not stop.is_set():
             delay = env.next_due - time.monotonic()
             if delay > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=delay)
+                await self._sleep(env, stop, delay)
                 continue
+            self._requested.pop(env.client_key, None)  # this fetch answers every request made so far
             try:
                 await self._refresh(env)
             except asyncio.CancelledError:
@@ -156,7 +163,39 @@ class Poller:
             except Exception:  # never let one environment's loop die
                 log.exception("environment %s: refresh failed unexpectedly", mask_key(env.client_key))
                 env.next_due = time.monotonic() + self.interval
+            requested = self._requested.get(env.client_key)
+            if requested is not None:  # asked for while the fetch was under way: it may predate the change
+                env.next_due = min(env.next_due, requested)
             self._want_publish(soon=env.dirty)
+
+    async def _sleep(self, env: Environment, stop: asyncio.Event, delay: float) -> None:
+        """Until `delay` passes, `stop` is set, or `refresh_now` wakes this environment."""
+        wake = self._wakes.setdefault(env.client_key, asyncio.Event())
+        waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(wake.wait())]
+        try:
+            await asyncio.wait(waiters, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+        wake.clear()
+
+    def refresh_now(self, client_key: str, min_interval: float, trigger: str) -> bool:
+        """Fetch `client_key` as soon as its rate limit allows (at most one requested fetch per
+        `min_interval`; requests in between are coalesced). False for an environment we do not poll."""
+        env = self.environments.get(client_key)
+        if env is None:
+            return False
+        now = time.monotonic()
+        due = max(now, self._last_requested.get(client_key, -min_interval) + min_interval)
+        metrics.REFRESH_REQUESTS.labels(trigger=trigger).inc()
+        if client_key in self._requested and self._requested[client_key] <= due:
+            return True  # already asked for: coalesced
+        self._last_requested[client_key] = due
+        self._requested[client_key] = due
+        if due < env.next_due:
+            env.next_due = due
+            self._wakes.setdefault(client_key, asyncio.Event()).set()
+        return True
 
     async def _discovery_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -230,6 +269,7 @@ class Poller:
 
     async def _refresh(self, env: Environment) -> None:
         async with self._limit:
+            started = time.perf_counter()
             try:
                 async with asyncio.timeout(self.deadline):
                     result = await self.source.fetch(env.server_key, env.updated_at if env.document else None)
@@ -242,6 +282,7 @@ class Poller:
             except Exception as exc:  # a bug in a source must not kill the loop
                 log.exception("fetching %s failed unexpectedly", mask_key(env.server_key))
                 result = FetchFailed(f"unexpected error: {type(exc).__name__}", "unexpected")
+            metrics.UPSTREAM_FETCH_SECONDS.observe(time.perf_counter() - started)
         now = time.monotonic()
         if isinstance(result, FetchFailed):
             env.failures += 1
@@ -250,6 +291,7 @@ class Poller:
             backoff = min(self.interval, BACKOFF_FIRST * 2 ** (env.failures - 1))
             env.next_due = now + backoff * random.uniform(0.8, 1.2)
             metrics.UPSTREAM_FETCHES.labels(outcome="error").inc()
+            metrics.UPSTREAM_FETCH_ERRORS.labels(reason=result.kind).inc()
             log.warning(
                 "environment %s: %s (keeping the last good document; retry in %.1fs)",
                 mask_key(env.client_key),
@@ -262,7 +304,6 @@ class Poller:
         env.failures = 0
         env.last_error = env.error_kind = None
         env.last_success = time.time()
-        metrics.ENVIRONMENT_LAST_SUCCESS.labels(environment=mask_key(env.client_key)).set(env.last_success)
         env.next_due = now + self.interval
         if isinstance(result, NotModified):
             metrics.UPSTREAM_FETCHES.labels(outcome="not_modified").inc()
@@ -274,6 +315,7 @@ class Poller:
             env.dirty = True
             env.updated_at = parse_updated_at(result.document.get("updated_at"))
             env.name = result.document.get("name")
+            env.environment_id = result.document.get("id")
             log.info("environment %s: new document (%d bytes)", mask_key(env.client_key), len(data))
 
     async def _check_builds(self, env: Environment, result: Fetched) -> Fetched | FetchFailed:
@@ -298,6 +340,7 @@ class Poller:
             log.error("publication failed, workers keep the previous generation: %s", exc)
             return False
         metrics.PUBLICATION_SECONDS.observe(time.perf_counter() - started)
+        metrics.PUBLISHED_GENERATION.set(generation)
         for key in changed:
             self.environments[key].dirty = False
         if changed:

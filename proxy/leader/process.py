@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 from pathlib import Path
 
+from proxy import metrics
 from proxy.leader.analytics import AnalyticsForwarder
 from proxy.leader.discovery import Discovery
 from proxy.leader.poller import Poller
+from proxy.leader.refresh import UpstreamStreams, WebhookRefreshes
 from proxy.leader.sources import make_source
 from proxy.leader.usage import UsageReporter
 from proxy.logs import configure_logging
+from proxy.processes import LEADER, WORKER, reap, register
 from proxy.settings import Settings
 from proxy.shm import Publisher
 
 log = logging.getLogger("proxy.leader")
+
+REAP_INTERVAL = 1.0  # seconds between checks for dead workers (their live gauges go, a restart is counted)
 
 
 def final_flush_seconds(settings: Settings) -> float:
@@ -36,6 +42,18 @@ async def _stop_when_orphaned(parent: int, stop: asyncio.Event) -> None:
             log.error("the main process (pid %d) is gone; leader exiting", parent)
             stop.set()
         await asyncio.sleep(0.5)
+
+
+async def _reap_dead_processes(area: Path, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        try:
+            for role in reap(area, area / "metrics"):
+                if role == WORKER:
+                    metrics.WORKER_RESTARTS.inc()
+        except Exception:  # tidying metrics must never stop the leader
+            log.exception("checking for dead processes failed")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=REAP_INTERVAL)
 
 
 def run_leader(settings: Settings, area: str) -> None:
@@ -60,15 +78,26 @@ async def _main(settings: Settings, area: Path) -> None:
     discovery = Discovery(settings) if settings.proxy_key else None
     poller = Poller(settings, source, publisher, discovery)
     poller.resume()
+    register(area, LEADER)
     log.info("leader started, polling %d environment(s)", len(poller.environments))
     orphan_watch = asyncio.create_task(_stop_when_orphaned(os.getppid(), stop))
+    reaper = asyncio.create_task(_reap_dead_processes(area, stop))
     analytics = asyncio.create_task(AnalyticsForwarder(settings, area, poller.server_key_of).run(stop))
     usage = asyncio.create_task(UsageReporter(settings, area).run(stop)) if settings.proxy_key else None
+    on_demand = []  # refreshes triggered by webhooks and by an upstream proxy's stream
+    if settings.webhook.secret:
+        on_demand.append(asyncio.create_task(WebhookRefreshes(settings, area, poller).run(stop)))
+    if settings.upstream_stream_url:
+        on_demand.append(asyncio.create_task(UpstreamStreams(settings, poller).run(stop)))
     try:
         await poller.run(stop)
     finally:
         orphan_watch.cancel()
+        reaper.cancel()
         stop.set()
+        for task in on_demand:
+            task.cancel()
+        await asyncio.gather(*on_demand, return_exceptions=True)
         # Last flushes (workers handed their counts over as they stopped), together, within one deadline
         # that the supervisor's kill timeout (`drain_seconds`) leaves room for.
         flushes = [task for task in (analytics, usage) if task is not None]

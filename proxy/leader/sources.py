@@ -42,7 +42,7 @@ class NotModified:
 @dataclass(frozen=True, slots=True)
 class FetchFailed:
     reason: str  # for logs and, with health_check.show_details, health
-    kind: str = "upstream_error"  # a short category, always safe to show
+    kind: str = "upstream_error"  # a short category, always safe to show; the `reason` label of fetch errors
 
 
 FetchResult = Fetched | NotModified | FetchFailed
@@ -101,7 +101,7 @@ class HttpSource:
                     return FetchFailed("upstream answered 304 Not Modified, but no document is cached", "http_status")
                 return NotModified()
             if response.status_code != 200:
-                return FetchFailed(f"upstream answered HTTP {response.status_code}", "http_status")
+                return FetchFailed(f"upstream answered HTTP {response.status_code}", _status_kind(response.status_code))
             document = orjson.loads(response.content)
             if not isinstance(document, dict):
                 return FetchFailed(
@@ -140,7 +140,10 @@ class HttpSource:
                 return FetchFailed(f"more than {MAX_PAGES} pages", "too_large")
             response = await self._get(target, headers)
             if response.status_code != 200:
-                return FetchFailed(f"upstream answered HTTP {response.status_code} for page {pages}", "http_status")
+                return FetchFailed(
+                    f"upstream answered HTTP {response.status_code} for page {pages}",
+                    _status_kind(response.status_code),
+                )
             page = orjson.loads(response.content)
             if not isinstance(page, dict):
                 return FetchFailed(f"page {pages} is not a JSON object", "invalid_document")
@@ -192,6 +195,11 @@ def _decode(response: httpx.Response, raw: bytes, limit: int) -> bytes:
     if len(data) > limit:
         raise DocumentTooLarge
     return data
+
+
+def _status_kind(status: int) -> str:
+    # by class: a revoked key (4xx) and an upstream outage (5xx) call for different actions
+    return f"http_{status // 100}xx" if 100 <= status < 600 else "http_status"
 
 
 def _origin(url: str) -> tuple[str, str]:

@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import orjson
 
+from proxy import metrics
 from proxy.handover import Inbox
 from proxy.leader.upstream import flush_every, upstream_client
 from proxy.settings import Settings
@@ -98,13 +99,18 @@ class UsageReporter:
                 )
             except httpx.HTTPError as exc:
                 log.warning("usage report failed (%s): %d rows kept for the next flush", exc, len(rows))
+                metrics.USAGE_ROWS.labels(outcome="retried").inc(len(rows))
                 kept.append((idempotency_key, rows))
             else:
                 if 400 <= response.status_code < 500:
                     log.warning("usage report rejected with %d: dropping %d rows", response.status_code, len(rows))
+                    metrics.USAGE_ROWS.labels(outcome="rejected").inc(len(rows))
                 elif not response.is_success:
                     log.warning("usage report answered %d: %d rows kept", response.status_code, len(rows))
+                    metrics.USAGE_ROWS.labels(outcome="retried").inc(len(rows))
                     kept.append((idempotency_key, rows))
+                else:
+                    metrics.USAGE_ROWS.labels(outcome="accepted").inc(len(rows))
             self._save([*kept, *batches[index + 1 :]])  # what is not settled stays on disk
         self._save(kept)
         return not kept

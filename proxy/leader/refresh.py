@@ -1,0 +1,174 @@
+"""The leader's side of on-demand refreshes: webhook requests the workers hand over, and the upstream
+proxy's stream (proxy-follows-proxy). Both only ask the poller to fetch an environment now; the poller
+still makes the usual conditional fetch, rate-limited per environment (`Poller.refresh_now`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+
+from proxy import metrics
+from proxy.leader.poller import Poller
+from proxy.leader.upstream import upstream_client
+from proxy.settings import Settings, mask_key
+from proxy.webhook import REFRESH_FOLDER, SEEN_FOLDER
+
+log = logging.getLogger("proxy.leader")
+
+REFRESH_POLL = 0.02  # seconds between looks at the refresh folder: webhook latency adds at most this
+PRUNE_EVERY = 10.0  # seconds between removals of expired replay markers
+STREAM_RETRY = 1.0  # seconds before reconnecting to the upstream proxy's stream (jittered)
+STREAM_RETRY_MAX = 30.0  # the most a failing upstream stream waits between attempts
+
+
+class WebhookRefreshes:
+    """Reads `<area>/refresh/*.json` (written by workers' webhook handler) and asks for refreshes."""
+
+    def __init__(self, settings: Settings, area: Path, poller: Poller) -> None:
+        self.settings = settings
+        self.folder = area / REFRESH_FOLDER
+        self.seen = area / SEEN_FOLDER
+        self.poller = poller
+        self._ids: dict[str, tuple[bytes, int | None]] = {}  # client key → (document, its environment id)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        pruned_at = time.monotonic()
+        while not stop.is_set():
+            try:
+                self.take()
+                if time.monotonic() - pruned_at > PRUNE_EVERY:
+                    pruned_at = time.monotonic()
+                    self.prune()
+            except Exception:  # never let a bad request file take the leader down
+                log.exception("webhook refresh requests: unexpected error")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=REFRESH_POLL)
+
+    def take(self) -> None:
+        if not self.folder.is_dir():
+            return
+        for path in sorted(self.folder.glob("[0-9]*.json")):
+            try:
+                request: Any = orjson.loads(path.read_bytes())
+                ids = (request.get("environment_ids") or []) if isinstance(request, dict) else []
+            except (OSError, ValueError) as exc:
+                log.warning("dropping an unreadable refresh request %s: %s", path.name, exc)
+                ids = []
+            with contextlib.suppress(OSError):
+                path.unlink()
+            self.request(ids)
+
+    def request(self, ids: list[int]) -> None:
+        wanted = set(ids)
+        keys = [key for key in self.poller.environments if not wanted or self._environment_id(key) in wanted]
+        if wanted and not keys:
+            # an id we do not know (a document not loaded yet, or not ours): refreshing all is the safe answer
+            keys = list(self.poller.environments)
+        interval = self.settings.webhook.min_refresh_interval_seconds
+        for key in keys:
+            self.poller.refresh_now(key, interval, "webhook")
+
+    def _environment_id(self, client_key: str) -> int | None:
+        env = self.poller.environments[client_key]
+        if env.document is None:
+            return None
+        cached = self._ids.get(client_key)
+        if cached is not None and cached[0] is env.document:
+            return cached[1]
+        try:
+            found = orjson.loads(env.document).get("id")
+        except (ValueError, AttributeError):
+            found = None
+        env_id = found if isinstance(found, int) else None
+        self._ids[client_key] = (env.document, env_id)
+        return env_id
+
+    def prune(self) -> None:
+        if not self.seen.is_dir():
+            return
+        expired = time.time() - self.settings.webhook.replay_window_seconds * 2
+        for marker in self.seen.iterdir():
+            with contextlib.suppress(OSError):
+                if marker.stat().st_mtime < expired:
+                    marker.unlink()
+
+
+class UpstreamStreams:
+    """Proxy-follows-proxy: one stream per environment from the upstream edge proxy; an event newer than
+    the document we hold triggers a refresh at once."""
+
+    def __init__(self, settings: Settings, poller: Poller, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        assert settings.upstream_stream_url is not None
+        self.base = settings.upstream_stream_url
+        self.poller = poller
+        # reads wait for at most three keep-alives of an upstream proxy with default settings
+        self.client = upstream_client(settings, {"Accept": "text/event-stream"}, transport)
+        self.timeout = httpx.Timeout(settings.api_poll_timeout_seconds, read=90.0)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        tasks: dict[str, asyncio.Task[None]] = {}
+        try:
+            while not stop.is_set():
+                for key in self.poller.environments:
+                    if key not in tasks or tasks[key].done():
+                        tasks[key] = asyncio.create_task(self._follow(key, stop))
+                for key in [key for key in tasks if key not in self.poller.environments]:
+                    tasks.pop(key).cancel()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=1.0)
+        finally:
+            for task in tasks.values():
+                task.cancel()
+            await asyncio.gather(*tasks.values(), return_exceptions=True)
+            await self.client.aclose()
+
+    async def _follow(self, client_key: str, stop: asyncio.Event) -> None:
+        url = f"{self.base}sse/environments/{client_key}/stream"
+        failures = 0
+        while not stop.is_set():
+            problem: str | None = None
+            try:
+                async with self.client.stream("GET", url, timeout=self.timeout) as response:
+                    if response.status_code != 200:
+                        problem = f"answered {response.status_code}"
+                    else:
+                        failures = 0
+                        async for line in response.aiter_lines():
+                            if line.startswith("data:"):
+                                self._event(client_key, line[5:])
+            except asyncio.CancelledError:
+                raise
+            except (httpx.HTTPError, OSError) as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+            if problem is not None:
+                failures += 1
+                # logged once per streak; polling goes on meanwhile, so nothing is lost but latency
+                (log.warning if failures == 1 else log.debug)(
+                    "upstream stream for %s: %s; polling meanwhile, reconnecting with backoff",
+                    mask_key(client_key),
+                    problem,
+                )
+            delay = min(STREAM_RETRY_MAX, STREAM_RETRY * 2 ** max(0, failures - 1))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=delay * random.uniform(0.8, 1.2))
+
+    def _event(self, client_key: str, data: str) -> None:
+        try:
+            updated_at = orjson.loads(data).get("updated_at")
+        except (ValueError, AttributeError):
+            return
+        env = self.poller.environments.get(client_key)
+        if env is None or not isinstance(updated_at, int | float):
+            return
+        if env.updated_at is None or updated_at > env.updated_at.timestamp():
+            metrics.UPSTREAM_STREAM_EVENTS.inc()
+            self.poller.refresh_now(client_key, 0.0, "upstream_stream")
