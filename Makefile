@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
 
-.PHONY: run test tools lint format bench wrk faults soak lock clean
+.PHONY: run test tools lint format bench wrk wrk-table fuzz-evaluator faults soak lock clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ COVERAGE_FLOOR ?= 88
 
 test: lint tools
 	$(BIN)/pytest --cov --cov-report=term --cov-fail-under=$(COVERAGE_FLOOR)
+
+## The compiled evaluator against flag-engine on 11,000 generated documents (over 100,000 identity cases).
+fuzz-evaluator: $(VENV)/.installed-test
+	EVALUATOR_EXAMPLES=11000 $(BIN)/pytest tests/test_evaluator_differential.py -k flag_engine -s -p no:cacheprovider --timeout 0
 
 ## What the tests need besides Python packages: promtool (Debian's prometheus package), redis-server (snapshot tests); for the image test
 ## unshare and setpriv, and a Python 3.11 outside /root that a non-root user can run.
@@ -55,6 +59,11 @@ bench: $(VENV)/.installed-test
 wrk: $(VENV)/.installed-test
 	command -v wrk >/dev/null || (apt-get install -y wrk || sudo apt-get install -y wrk)
 	$(BIN)/python -m benchmarks.wrk_run
+
+## Issue 8's table: the proxy (default and heavy profile) vs the fixed-bytes Granian + BlackSheep ceiling.
+wrk-table: $(VENV)/.installed-test
+	command -v wrk >/dev/null || (apt-get install -y wrk || sudo apt-get install -y wrk)
+	$(BIN)/python -m benchmarks.wrk_run --table --duration 10 --rounds 3
 
 ## Steady load while the leader, a worker and upstream are hurt (~1.5 min); results in benchmarks/results/faults.md.
 faults: $(VENV)/.installed-test

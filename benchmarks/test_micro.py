@@ -17,7 +17,7 @@ import pytest
 from flag_engine.engine import get_evaluation_result
 from flagsmith.mappers import map_context_and_identity_data_to_context, map_environment_document_to_context
 
-from benchmarks.documents import about_one_megabyte, base_document, with_overrides
+from benchmarks.documents import HEAVY_TRAITS, about_one_megabyte, base_document, heavy_document, with_overrides
 from proxy import metrics
 from proxy.app import route_of
 from proxy.environment import EnvironmentState, KeyKind
@@ -63,6 +63,34 @@ def test_identity_uncached(benchmark: Any) -> None:
         return orjson.dumps({"identifier": "user-42", "traits": [], "flags": flags})
 
     assert benchmark(evaluate)
+
+
+PROFILES = {"conformance": base_document, "heavy": heavy_document}
+
+
+@pytest.fixture(scope="module", params=list(PROFILES))
+def profile_state(request: pytest.FixtureRequest) -> EnvironmentState:
+    return state_of(PROFILES[request.param]())
+
+
+@pytest.mark.parametrize("evaluator", ["compiled", "flag-engine"])
+def test_identity_body_random_identifier(benchmark: Any, profile_state: EnvironmentState, evaluator: str) -> None:
+    """An uncached identity response (random identifier + 3 traits): compiled evaluator vs flag-engine."""
+    state = profile_state
+    assert state.compiled is not None
+    identifiers = iter(f"user-{i}" for i in range(10**9))
+    echo = [{"trait_key": k, "trait_value": v} for k, v in HEAVY_TRAITS.items()]
+
+    def compiled() -> bytes:
+        return state.identity_body(KeyKind.CLIENT, next(identifiers), echo, HEAVY_TRAITS)
+
+    def engine() -> bytes:
+        identifier = next(identifiers)
+        flags = state._engine_flags(KeyKind.CLIENT, identifier, HEAVY_TRAITS)
+        return orjson.dumps({"identifier": identifier, "traits": echo, "flags": flags})
+
+    assert compiled()[-2:] == engine()[-2:] == b"]}"
+    benchmark(compiled if evaluator == "compiled" else engine)
 
 
 @pytest.mark.parametrize("overrides", [0, 1800])

@@ -8,6 +8,12 @@ table to benchmarks/results/wrk.md with the machine, Python version, commit and 
 With one worker the proxy is pinned to CPU 1 and wrk to CPU 0 (`taskset`), as in the peers' baseline.
 The `swap` scenario measures GET /api/v1/flags/ latency while a ~1 MB document changes upstream every
 second (each change is rebuilt by every worker), against the same run without changes.
+
+`--table` runs issue 8's comparison instead (benchmarks/wrk_table.py): the proxy (default and heavy
+profile) and the fixed-bytes Granian + BlackSheep ceiling side by side, interleaved, one pinned worker
+each, and appends it to benchmarks/results/ceiling.md:
+
+    .venv/bin/python -m benchmarks.wrk_run --table [--duration 10] [--rounds 3] [--connections 64]
 """
 
 from __future__ import annotations
@@ -56,7 +62,7 @@ SCENARIOS: dict[str, tuple[str, list[str]]] = {
 }
 
 
-def run_wrk(url: str, extra: list[str], duration: int, connections: int, pin: str | None) -> dict[str, Any]:
+def run_wrk(url: str, extra: list[str], duration: float, connections: int, pin: str | None) -> dict[str, Any]:
     command = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", *extra, url]
     if pin is not None:
         command = ["taskset", "-c", pin, *command]
@@ -64,8 +70,10 @@ def run_wrk(url: str, extra: list[str], duration: int, connections: int, pin: st
     rps = float(re.search(r"Requests/sec:\s+([0-9.]+)", output).group(1))
     latencies = dict(re.findall(r"^\s+(50|90|99)%\s+([0-9.]+\w+)", output, re.M))
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    requests = re.search(r"(\d+) requests in", output)
     return {
         "rps": rps,
+        "requests": int(requests.group(1)) if requests else 0,
         "p50": latencies.get("50"),
         "p99": latencies.get("99"),
         "non2xx": int(errors.group(1)) if errors else 0,
@@ -142,15 +150,25 @@ def swap_latency(args: argparse.Namespace, tmp: Path) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--duration", type=int, default=10)
-    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--connections", type=int, default=None, help="default: 32 (64 with --table, as issue 8)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=[*SCENARIOS, "swap"])
     parser.add_argument("--swap", action="store_true", help="also run the swap-latency scenario")
-    parser.add_argument("--output", default=str(HERE / "results" / "wrk.md"))
+    parser.add_argument("--output", default=None, help="default: results/wrk.md (results/ceiling.md with --table)")
+    parser.add_argument("--table", action="store_true", help="issue 8's table: proxy vs the fixed-bytes ceiling")
+    parser.add_argument("--rounds", type=int, default=3, help="--table: interleaved rounds (medians are reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="--table: seconds of warm-up per target and scenario")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("wrk not found: apt-get install -y wrk", file=sys.stderr)
         return 1
+    if args.table:
+        from benchmarks.wrk_table import run_table
+
+        args.connections = args.connections or 64
+        return run_table(args, HERE / "results" / "ceiling.md" if args.output is None else Path(args.output))
+    args.output = args.output or str(HERE / "results" / "wrk.md")
+    args.connections = args.connections or 32
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"edge-proxy-wrk-{os.getpid()}"
     tmp.mkdir(parents=True, exist_ok=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()

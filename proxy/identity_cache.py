@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
-
 from proxy.cache import ResponseCache
 from proxy.environment import GZIP_MIN_BYTES, Body, EnvironmentState, KeyKind
 
@@ -33,8 +31,7 @@ class IdentityResponses:
         key = (kind, identifier, tuple((t["trait_key"], type(v := t["trait_value"]), v) for t in echo))
         body = cache.get(state.client_key, key) if cache is not None else None
         if body is None:
-            flags = state.identity_flags(kind, identifier, traits)
-            data = orjson.dumps({"identifier": identifier, "traits": echo, "flags": flags})
+            data = state.identity_body(kind, identifier, echo, traits)  # pre-encoded fragments, joined
             body = Body.of(data) if gzip_wanted else Body(data, None)
             if cache is not None:
                 cache.put(state.client_key, key, body)

@@ -70,6 +70,12 @@ ANALYTICS_EVENTS = Counter(
     "Flag evaluations reported by SDKs, by outcome (forwarded, rejected, dropped; retried: kept for the next flush)",
     ["outcome"],
 )
+EVALUATOR_FALLBACKS = Counter(
+    "edge_proxy_evaluator_fallbacks",
+    "Times the compiled evaluator handed work to flag-engine, by reason and scope (environment or segment"
+    " when a state is built; request for one request's unusual traits)",
+    ["reason", "scope"],
+)
 ANALYTICS_IGNORED = Counter(
     "edge_proxy_analytics_ignored_names",
     "Feature names in SDK analytics that the environment does not have (ignored, never buffered)",

@@ -31,7 +31,7 @@ import orjson
 from blacksheep import Content, Request, Response
 
 from proxy.environment import GZIP_MIN_BYTES, Body, EnvironmentState, KeyKind, compress
-from proxy.errors import PayloadTooLarge, ProxyError
+from proxy.errors import PayloadTooLarge, ProxyError, RequestInvalid
 from proxy.evaluation import FlagResult
 from proxy.handover import CountsBuffer
 from proxy.identity_request import MAX_TRAIT_STRING
@@ -265,7 +265,10 @@ class OfrepRoutes:
             raise _invalid(f"context too large: {error.message}") from None
         except ProxyError as error:
             raise OfrepError(error.status, "GENERAL", error.message) from None
-        return state, self._cached(state, kind, identifier, traits, gzip_wanted), identifier
+        try:
+            return state, self._cached(state, kind, identifier, traits, gzip_wanted), identifier
+        except RequestInvalid as error:  # a trait value flag-engine cannot evaluate
+            raise _invalid(str(error.errors[0]["msg"])) from None
 
     def _cached(
         self, state: EnvironmentState, kind: KeyKind, identifier: str | None, traits: dict[str, Any], gzip_wanted: bool

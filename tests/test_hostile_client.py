@@ -189,3 +189,17 @@ def test_identity_cache_counts_what_entries_hold() -> None:
     grown = rss() - started
     # counted within 1.5x of what the process really grew by (was 3.8x under before the fix)
     assert cache.size_bytes <= grown * 1.5 and grown <= cache.size_bytes * 1.5, (grown, cache.size_bytes)
+
+
+@pytest.mark.parametrize("path", ["/api/v1/identities/", "/ofrep/v1/evaluate/flags"])
+def test_a_trait_flag_engine_cannot_cast_is_a_4xx(proxy: ProxyProcess, path: str) -> None:
+    # env1 has a MODULO segment on user_id: flag-engine raises OverflowError casting a 320-digit number
+    huge = "9" * 320
+    if path.startswith("/ofrep"):
+        body: dict[str, Any] = {"context": {"targetingKey": "u", "user_id": huge}}
+    else:
+        body = {"identifier": "u", "traits": [{"trait_key": "user_id", "trait_value": huge}]}
+    response = httpx.post(proxy.url + path, json=body, headers=CLIENT, timeout=10)
+    assert 400 <= response.status_code < 500, response.text
+    assert "cannot be evaluated" in response.text
+    assert "Traceback" not in proxy.log()

@@ -38,6 +38,17 @@ ROUTES = [
     "/metrics",
 ]
 sent = {"requests": 0}
+PROPERTIES = sorted(
+    {
+        condition["property_"]
+        for document in conformance_documents().values()
+        for segment in document["project"]["segments"]
+        for rule in segment["rules"]
+        for sub in [rule, *rule.get("rules", [])]
+        for condition in sub.get("conditions", [])
+        if condition.get("property_")
+    }
+)
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +93,7 @@ scalars = st.one_of(
     st.floats(allow_nan=False),
     st.text(max_size=50),
     st.integers(1990, 2010).map(lambda n: "s" * n),  # around the trait-string limit
+    st.integers(300, 400).map(lambda n: "9" * n),  # numbers flag-engine cannot cast to float
 )
 json_values = st.recursive(
     scalars,
@@ -91,6 +103,8 @@ json_values = st.recursive(
 traits = st.lists(
     st.one_of(
         st.fixed_dictionaries({"trait_key": st.one_of(st.text(max_size=30), scalars), "trait_value": json_values}),
+        # the properties the conformance segments read, with any value
+        st.fixed_dictionaries({"trait_key": st.sampled_from(PROPERTIES), "trait_value": scalars}),
         st.fixed_dictionaries({"trait_key": st.text(max_size=30)}),
         json_values,
     ),
