@@ -30,8 +30,8 @@ import httpx
 
 from benchmarks.documents import heavy_document
 from benchmarks.wrk_run import SCENARIOS, run_wrk
-from tests.support import ProxyProcess, children, conformance_documents, free_port, proxy_config, wait_for
 from tests.fake_upstream import FakeFlagsmith
+from tests.support import ProxyProcess, children, conformance_documents, free_port, proxy_config, wait_for
 
 ROOT = Path(__file__).parents[1]
 SERVER_CPU, WRK_CPU = "1", "0"

@@ -191,7 +191,8 @@ class RedisStore:
         self._save = self.client.register_script(_SAVE_IF_NOT_OLDER)
 
     def load(self, client_key: str) -> bytes | None:
-        return self.client.hget(REDIS_PREFIX + key_hash(client_key), "blob")
+        blob = self.client.hget(REDIS_PREFIX + key_hash(client_key), "blob")
+        return blob.encode() if isinstance(blob, str) else blob  # bytes: decode_responses is off
 
     def save(self, snapshot: Snapshot) -> bool:
         key = REDIS_PREFIX + key_hash(snapshot.client_key)
