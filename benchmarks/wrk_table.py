@@ -43,6 +43,7 @@ ROWS = [
     ("GET identities, random identifier", "default", "get_identity_random", None),
     ("POST identities, random identifier + 3 traits", "default", "post_identity_random", "identities"),
     ("heavy profile, POST identities, random", "heavy", "post_identity_random", None),
+    ("OFREP one flag, random targetingKey + 3 traits", "default", "ofrep_flag_random", None),
 ]
 # Flagsmith/edge-proxy-rs README "Performance" (1 CPU, 512 MB RAM, 50 features; tool and body not stated),
 # as collected in ../shared/conformance/peer_benchmarks.json. Not measured here: for scale only.
