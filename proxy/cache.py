@@ -18,7 +18,8 @@ class ResponseCache:
     __slots__ = ("_data", "evictions", "hits", "max_bytes", "max_entries", "misses", "size_bytes")
 
     def __init__(self, max_entries: int, max_bytes: int) -> None:
-        self._data: OrderedDict[tuple[str, Hashable], Body] = OrderedDict()
+        # full key → (body, its cost): the cost is computed once, not again at eviction
+        self._data: OrderedDict[tuple[str, Hashable], tuple[Body, int]] = OrderedDict()
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.size_bytes = 0
@@ -31,13 +32,13 @@ class ResponseCache:
 
     def get(self, client_key: str, key: Hashable) -> Body | None:
         full_key = (client_key, key)
-        body = self._data.get(full_key)
-        if body is None:
+        entry = self._data.get(full_key)
+        if entry is None:
             self.misses += 1
             return None
         self._data.move_to_end(full_key)
         self.hits += 1
-        return body
+        return entry[0]
 
     def put(self, client_key: str, key: Hashable, body: Body) -> None:
         full_key = (client_key, key)
@@ -48,18 +49,18 @@ class ResponseCache:
             return
         old = self._data.pop(full_key, None)
         if old is not None:
-            self.size_bytes -= _cost(full_key, old)
-        self._data[full_key] = body
+            self.size_bytes -= old[1]
+        self._data[full_key] = (body, cost)
         self.size_bytes += cost
         while len(self._data) > self.max_entries or self.size_bytes > self.max_bytes:
-            evicted_key, evicted = self._data.popitem(last=False)
-            self.size_bytes -= _cost(evicted_key, evicted)
+            _, (_, evicted_cost) = self._data.popitem(last=False)
+            self.size_bytes -= evicted_cost
             self.evictions += 1
 
     def drop_environment(self, client_key: str) -> int:
         stale = [key for key in self._data if key[0] == client_key]
         for key in stale:
-            self.size_bytes -= _cost(key, self._data.pop(key))
+            self.size_bytes -= self._data.pop(key)[1]
         return len(stale)
 
     def clear(self) -> None:
@@ -77,6 +78,9 @@ def _cost(full_key: tuple[str, Hashable], body: Body) -> int:
 ENTRY_OVERHEAD = 300  # OrderedDict node, Body object, the key tuple and its hash slot (bytes, measured)
 
 
+getsizeof = sys.getsizeof
+
+
 def _key_cost(key: Hashable) -> int:
     # (kind, identifier, ((trait key, type, value), ...)): sizes of the objects themselves, not estimates
     if not isinstance(key, tuple):
@@ -85,8 +89,8 @@ def _key_cost(key: Hashable) -> int:
     for part in key:
         if isinstance(part, tuple):
             cost += sys.getsizeof(part)
-            for trait in part:
-                cost += sys.getsizeof(trait) + sum(sys.getsizeof(item) for item in trait if not isinstance(item, type))
+            for trait in part:  # (trait key, its value's type, value): the type object is shared, not counted
+                cost += getsizeof(trait) + getsizeof(trait[0]) + getsizeof(trait[-1])
         else:
             cost += sys.getsizeof(part)
     return cost
