@@ -213,7 +213,10 @@ def main() -> int:
     finally:
         proxy.stop()
         upstream.stop()
-    in_flight = [f for f in tally.failures if any(0 <= k - f[0] <= 5.5 and f[0] <= k + 1 for k in worker_kills)]
+    # A killed worker's in-flight requests: those it held when killed (started up to the 5 s client timeout
+    # before), and connections the kernel had already queued on its listening socket (SO_REUSEPORT hands
+    # each worker its own accept queue) in the moment before Granian noticed: up to 1 s after.
+    in_flight = [f for f in tally.failures if any(k - 5.5 <= f[0] <= k + 1.0 for k in worker_kills)]
     other = [f for f in tally.failures if f not in in_flight]
     growth = {
         "leader": after["leader"] / before["leader"] - 1 if before["leader"] else 0,
@@ -229,6 +232,10 @@ def main() -> int:
         f"- faults: {'; '.join(line.strip() for line in log)}",
         f"- requests sent {tally.sent}, failed {len(tally.failures)}: {len(in_flight)} in flight on a killed worker, "
         f"{len(other)} otherwise {sorted({reason for _, reason in other})}",
+        "- failures at (s after start, reason): "
+        + (", ".join(f"{t - t0:.2f} {reason}" for t, reason in tally.failures[:20]) or "none")
+        + "; worker kills at: "
+        + (", ".join(f"{k - t0:.2f}" for k in worker_kills) or "none"),
         f"- latency p50 {percentile(tally.latencies, 50) * 1000:.1f} ms, "
         f"p99 {percentile(tally.latencies, 99) * 1000:.1f} ms",
         f"- RSS KiB before: {before}",
