@@ -33,10 +33,9 @@ def evaluate(
     traits: Mapping[str, Any] | None = None,
 ) -> list[Flag]:
     """Evaluate the environment (no identifier) or one identity; keep the document's flag order."""
-    context = mapped.context if identifier is None else identity_context(mapped, identifier, traits or {})
     return [
-        {"feature": features[r["name"]], "enabled": r["enabled"], "feature_state_value": r["value"]}
-        for r in get_evaluation_result(context)["flags"].values()
+        {"feature": r.feature, "enabled": r.enabled, "feature_state_value": r.value}
+        for r in evaluate_results(mapped, features, identifier, traits)
     ]
 
 
