@@ -35,7 +35,7 @@ from proxy.errors import PayloadTooLarge, ProxyError, RequestInvalid
 from proxy.evaluation import FlagResult
 from proxy.handover import CountsBuffer
 from proxy.identity_request import MAX_TRAIT_STRING
-from proxy.responses import JSON, accepts_gzip
+from proxy.responses import JSON, accepts_gzip, negotiated
 from proxy.store import Store
 
 # Far above any real evaluation context; bounds what one request can make the worker hash and keep.
@@ -244,12 +244,7 @@ class OfrepRoutes:
         if_none_match = request.get_first_header(b"if-none-match")
         if if_none_match is not None and etag_matches(if_none_match, evaluation.etag):
             return Response(304, headers, None)
-        data = evaluation.plain
-        if len(data) >= GZIP_MIN_BYTES:
-            headers.append((b"vary", b"Accept-Encoding"))
-            if evaluation.gzip is not None and accepts_gzip(request):
-                data = evaluation.gzip
-                headers.append((b"content-encoding", b"gzip"))
+        data = negotiated(request, evaluation, headers)
         self._count(state, identifier)
         return Response(200, headers, Content(JSON, data))
 

@@ -25,15 +25,21 @@ def json_response(status: int, data: bytes) -> Response:
     return Response(status, None, Content(JSON, data))
 
 
-def send(request: Request, body: Body, state: EnvironmentState) -> Response:
-    """200 with `body`, gzip when asked and worth it, and the document's timestamp header."""
-    headers = []
+def negotiated(request: Request, body: Body, headers: list[tuple[bytes, bytes]]) -> bytes:
+    """The bytes to send for `body`: gzip when asked and worth it; adds Vary/Content-Encoding to `headers`."""
     data = body.plain
     if len(data) >= GZIP_MIN_BYTES:
         headers.append((b"vary", b"Accept-Encoding"))
         if body.gzip is not None and accepts_gzip(request):
             data = body.gzip
             headers.append((b"content-encoding", b"gzip"))
+    return data
+
+
+def send(request: Request, body: Body, state: EnvironmentState) -> Response:
+    """200 with `body`, gzip when asked and worth it, and the document's timestamp header."""
+    headers: list[tuple[bytes, bytes]] = []
+    data = negotiated(request, body, headers)
     if state.updated_at_header is not None:
         headers.append((DOCUMENT_UPDATED_AT, state.updated_at_header))
     return Response(200, headers, Content(JSON, data))
