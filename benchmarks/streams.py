@@ -1,7 +1,7 @@
 """The cost of idle real-time streams: ordinary requests/s with N open streams against none, the worker's
 memory per stream, and how long one change takes to reach all N.
 
-    .venv/bin/python -m benchmarks.streams [--streams 5000] [--duration 10] [--connections 64]
+    .venv/bin/python -m benchmarks.streams [--streams 5000] [--duration 10] [--connections 64] [--rounds 3]
 
 One worker, pinned to CPU 1 with its leader (wrk on CPU 0, as benchmarks/wrk_run.py does). The streams are
 held by this script's own event loop (raw sockets, one task each), idle but for the proxy's keep-alives.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import platform
 import resource
 import subprocess
@@ -21,6 +22,7 @@ import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from benchmarks.wrk_run import CLIENT, proxies, run_wrk
 from tests.support import conformance_documents, wait_for
@@ -98,11 +100,17 @@ def raise_fd_limit(needed: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, needed), hard))
 
 
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2] if len(ordered) % 2 else sum(ordered[len(ordered) // 2 - 1 :][:2]) / 2
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--streams", type=int, default=5000)
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating runs without and with the streams")
     parser.add_argument("--output", default=str(HERE / "results" / "streams.md"))
     args = parser.parse_args()
     raise_fd_limit(args.streams * 2 + 1024)  # ours and, inherited, the proxy's
@@ -110,44 +118,61 @@ def main() -> int:
     url_path, extra = "/api/v1/flags/", ["-H", CLIENT]
     config = {"api_poll_frequency_seconds": 1, "realtime": {"max_streams_per_worker": max(10_000, args.streams)}}
     for upstream, proxy, _, pin in proxies(tmp, conformance_documents(), [1], **config):
+        os.sched_setaffinity(0, {0})  # this script (and the streams' event loop) with wrk, off the worker's CPU
         worker = proxy.worker_pids()[0]
         run_wrk(proxy.url + url_path, extra, 2, args.connections, pin)  # warm-up
-        before = run_wrk(proxy.url + url_path, extra, args.duration, args.connections, pin)
-        rss_before = rss_kib(worker)
-        holder = Holder(proxy.port, args.streams)
-        opening = time.monotonic()
-        holder.start()
-        assert wait_for(lambda url=proxy.url: streams_connected(url) >= args.streams, 120, 0.5)
-        opened_in = time.monotonic() - opening
-        time.sleep(2)
-        rss_after = rss_kib(worker)
-        during = run_wrk(proxy.url + url_path, extra, args.duration, args.connections, pin)
-        # one change, fanned out to every stream
-        holder.event_times.clear()
-        upstream.toggle("ser.env_server_key_1", "show_banner")
-        toggled = time.monotonic()
-        wait_for(lambda times=holder.event_times: len(times) >= args.streams, 30, 0.1)
-        times = sorted(holder.event_times.values())
-        first, last = (times[0] - toggled, times[-1] - toggled) if times else (float("nan"), float("nan"))
-        holder.close()
+        without: list[dict[str, Any]] = []
+        with_streams: list[dict[str, Any]] = []
+        rss_before = rss_after = 0
+        opened_in = first = last = float("nan")
+        received = 0
+        for round_number in range(args.rounds):
+            without.append(run_wrk(proxy.url + url_path, extra, args.duration, args.connections, pin))
+            if round_number == 0:
+                rss_before = rss_kib(worker)
+            holder = Holder(proxy.port, args.streams)
+            opening = time.monotonic()
+            holder.start()
+            assert wait_for(lambda url=proxy.url: streams_connected(url) >= args.streams, 120, 0.5)
+            if round_number == 0:
+                opened_in = time.monotonic() - opening
+                time.sleep(2)
+                rss_after = rss_kib(worker)
+            with_streams.append(run_wrk(proxy.url + url_path, extra, args.duration, args.connections, pin))
+            if round_number == args.rounds - 1:  # one change, fanned out to every stream
+                holder.event_times.clear()
+                upstream.toggle("ser.env_server_key_1", "show_banner")
+                toggled = time.monotonic()
+                wait_for(lambda times=holder.event_times: len(times) >= args.streams, 30, 0.1)
+                times = sorted(holder.event_times.values())
+                received = len(times)
+                if times:
+                    first, last = times[0] - toggled, times[-1] - toggled
+            holder.close()
+            assert wait_for(lambda url=proxy.url: streams_connected(url) == 0, 60, 0.5)
+        before = median([run["rps"] for run in without])
+        during = median([run["rps"] for run in with_streams])
         per_stream = (rss_after - rss_before) / args.streams
-        ratio = during["rps"] / before["rps"]
+        ratio = during / before
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        runs = " / ".join(f"{a['rps']:,.0f} vs {b['rps']:,.0f}" for a, b in zip(without, with_streams, strict=True))
         lines = [
             f"\n## {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {args.streams} idle streams, commit {commit}",
             f"{platform.node()}, {platform.processor() or platform.machine()}, Python {platform.python_version()}; "
-            f"`{' '.join(sys.argv)}`; wrk: `{before['command']}`",
+            f"`{' '.join(sys.argv)}`; wrk: `{without[0]['command']}`",
             "",
             "| measure | value |",
             "|---|---|",
-            f"| requests/s, no streams | {before['rps']:,.0f} (p99 {before['p99']}) |",
-            f"| requests/s, {args.streams} streams open | {during['rps']:,.0f} (p99 {during['p99']}) |",
+            f"| requests/s, no streams (median of {args.rounds}) | {before:,.0f} |",
+            f"| requests/s, {args.streams} streams open (median of {args.rounds}) | {during:,.0f} |",
             f"| ratio | {ratio:.3f} ({(ratio - 1) * 100:+.1f} %) |",
+            f"| each round, without vs with | {runs} |",
+            f"| p99 without / with (last round) | {without[-1]['p99']} / {with_streams[-1]['p99']} |",
             f"| worker RSS | {rss_before / 1024:.1f} MiB → {rss_after / 1024:.1f} MiB |",
             f"| memory per stream | {per_stream:.1f} KiB |",
             f"| time to open all | {opened_in:.1f} s |",
             f"| one change reached streams | first {first:.3f} s, last {last:.3f} s after the upstream toggle "
-            f"(poll 1 s; {len(times)}/{args.streams} received) |",
+            f"(poll 1 s; {received}/{args.streams} received) |",
         ]
         text = "\n".join(lines) + "\n"
         print(text)

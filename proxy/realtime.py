@@ -73,12 +73,25 @@ def client_key_of(path: bytes) -> str | None:
 
 
 class _Stream:
-    __slots__ = ("client_key", "closed", "wake")
+    """One open stream's wake-up: a change, a keep-alive tick or the close, told apart by the flags.
+    A stream waits on its Event alone, its tick a timer handle: no task per wait (asyncio.wait_for makes
+    one), which with thousands of idle streams is memory and work."""
+
+    __slots__ = ("changed", "client_key", "closed", "wake")
 
     def __init__(self, client_key: str) -> None:
         self.client_key = client_key
         self.wake = asyncio.Event()
+        self.changed = False
         self.closed = False
+
+    def notify(self) -> None:
+        self.changed = True
+        self.wake.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self.wake.set()
 
 
 class StreamHub:
@@ -96,15 +109,14 @@ class StreamHub:
         """Called by `Store.apply` (on the event loop): wake the streams of every rebuilt environment."""
         for client_key in (*built, *gone):
             for stream in self.streams.get(client_key, ()):
-                stream.wake.set()
+                stream.notify()
 
     def close_all(self) -> None:
         """Shutdown: end every stream now (the SDKs reconnect, to another replica or the restarted one)."""
         self.closing = True
         for streams in self.streams.values():
             for stream in streams:
-                stream.closed = True
-                stream.wake.set()
+                stream.close()
 
     async def handle(self, request: Request) -> Response:
         path = raw_path(request)
@@ -163,18 +175,24 @@ class StreamHub:
                 metrics.STREAM_EVENTS.inc()
             else:
                 yield first + b": up to date\n\n"
+            loop = asyncio.get_running_loop()
             while not stream.closed:
                 remaining = lifetime_ends - time.monotonic()
                 if remaining <= 0:
                     break
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stream.wake.wait(), min(keepalive, remaining))
+                tick = loop.call_later(min(keepalive, remaining), stream.wake.set)
+                try:
+                    await stream.wake.wait()
+                finally:
+                    tick.cancel()
+                stream.wake.clear()
                 if stream.closed:
                     break
-                if not stream.wake.is_set():
-                    yield b": keep-alive\n\n"
+                if not stream.changed:
+                    if time.monotonic() < lifetime_ends:
+                        yield b": keep-alive\n\n"
                     continue
-                stream.wake.clear()
+                stream.changed = False
                 current = self.store.states.get(stream.client_key)
                 if current is None:
                     break  # the environment is no longer served: the client's reconnect gets the 404
@@ -194,8 +212,7 @@ class StreamHub:
                 message = await receive()  # type: ignore[operator]
                 if message.get("type") == "http.disconnect":
                     break
-        stream.closed = True
-        stream.wake.set()
+        stream.close()
 
     def _remove(self, stream: _Stream) -> None:
         streams = self.streams.get(stream.client_key)

@@ -151,6 +151,39 @@ class LeaderSupervisor:
         log.info("leader stopped (restarted %d time(s))", self.restarts)
 
 
+def connection_bound(options: GranianOptions, settings: Settings) -> int:
+    """Connections one worker accepts (Granian's backpressure). Granian's default, backlog / workers, would
+    cap a worker at ~1,024 connections, below `realtime.max_streams_per_worker`: stream 1,025 would hang
+    unanswered instead of getting the bound's 503. So by default each worker takes its stream bound plus
+    the backlog, leaving ordinary requests the share they had without streams."""
+    if options.backpressure is not None:
+        return options.backpressure
+    streams = settings.realtime.max_streams_per_worker if settings.realtime.enabled else 0
+    return options.backlog + streams
+
+
+def raise_open_files_limit(options: GranianOptions, settings: Settings) -> None:
+    """Lift the soft RLIMIT_NOFILE towards the hard one: every worker may hold `connection_bound`
+    sockets, and a shell's soft limit (often 1,024) would fail accept() long before that."""
+    import resource
+
+    workers = max(options.workers, 1)  # already resolved from 0 ("the CPUs") when the options were loaded
+    wanted = connection_bound(options, settings) * workers + 1024
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(hard, wanted)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        log.info("raised the open-files limit from %d to %d", soft, target)
+    if target < wanted:
+        log.warning(
+            "the open-files hard limit (%d) is below what %d worker(s) may hold (%d): raise it (ulimit -n) "
+            "or lower realtime.max_streams_per_worker",
+            hard,
+            workers,
+            wanted,
+        )
+
+
 def granian_kwargs(options: GranianOptions, settings: Settings) -> dict[str, Any]:
     from granian.constants import HTTPModes, Interfaces, Loops, RuntimeModes, TaskImpl
     from granian.http import HTTP1Settings, HTTP2Settings
@@ -168,7 +201,7 @@ def granian_kwargs(options: GranianOptions, settings: Settings) -> dict[str, Any
         "task_impl": TaskImpl(options.task_impl),
         "http": HTTPModes(options.http),
         "backlog": options.backlog,
-        "backpressure": options.backpressure,
+        "backpressure": connection_bound(options, settings),
         "http1_settings": HTTP1Settings(
             keep_alive=options.http1_keep_alive, header_read_timeout=options.http1_header_read_timeout
         ),
@@ -208,6 +241,7 @@ def serve(settings: Settings, options: GranianOptions, area: Area) -> int:
     os.environ[AREA_ENV] = str(area.path)
     os.environ[SETTINGS_ENV] = encode_settings(settings)
     os.environ[WORKERS_ENV] = str(options.workers)
+    raise_open_files_limit(options, settings)
     preload_snapshots(settings, area.path)  # before the workers' first load: a cold start serves at once
     supervisor = LeaderSupervisor(settings, area.path)
     server = Granian("proxy.worker:create_app", **granian_kwargs(options, settings))

@@ -194,7 +194,16 @@ class ProxyProcess:
 
     def wait_ready(self, timeout: float = 30) -> None:
         self.wait_live(timeout)
-        ready = wait_for(lambda: self.get("/proxy/health/readiness").status_code == 200, timeout, 0.1)
+        # Each check is a fresh connection, which the kernel hands to any worker: ready only when enough
+        # checks in a row pass that every worker has almost surely answered (2 workers: 1 in 500,000 not).
+        in_a_row = 1 if self.workers <= 1 else 10 * self.workers
+        streak = [0]
+
+        def ready_everywhere() -> bool:
+            streak[0] = streak[0] + 1 if self.get("/proxy/health/readiness").status_code == 200 else 0
+            return streak[0] >= in_a_row
+
+        ready = wait_for(ready_everywhere, timeout, 0.01)
         assert ready, f"proxy not ready after {timeout}s:\n{self.log()}"
 
     def leader_pid(self) -> int | None:

@@ -6,6 +6,7 @@ only bound them loosely so a busy 2-core machine does not flake.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -125,9 +126,13 @@ def test_leader_killed_while_serving(upstream: FakeFlagsmith, start_proxy: Calla
     # the new leader resumed what was published: conditional requests, answered 304, no refetch
     resumed = upstream.requests[requests_before:]
     assert resumed and all(r["ims"] for r in resumed), (resumed, proxy.log())
-    health = proxy.get("/proxy/health")
-    assert health.status_code == 200
-    assert int(health.headers["x-edge-proxy-generation"]) > generation_before  # resumed, never backwards
+    assert proxy.get("/proxy/health").status_code == 200
+
+    def generation() -> int:
+        return int(proxy.get("/proxy/health").headers["x-edge-proxy-generation"])
+
+    # resumed, never backwards: the new leader's first publication (its poll status, batched) follows the old
+    assert wait_for(lambda: generation() > generation_before, 5), (generation(), generation_before)
 
 
 def test_hung_leader_is_replaced(upstream: FakeFlagsmith, start_proxy: Callable[..., ProxyProcess]) -> None:
@@ -300,11 +305,10 @@ def test_analytics_from_every_worker_are_forwarded_once(
     upstream.fail = 503  # the first flushes fail: counts are kept and retried
     for _ in range(10):  # fresh connections spread over both workers
         for key in ("env_client_key_1", "ser.env_server_key_1"):
-            connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
-            body = b'{"show_banner": 3, "banner_text": 1}'
-            connection.request("POST", "/api/v1/analytics/flags/", body, {"X-Environment-Key": key})
-            assert connection.getresponse().status == 200
-            connection.close()
+            with contextlib.closing(http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)) as connection:
+                body = b'{"show_banner": 3, "banner_text": 1}'
+                connection.request("POST", "/api/v1/analytics/flags/", body, {"X-Environment-Key": key})
+                assert connection.getresponse().status == 200
     time.sleep(2)
     upstream.fail = None
 

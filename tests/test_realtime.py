@@ -242,6 +242,29 @@ def test_streams_per_worker_are_bounded_with_a_clear_503(proxy: ProxyProcess) ->
     assert metric(proxy, "edge_proxy_stream_events_total") >= 4
 
 
+def test_streams_past_granians_default_connection_cap_are_answered(tmp_path: Path) -> None:
+    """Granian's own default caps a worker at backlog / workers connections (128 here): stream 129 would
+    hang unanswered. The proxy sizes the cap from the stream bound, so every stream is answered, the one
+    past the bound is the 503, and ordinary requests still get through."""
+    bound = 200
+    (tmp_path / "granian.toml").write_text("backlog = 128\n")
+
+    def config(api_url: str) -> dict[str, Any]:
+        return proxy_config(api_url, realtime={"max_streams_per_worker": bound, "keepalive_seconds": 30})
+
+    request = b"GET /sse/environments/env_client_key_1/stream HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n"
+    with serving(tmp_path, conformance_documents(), config) as proxy, contextlib.ExitStack() as held:
+        statuses = []
+        for _ in range(bound + 1):
+            sock = held.enter_context(socket.create_connection(("127.0.0.1", proxy.port), timeout=5))
+            sock.sendall(request)
+            statuses.append(sock.recv(64).split(b"\r\n", 1)[0])
+        assert statuses[:bound] == [b"HTTP/1.1 200 OK"] * bound
+        assert statuses[bound].startswith(b"HTTP/1.1 503")
+        assert proxy.get("/api/v1/flags/", headers={"X-Environment-Key": CLIENT_1}).status_code == 200
+        assert metric(proxy, "edge_proxy_streams_connected") == bound
+
+
 def test_clients_that_go_away_are_forgotten(proxy: ProxyProcess) -> None:
     assert wait_for(lambda: metric(proxy, "edge_proxy_streams_connected") == 0, 10)
     readers = [EventReader(stream_url(proxy)) for _ in range(3)]

@@ -237,3 +237,16 @@ def test_worker_count_follows_the_cgroup_quota(tmp_path: Path) -> None:
     assert available_cpus(v1) == 1
     (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
     assert available_cpus(v1) == affinity
+
+
+def test_a_worker_accepts_its_stream_bound_plus_the_backlog(tmp_path: Path) -> None:
+    from proxy.server import connection_bound
+
+    streams = {"environment_key_pairs": [PAIR], "realtime": {"max_streams_per_worker": 5000}}
+    settings = load_settings(write(tmp_path, streams))
+    options = load_granian_options(None, {"GRANIAN_BACKLOG": "256", "GRANIAN_WORKERS": "2"}, {}, {})
+    assert connection_bound(options, settings) == 5256  # not Granian's backlog / workers = 128
+    no_streams = load_settings(write(tmp_path, {**streams, "realtime": {"enabled": False}}))
+    assert connection_bound(options, no_streams) == 256
+    explicit = load_granian_options(None, {"GRANIAN_BACKPRESSURE": "64"}, {}, {})
+    assert connection_bound(explicit, settings) == 64
