@@ -80,7 +80,8 @@ def test_environments_follow_the_proxy_config(
 def test_an_expired_server_key_stops_resolving_between_polls(
     upstream: FakeFlagsmith, start_proxy: Callable[..., ProxyProcess]
 ) -> None:
-    expires = (datetime.now(UTC) + timedelta(seconds=4)).isoformat()
+    # 8 s: enough for start-up on a busy machine (the key must still be valid when the proxy is ready)
+    expires = (datetime.now(UTC) + timedelta(seconds=8)).isoformat()
     upstream.proxy_config = [
         environment("env_client_key_1", key("ser.env_server_key_1"), key("ser.rotating", expires_at=expires))
     ]
