@@ -172,8 +172,13 @@ class Poller:
                 for client_key in [key for key in tasks if key not in self.environments]:
                     tasks.pop(client_key)[1].cancel()
                 self._environments_changed.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._environments_changed.wait(), timeout=1.0)
+                # woken by a change of environments or by the stop (not a second later: shutdown waits on it)
+                waits = [asyncio.ensure_future(self._environments_changed.wait()), asyncio.ensure_future(stop.wait())]
+                try:
+                    await asyncio.wait(waits, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for waiting in waits:
+                        waiting.cancel()
         finally:
             for _, task in tasks.values():
                 task.cancel()
