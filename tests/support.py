@@ -9,10 +9,12 @@ import errno
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -266,3 +268,58 @@ def serving(
     finally:
         proxy.stop()
         upstream.stop()
+
+
+def npm_install(folder: Path, needed_for: str) -> None:
+    """Install `folder`'s lock file's exact packages into its node_modules (gitignored), once."""
+    assert shutil.which("npm"), f"npm is needed for {needed_for} (apt-get install nodejs npm)"
+    lock = json.loads((folder / "package-lock.json").read_text())
+    installed = folder / "node_modules" / ".package-lock.json"
+    wanted = {name: entry["version"] for name, entry in lock["packages"].items() if name}
+    if installed.exists():
+        have = json.loads(installed.read_text())["packages"]
+        if all(have.get(name, {}).get("version") == version for name, version in wanted.items()):
+            return
+    subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=folder, check=True, timeout=300)
+
+
+class ClientLoop:
+    """A client thread sending `GET path` over keep-alive, reconnecting after any failure, and recording
+    each failure: a fault test's load, bounded by `seconds` even if the test fails before `stop()`."""
+
+    def __init__(self, port: int, path: str, headers: dict[str, str], seconds: float, pause: float = 0) -> None:
+        self.port, self.path, self.headers, self.seconds, self.pause = port, path, headers, seconds, pause
+        self.failures: list[str] = []
+        self.served = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> ClientLoop:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(self.seconds + 5)
+
+    def _run(self) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        deadline = time.monotonic() + self.seconds
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            try:
+                connection.request("GET", self.path, headers=self.headers)
+                response = connection.getresponse()
+                response.read()
+                if response.status != 200:
+                    self.failures.append(str(response.status))
+                self.served += 1
+            except (OSError, http.client.HTTPException) as exc:
+                self.failures.append(repr(exc))
+                connection.close()
+                connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+            if self.pause:
+                time.sleep(self.pause)
+        connection.close()

@@ -15,15 +15,15 @@ import shutil
 import signal
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from proxy.leader.process import HEARTBEAT_EVERY
 from tests.fake_upstream import FakeFlagsmith
-from tests.support import EDGE_PROXY, ProxyProcess, alive, conformance_documents, proxy_config, wait_for
+from tests.support import EDGE_PROXY, ClientLoop, ProxyProcess, alive, conformance_documents, proxy_config, wait_for
 
 CLIENT = {"X-Environment-Key": "env_client_key_1"}
 
@@ -83,41 +83,17 @@ def test_leader_killed_while_serving(upstream: FakeFlagsmith, start_proxy: Calla
     leader = proxy.leader_pid()
     assert leader is not None
     generation_before = int(proxy.get("/proxy/health").headers["x-edge-proxy-generation"])
-    failures: list[str] = []
-    served = 0
-    stop = threading.Event()
-
-    def client_loop() -> None:
-        nonlocal served
-        connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
-        deadline = time.monotonic() + 30  # bounded even if the test fails
-        while not stop.is_set() and time.monotonic() < deadline:
-            try:
-                connection.request("GET", "/api/v1/flags/", headers=CLIENT)
-                response = connection.getresponse()
-                response.read()
-                if response.status != 200:
-                    failures.append(str(response.status))
-                served += 1
-            except (OSError, http.client.HTTPException) as exc:
-                failures.append(repr(exc))
-                connection.close()
-                connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
-        connection.close()
-
-    thread = threading.Thread(target=client_loop)
-    thread.start()
-    time.sleep(0.5)
-    os.kill(leader, signal.SIGKILL)
-    killed_at = time.monotonic()
-    back = wait_for(lambda: proxy.leader_pid() not in (None, leader), 15, 0.02)
-    restart_time = time.monotonic() - killed_at
-    requests_before = upstream.count()
-    # the new leader polls again (spawning it takes longer when the CPUs are busy)
-    wait_for(lambda: upstream.count() >= requests_before + 2, 15)
-    time.sleep(0.5)
-    stop.set()
-    thread.join(35)
+    with ClientLoop(proxy.port, "/api/v1/flags/", CLIENT, seconds=30) as client:
+        time.sleep(0.5)
+        os.kill(leader, signal.SIGKILL)
+        killed_at = time.monotonic()
+        back = wait_for(lambda: proxy.leader_pid() not in (None, leader), 15, 0.02)
+        restart_time = time.monotonic() - killed_at
+        requests_before = upstream.count()
+        # the new leader polls again (spawning it takes longer when the CPUs are busy)
+        wait_for(lambda: upstream.count() >= requests_before + 2, 15)
+        time.sleep(0.5)
+    failures, served = client.failures, client.served
     assert back, proxy.log()
     print(f"\nleader back after {restart_time:.2f}s; {served} requests served, {len(failures)} failed")
     assert failures == [], failures[:5]
@@ -143,50 +119,26 @@ def test_hung_leader_is_replaced(upstream: FakeFlagsmith, start_proxy: Callable[
     proxy.wait_ready()
     leader = proxy.leader_pid()
     assert leader is not None
-    failures: list[str] = []
-    served = 0
-    stop = threading.Event()
-
-    def client_loop() -> None:
-        nonlocal served
-        connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
-        deadline = time.monotonic() + 40  # bounded even if the test fails
-        while not stop.is_set() and time.monotonic() < deadline:
-            try:
-                connection.request("GET", "/api/v1/flags/", headers=CLIENT)
-                response = connection.getresponse()
-                response.read()
-                if response.status != 200:
-                    failures.append(str(response.status))
-                served += 1
-            except (OSError, http.client.HTTPException) as exc:
-                failures.append(repr(exc))
-                connection.close()
-                connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
-            time.sleep(0.005)
-        connection.close()
-
-    thread = threading.Thread(target=client_loop)
-    thread.start()
-    try:
-        time.sleep(0.3)
-        os.kill(leader, signal.SIGSTOP)
-        stopped_at = time.monotonic()
-        replaced = wait_for(lambda: proxy.leader_pid() not in (None, leader), 25, 0.05)
-        replaced_after = time.monotonic() - stopped_at
-        assert replaced, proxy.log()
-        assert not alive(leader)  # killed, not left stopped next to its successor
-        requests_before = upstream.count()
-        assert wait_for(lambda: upstream.count() >= requests_before + 2, 15), proxy.log()  # the new one polls
-    finally:
-        if alive(leader):
-            os.kill(leader, signal.SIGCONT)
-        stop.set()
-        thread.join(45)
+    with ClientLoop(proxy.port, "/api/v1/flags/", CLIENT, seconds=40, pause=0.005) as client:
+        try:
+            time.sleep(0.3)
+            os.kill(leader, signal.SIGSTOP)
+            stopped_at = time.monotonic()
+            replaced = wait_for(lambda: proxy.leader_pid() not in (None, leader), 25, 0.05)
+            replaced_after = time.monotonic() - stopped_at
+            assert replaced, proxy.log()
+            assert not alive(leader)  # killed, not left stopped next to its successor
+            requests_before = upstream.count()
+            assert wait_for(lambda: upstream.count() >= requests_before + 2, 15), proxy.log()  # the new one polls
+        finally:
+            if alive(leader):
+                os.kill(leader, signal.SIGCONT)
+    failures, served = client.failures, client.served
     print(f"\nhung leader replaced after {replaced_after:.2f}s; {served} requests served, {len(failures)} failed")
     assert failures == [], failures[:5]
     assert served > 20
-    assert timeout <= replaced_after < timeout + 10
+    # silence counts from the last beat, up to one beat interval before the SIGSTOP
+    assert timeout - HEARTBEAT_EVERY <= replaced_after < timeout + 10
     assert "has not sent a heartbeat" in proxy.log()
     assert proxy.get("/proxy/health").status_code == 200
 

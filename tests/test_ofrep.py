@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +26,7 @@ from openfeature.flag_evaluation import FlagEvaluationDetails, Reason
 
 from proxy.identity_request import MAX_TRAIT_STRING
 from proxy.ofrep import MAX_CONTEXT_ENTRIES
-from tests.support import ProxyProcess, conformance_documents, proxy_config, serving, wait_for
+from tests.support import ProxyProcess, conformance_documents, npm_install, proxy_config, serving, wait_for
 
 NODE_DIR = Path(__file__).parent / "ofrep_node"
 MAX_BODY = 16384
@@ -226,16 +225,7 @@ def test_python_sdk_keys_see_what_the_api_shows_them(openfeature_client: Any) ->
 
 
 def node_modules() -> None:
-    """Install the lock file's exact packages into tests/ofrep_node/node_modules (gitignored) once."""
-    assert shutil.which("npm"), "npm is needed for the Node OFREP test (apt-get install nodejs npm)"
-    lock = json.loads((NODE_DIR / "package-lock.json").read_text())
-    installed = NODE_DIR / "node_modules" / ".package-lock.json"
-    wanted = {name: entry["version"] for name, entry in lock["packages"].items() if name}
-    if installed.exists():
-        have = json.loads(installed.read_text())["packages"]
-        if all(have.get(name, {}).get("version") == version for name, version in wanted.items()):
-            return
-    subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=NODE_DIR, check=True, timeout=300)
+    npm_install(NODE_DIR, "the Node OFREP test")
 
 
 def run_node(proxy: ProxyProcess, groups: list[dict[str, Any]], script: str = "evaluate.mjs", **args: Any) -> Any:

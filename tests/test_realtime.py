@@ -8,7 +8,6 @@ import http.client
 import json
 import os
 import queue
-import shutil
 import socket
 import subprocess
 import threading
@@ -24,7 +23,7 @@ import pytest
 from flagsmith import Flagsmith
 from flagsmith.webhooks import generate_signature
 
-from tests.support import ProxyProcess, conformance_documents, proxy_config, serving, wait_for
+from tests.support import ProxyProcess, conformance_documents, npm_install, proxy_config, serving, wait_for
 
 NODE_DIR = Path(__file__).parent / "realtime_node"
 SERVER_1, CLIENT_1 = "ser.env_server_key_1", "env_client_key_1"
@@ -327,16 +326,7 @@ def test_python_sdk_realtime_sees_a_toggle_with_one_document_fetch(proxy: ProxyP
 
 
 def node_modules() -> None:
-    """Install the lock file's exact packages into tests/realtime_node/node_modules (gitignored) once."""
-    assert shutil.which("npm"), "npm is needed for the JS client test (apt-get install nodejs npm)"
-    lock = json.loads((NODE_DIR / "package-lock.json").read_text())
-    installed = NODE_DIR / "node_modules" / ".package-lock.json"
-    wanted = {name: entry["version"] for name, entry in lock["packages"].items() if name}
-    if installed.exists():
-        have = json.loads(installed.read_text())["packages"]
-        if all(have.get(name, {}).get("version") == version for name, version in wanted.items()):
-            return
-    subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=NODE_DIR, check=True, timeout=300)
+    npm_install(NODE_DIR, "the JS client test")
 
 
 def test_js_client_realtime_sees_a_toggle_with_one_flags_fetch(proxy: ProxyProcess) -> None:
