@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from bisect import bisect_left
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
@@ -21,6 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.registry import Collector
 
 from proxy import __version__
+from proxy.processes import archive_lock
 
 # -- Flagsmith API's shapes ---------------------------------------------------------------------------
 # Flagsmith's buckets are prometheus-client's defaults (5 ms … 10 s); ours start lower because answers here
@@ -231,10 +233,13 @@ def render() -> bytes:
     extra = CollectorRegistry()
     for collector in scrape_collectors:
         extra.register(collector)
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if folder:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # untyped in prometheus-client
-        return generate_latest(registry) + generate_latest(extra)
+        with archive_lock(Path(folder), exclusive=False):  # the leader may be archiving a dead process's files
+            collected = generate_latest(registry)
+        return collected + generate_latest(extra)
     return generate_latest() + generate_latest(extra)
 
 

@@ -22,9 +22,12 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from prometheus_client import multiprocess
+from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import metrics
+from proxy.processes import archive
 from tests.fake_upstream import FakeFlagsmith
 from tests.support import ProxyProcess, conformance_documents, proxy_config, wait_for
 
@@ -204,6 +207,40 @@ def test_a_dead_workers_series_go_and_its_counts_stay(two_workers: ProxyProcess)
     assert value(text, "edge_proxy_worker_restarts_total") == restarts + 1
     # what the dead worker had flushed is still counted (counters never go down)
     assert value(text, "flagsmith_http_server_requests_total") >= counted
+    # ... from the archive: its own files are gone, so the area does not grow with every respawn
+    folder = proxy.area / "metrics"
+    assert wait_for(lambda: not list(folder.glob(f"*_{victim}.db")), 5), sorted(p.name for p in folder.iterdir())
+    assert (folder / "counter_archive.db").exists() and (folder / "histogram_archive.db").exists()
+
+
+def _collected(folder: Path) -> list[tuple[str, tuple[tuple[str, str], ...], float]]:
+    collector = multiprocess.MultiProcessCollector(None, path=str(folder))
+    return sorted(
+        (sample.name, tuple(sorted(sample.labels.items())), sample.value)
+        for metric in collector.collect()
+        for sample in metric.samples
+    )
+
+
+def test_archiving_a_dead_process_keeps_every_total(tmp_path: Path) -> None:
+    for pid, count in ((101, 3.0), (102, 4.0), (103, 5.0)):
+        counter = MmapedDict(str(tmp_path / f"counter_{pid}.db"))
+        counter.write_value(mmap_key("c", "c_total", ["route"], ["/x"], "a counter"), count, 0.0)
+        counter.write_value(mmap_key("c", "c_total", ["route"], [f"/only-{pid}"], "a counter"), 1.0, 0.0)
+        counter.close()
+        histogram = MmapedDict(str(tmp_path / f"histogram_{pid}.db"))
+        for le, share in (("0.1", count), ("+Inf", 1.0)):
+            histogram.write_value(mmap_key("h", "h_bucket", ["le"], [le], "a histogram"), share, 0.0)
+        histogram.write_value(mmap_key("h", "h_sum", [], [], "a histogram"), count / 10, 0.0)
+        histogram.close()
+    before = _collected(tmp_path)
+    archive(tmp_path, 101)
+    assert _collected(tmp_path) == before
+    archive(tmp_path, 102)
+    assert _collected(tmp_path) == before
+    names = sorted(p.name for p in tmp_path.glob("*.db"))
+    assert names == ["counter_103.db", "counter_archive.db", "histogram_103.db", "histogram_archive.db"]
+    assert ("c_total", (("route", "/x"),), 12.0) in before  # summed over all three processes
 
 
 def test_observe_buckets_are_inclusive_and_flush_moves_deltas() -> None:
