@@ -16,6 +16,7 @@ import asyncio
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import threading
@@ -50,9 +51,10 @@ def streams_connected(url: str) -> float:
 class Holder:
     """N idle streams on a background event loop; records when each receives its latest event."""
 
-    def __init__(self, port: int, count: int) -> None:
+    def __init__(self, port: int, count: int, path: str = STREAM_PATH) -> None:
         self.port = port
         self.count = count
+        self.path = path
         self.opened = 0
         self.event_times: dict[int, float] = {}
         self.loop = asyncio.new_event_loop()
@@ -70,7 +72,7 @@ class Holder:
 
     async def _open(self, n: int) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
-        request = f"GET {STREAM_PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n"
+        request = f"GET {self.path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n"
         writer.write(request.encode())
         await writer.drain()
         status = await reader.readline()
@@ -98,11 +100,6 @@ def raise_fd_limit(needed: int) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < needed:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, needed), hard))
-
-
-def median(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[len(ordered) // 2] if len(ordered) % 2 else sum(ordered[len(ordered) // 2 - 1 :][:2]) / 2
 
 
 def main() -> int:
@@ -150,8 +147,8 @@ def main() -> int:
                     first, last = times[0] - toggled, times[-1] - toggled
             holder.close()
             assert wait_for(lambda url=proxy.url: streams_connected(url) == 0, 60, 0.5)
-        before = median([run["rps"] for run in without])
-        during = median([run["rps"] for run in with_streams])
+        before = statistics.median([run["rps"] for run in without])
+        during = statistics.median([run["rps"] for run in with_streams])
         per_stream = (rss_after - rss_before) / args.streams
         ratio = during / before
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()

@@ -17,7 +17,7 @@ from typing import Any
 
 from blacksheep import Application, Request, Response, StreamedContent
 
-from benchmarks.streams import raise_fd_limit, rss_kib
+from benchmarks.streams import Holder, raise_fd_limit, rss_kib
 from tests.support import free_port, wait_for
 
 FOREVER = asyncio.Event  # each app waits on an Event that is never set: the stream stays idle
@@ -50,23 +50,6 @@ def blacksheep_app() -> Application:
     return app
 
 
-async def hold(port: int, count: int) -> list[asyncio.StreamWriter]:
-    writers: list[asyncio.StreamWriter] = []
-
-    async def one() -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"GET /s HTTP/1.1\r\nHost: x\r\n\r\n")
-        await writer.drain()
-        status = await reader.readline()
-        if b" 200 " not in status:
-            raise RuntimeError(status)
-        writers.append(writer)
-
-    for start in range(0, count, 200):
-        await asyncio.gather(*(one() for _ in range(min(200, count - start))))
-    return writers
-
-
 def measure(factory: str, count: int) -> float:
     port = free_port()
     command = [sys.executable, "-m", "granian", "--interface", "asgi", "--factory", "--workers", "1"]
@@ -83,18 +66,13 @@ def measure(factory: str, count: int) -> float:
         pid = worker()
         assert pid is not None
         before = rss_kib(pid)
-
-        async def run() -> None:
-            writers = await hold(port, count)
-            await asyncio.sleep(2)
-            print(f"{factory}: {before / 1024:.1f} MiB → {rss_kib(pid) / 1024:.1f} MiB", flush=True)
-            measured.append((rss_kib(pid) - before) / count)
-            for writer in writers:
-                writer.close()
-
-        measured: list[float] = []
-        asyncio.run(run())
-        return measured[0]
+        holder = Holder(port, count, "/s")  # the same client as benchmarks.streams uses
+        holder.start()
+        time.sleep(2)
+        after = rss_kib(pid)
+        holder.close()
+        print(f"{factory}: {before / 1024:.1f} MiB → {after / 1024:.1f} MiB", flush=True)
+        return (after - before) / count
     finally:
         server.terminate()
         server.wait(20)
