@@ -23,7 +23,15 @@ from proxy import metrics
 from proxy.compiled import CompiledEnvironment
 from proxy.conditions import NeedsEngine, Unsupported
 from proxy.errors import RequestInvalid
-from proxy.evaluation import FlagResult, evaluate, evaluate_results, feature_objects, visible_results, visible_to
+from proxy.evaluation import (
+    FlagResult,
+    as_flags,
+    evaluate,
+    evaluate_results,
+    feature_objects,
+    visible_results,
+    visible_to,
+)
 from proxy.mapping import MappedEnvironment, map_document
 from proxy.settings import mask_key
 
@@ -99,10 +107,7 @@ class EnvironmentState:
         hide_disabled = bool(project.get("hide_disabled_flags"))
         # One environment evaluation serves both kinds: only the filters differ.
         self.environment_results = evaluate_results(self.mapped, self.features)
-        all_flags = [
-            {"feature": r.feature, "enabled": r.enabled, "feature_state_value": r.value}
-            for r in self.environment_results
-        ]
+        all_flags = as_flags(self.environment_results)
         self.views = (
             self._view(all_flags, client_visible, hide_disabled),
             self._view(all_flags, None, False),
@@ -152,10 +157,7 @@ class EnvironmentState:
     def identity_flags(self, kind: KeyKind, identifier: str, traits: dict[str, Any]) -> list[dict[str, Any]]:
         if self.compiled is not None:
             try:
-                return [
-                    {"feature": r.feature, "enabled": r.enabled, "feature_state_value": r.value}
-                    for r in self.compiled.results(kind, identifier, traits)
-                ]
+                return as_flags(self.compiled.results(kind, identifier, traits))
             except NeedsEngine:
                 _request_fallback()
         return self._engine_flags(kind, identifier, traits)

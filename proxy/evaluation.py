@@ -33,10 +33,7 @@ def evaluate(
     traits: Mapping[str, Any] | None = None,
 ) -> list[Flag]:
     """Evaluate the environment (no identifier) or one identity; keep the document's flag order."""
-    return [
-        {"feature": r.feature, "enabled": r.enabled, "feature_state_value": r.value}
-        for r in evaluate_results(mapped, features, identifier, traits)
-    ]
+    return as_flags(evaluate_results(mapped, features, identifier, traits))
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +49,11 @@ class FlagResult:
     value: Any
     reason: str
     variant: str | None
+
+
+def as_flags(results: list[FlagResult]) -> list[Flag]:
+    """Results as the Python proxy renders flags (reasons and variants dropped)."""
+    return [{"feature": r.feature, "enabled": r.enabled, "feature_state_value": r.value} for r in results]
 
 
 def evaluate_results(
