@@ -42,9 +42,9 @@ def create_app() -> Application:
 def main() -> None:
     from granian import Granian
 
-    from proxy.granian_config import load_granian_options
-    from proxy.server import granian_kwargs
-    from proxy.settings import Settings
+    from proxy.config.granian import load_granian_options
+    from proxy.config.settings import Settings
+    from proxy.supervisor.server import granian_kwargs
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from proxy import __version__
-from proxy.granian_config import GranianOptions, find_config_file, load_granian_options
-from proxy.logs import configure_logging
-from proxy.metrics_dir import point_metrics_at
-from proxy.settings import ConfigError, Settings, default_config, load_settings, masked_options, masked_settings
+from proxy.config.granian import GranianOptions, find_config_file, load_granian_options
+from proxy.config.logs import configure_logging
+from proxy.config.settings import ConfigError, Settings, default_config, load_settings, masked_options, masked_settings
+from proxy.metrics.directory import point_metrics_at
 
 DEMO_DIR = Path(__file__).parent / "demo"
 DEMO_SERVER_KEY = "ser.demo_server_key"
@@ -79,7 +79,7 @@ def _load(args: argparse.Namespace) -> tuple[Settings, GranianOptions]:
 def _serve(args: argparse.Namespace) -> int:
     settings, options = _load(args)
     configure_logging(settings.logging)
-    from proxy.shm import Area, AreaError, area_path
+    from proxy.area.publication import Area, AreaError, area_path
 
     area = Area(area_path(settings.shared_memory_dir, options.port))
     try:
@@ -97,7 +97,7 @@ def _serve(args: argparse.Namespace) -> int:
     log.info("granian: %s", json.dumps(masked_options(options.as_dict())))
     if args.demo:
         _print_demo_help(options.port)
-    from proxy.server import serve
+    from proxy.supervisor.server import serve
 
     return serve(settings, options, area)
 

@@ -1,7 +1,7 @@
 """The in-process tier: the real BlackSheep app and Store, no processes, no sockets.
 
 `InProcessProxy` builds a worker's `Store` with states from documents (as `Follower` would from a
-publication), the app from `proxy.app.build_app`, and sends requests through BlackSheep's `TestClient`
+publication), the app from `proxy.http.app.build_app`, and sends requests through BlackSheep's `TestClient`
 on its own event loop, so a route test costs well under a millisecond. Processes, publication, Granian
 and failures stay in the real-process tier (`tests/support.py` `ProxyProcess`).
 """
@@ -19,11 +19,11 @@ import orjson
 from blacksheep import Content
 from blacksheep.testing import TestClient
 
-from proxy.app import build_app
-from proxy.environment import EnvironmentState
-from proxy.manifest import Location, Manifest, ManifestEntry
-from proxy.settings import Settings
-from proxy.store import Store, build_states
+from proxy.area.manifest import Location, Manifest, ManifestEntry
+from proxy.config.settings import Settings
+from proxy.http.app import build_app
+from proxy.worker.environment import EnvironmentState
+from proxy.worker.store import Store, build_states
 from tests.support import KEYS
 
 

@@ -17,7 +17,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from proxy.app import ROUTES
+from proxy.http.app import ROUTES
 
 ROOT = Path(__file__).parents[1]
 CHART = ROOT / "deploy" / "helm" / "edge-proxy"

@@ -173,8 +173,8 @@ def test_health_hides_error_text_and_pids_by_default(proxy: ProxyProcess) -> Non
 CACHE_MEMORY_PROBE = """
 import json, os, sys
 import orjson
-from proxy.cache import ResponseCache
-from proxy.environment import Body
+from proxy.worker.response_cache import ResponseCache
+from proxy.worker.environment import Body
 
 def rss():
     return int(open(f"/proc/{os.getpid()}/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

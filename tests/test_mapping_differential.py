@@ -16,8 +16,8 @@ from flagsmith.mappers import map_context_and_identity_data_to_context, map_envi
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from proxy.evaluation import evaluate, feature_objects
-from proxy.mapping import map_document
+from proxy.evaluation.engine import evaluate, feature_objects
+from proxy.evaluation.mapping import map_document
 
 TRAIT_KEYS = ["plan", "age", "beta", "country", "version"]
 IDENTIFIERS = ["alice", "bob", "vip-1", "vip-2", "tester@example.com", ""]

@@ -26,8 +26,8 @@ from prometheus_client import multiprocess
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy import metrics
-from proxy.processes import archive
+from proxy.area.processes import archive
+from proxy.metrics import prometheus as metrics
 from tests.fake_upstream import FakeFlagsmith
 from tests.support import ProxyProcess, conformance_documents, proxy_config, wait_for
 

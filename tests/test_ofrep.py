@@ -24,8 +24,8 @@ from openfeature.evaluation_context import EvaluationContext
 from openfeature.exception import ErrorCode
 from openfeature.flag_evaluation import FlagEvaluationDetails, Reason
 
-from proxy.identity_request import MAX_TRAIT_STRING
-from proxy.ofrep import MAX_CONTEXT_ENTRIES
+from proxy.http.identity_request import MAX_TRAIT_STRING
+from proxy.http.ofrep import MAX_CONTEXT_ENTRIES
 from tests.support import ProxyProcess, conformance_documents, npm_install, proxy_config, serving, wait_for
 
 NODE_DIR = Path(__file__).parent / "ofrep_node"
@@ -495,9 +495,9 @@ def test_a_chunked_body_over_the_cap(proxy: ProxyProcess) -> None:
 
 
 def test_engine_errors_and_unknown_reasons() -> None:
-    from proxy.app import route_of
-    from proxy.evaluation import FlagResult
-    from proxy.ofrep import flag_entry
+    from proxy.evaluation.engine import FlagResult
+    from proxy.http.app import route_of
+    from proxy.http.ofrep import flag_entry
 
     feature = {"id": 7, "name": "f", "type": "STANDARD"}
     status, entry = flag_entry(FlagResult(feature, True, 1, "ERROR; code=CIRCULAR_DEPENDENCY", None))
@@ -513,9 +513,9 @@ def test_engine_errors_and_unknown_reasons() -> None:
 
 
 def test_the_identity_cache_keeps_whole_evaluations() -> None:
-    from proxy.cache import ResponseCache
-    from proxy.evaluation import FlagResult
-    from proxy.ofrep import Evaluation, encode_evaluation
+    from proxy.evaluation.engine import FlagResult
+    from proxy.http.ofrep import Evaluation, encode_evaluation
+    from proxy.worker.response_cache import ResponseCache
 
     results = [
         FlagResult({"id": i, "name": f"f{i}", "type": "STANDARD"}, True, "x" * 100, "STATIC", None) for i in range(20)

@@ -494,8 +494,8 @@ def test_two_tiers_a_change_reaches_the_downstream_proxy_within_a_second(tmp_pat
 
 
 def test_stream_paths_and_routes() -> None:
-    from proxy.app import route_of
-    from proxy.realtime import client_key_of
+    from proxy.http.app import route_of
+    from proxy.http.stream import client_key_of
 
     assert client_key_of(b"/sse/environments/abc/stream") == client_key_of(b"/sse/environments/abc/stream/") == "abc"
     assert client_key_of(b"/sse/environments/a%20b/stream") == "a b"
@@ -513,7 +513,7 @@ def test_stream_paths_and_routes() -> None:
 
 
 def test_webhook_environment_ids_from_every_payload_shape() -> None:
-    from proxy.webhook import environment_ids, sign
+    from proxy.http.webhook import environment_ids, sign
 
     assert environment_ids(json.loads(flag_updated(23, True))) == [23]
     assert environment_ids({"event_type": "FLAG_DELETED", "data": {"previous_state": {"environment": {"id": 4}}}}) == [
@@ -528,7 +528,7 @@ def test_webhook_environment_ids_from_every_payload_shape() -> None:
 
 
 def test_realtime_settings_are_validated_and_the_secret_masked() -> None:
-    from proxy.settings import ConfigError, load_settings, masked_settings
+    from proxy.config.settings import ConfigError, load_settings, masked_settings
 
     pairs = [{"server_side_key": SERVER_1, "client_side_key": CLIENT_1}]
     missing = Path("/nonexistent/config.json")

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from proxy.granian_config import available_cpus, load_granian_options
-from proxy.settings import ConfigError, Settings, default_config, load_settings, mask_key
+from proxy.config.granian import available_cpus, load_granian_options
+from proxy.config.settings import ConfigError, Settings, default_config, load_settings, mask_key
 from tests.support import EDGE_PROXY, EXAMPLES
 
 PAIR = {"server_side_key": "ser.abc123", "client_side_key": "client123"}
@@ -240,7 +240,7 @@ def test_worker_count_follows_the_cgroup_quota(tmp_path: Path) -> None:
 
 
 def test_a_worker_accepts_its_stream_bound_plus_the_backlog(tmp_path: Path) -> None:
-    from proxy.server import connection_bound
+    from proxy.supervisor.server import connection_bound
 
     streams = {"environment_key_pairs": [PAIR], "realtime": {"max_streams_per_worker": 5000}}
     settings = load_settings(write(tmp_path, streams))

@@ -13,8 +13,8 @@ from typing import Any
 import orjson
 import pytest
 
-from proxy.manifest import Location, Manifest, ManifestEntry
-from proxy.shm import Area, AreaError, Publisher, Subscriber
+from proxy.area.manifest import Location, Manifest, ManifestEntry
+from proxy.area.publication import Area, AreaError, Publisher, Subscriber
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ import httpx
 import orjson
 import pytest
 
+from proxy.area.publication import key_hash
 from proxy.leader.snapshots import (
     DirectoryStore,
     RedisStore,
@@ -30,7 +31,6 @@ from proxy.leader.snapshots import (
     decode,
     encode,
 )
-from proxy.shm import key_hash
 from tests.fake_upstream import FakeFlagsmith
 from tests.support import KEYS, ProxyProcess, conformance_documents, free_port, proxy_config, wait_for
 
@@ -450,15 +450,15 @@ def test_an_unreachable_redis_does_not_stop_serving(
 
 
 def test_readiness_from_a_snapshot_is_bounded_and_configurable() -> None:
-    from proxy.health import check_health
-    from proxy.settings import Settings
+    from proxy.config.settings import Settings
+    from proxy.http.health import check_health
 
     def settings(**health: Any) -> Settings:
         pairs = [{"server_side_key": server, "client_side_key": client} for server, client in KEYS.items()]
         return Settings(environment_key_pairs=pairs, health_check=health)
 
     now = 1_000_000.0
-    from proxy.manifest import Location, ManifestEntry
+    from proxy.area.manifest import Location, ManifestEntry
 
     entry = ManifestEntry(location=Location("env-x-1.json", 1, 1), source="snapshot", snapshot_saved_at=now - 3600)
     status = {client: entry for client in KEYS.values()}
@@ -483,7 +483,7 @@ def test_readiness_from_a_snapshot_is_bounded_and_configurable() -> None:
 def test_snapshot_settings_are_checked(overrides: dict[str, Any], message: str) -> None:
     from pydantic import ValidationError
 
-    from proxy.settings import Settings, masked_settings
+    from proxy.config.settings import Settings, masked_settings
 
     pairs = [{"server_side_key": "ser.abcdefgh", "client_side_key": "abcdefgh"}]
     with pytest.raises(ValidationError, match=message):

@@ -14,8 +14,8 @@ from typing import Any
 import httpx
 import orjson
 
+from proxy.config.settings import SERVER_KEY_PREFIX, Settings, mask_key
 from proxy.leader.upstream import upstream_client
-from proxy.settings import SERVER_KEY_PREFIX, Settings, mask_key
 
 log = logging.getLogger("proxy.leader")
 

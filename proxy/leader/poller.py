@@ -25,14 +25,14 @@ from typing import Any
 
 import orjson
 
-from proxy import metrics
-from proxy.environment import EnvironmentState, parse_updated_at
+from proxy.area.manifest import ManifestEntry
+from proxy.area.publication import AreaError, Publisher
+from proxy.config.settings import Settings, mask_key
 from proxy.leader.discovery import Discovery
 from proxy.leader.snapshots import Snapshots
 from proxy.leader.sources import Fetched, FetchFailed, NotModified, Source
-from proxy.manifest import ManifestEntry
-from proxy.settings import Settings, mask_key
-from proxy.shm import AreaError, Publisher
+from proxy.metrics import prometheus as metrics
+from proxy.worker.environment import EnvironmentState, parse_updated_at
 
 log = logging.getLogger("proxy.leader")
 

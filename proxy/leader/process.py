@@ -9,18 +9,18 @@ import os
 import signal
 from pathlib import Path
 
-from proxy import metrics
-from proxy.leader.analytics import AnalyticsForwarder
+from proxy.area.processes import LEADER, WORKER, reap, register
+from proxy.area.publication import Publisher
+from proxy.config.logs import configure_logging
+from proxy.config.settings import Settings
+from proxy.leader.analytics_forwarding import AnalyticsForwarder
 from proxy.leader.discovery import Discovery
 from proxy.leader.poller import Poller
 from proxy.leader.refresh import UpstreamStreams, WebhookRefreshes
 from proxy.leader.snapshots import Snapshots, make_store
 from proxy.leader.sources import make_source
-from proxy.leader.usage import UsageReporter
-from proxy.logs import configure_logging
-from proxy.processes import LEADER, WORKER, reap, register
-from proxy.settings import Settings
-from proxy.shm import Publisher
+from proxy.leader.usage_reporting import UsageReporter
+from proxy.metrics import prometheus as metrics
 
 log = logging.getLogger("proxy.leader")
 

@@ -16,11 +16,11 @@ from typing import Any
 import httpx
 import orjson
 
-from proxy import metrics
+from proxy.config.settings import Settings, mask_key
+from proxy.http.webhook import REFRESH_FOLDER, SEEN_FOLDER
 from proxy.leader.poller import Poller
 from proxy.leader.upstream import upstream_client
-from proxy.settings import Settings, mask_key
-from proxy.webhook import REFRESH_FOLDER, SEEN_FOLDER
+from proxy.metrics import prometheus as metrics
 
 log = logging.getLogger("proxy.leader")
 

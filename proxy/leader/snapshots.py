@@ -31,8 +31,8 @@ from typing import Any, Protocol
 
 import orjson
 
-from proxy.settings import Settings, mask_key, mask_url
-from proxy.shm import key_hash
+from proxy.area.publication import key_hash
+from proxy.config.settings import Settings, mask_key, mask_url
 
 log = logging.getLogger("proxy.leader")
 
@@ -305,8 +305,8 @@ def preload(settings: Settings, area: Path) -> None:
     snapshots, so the workers' first load serves them. The leader takes them over (`Poller.resume`)."""
     if not (settings.snapshot_dir or settings.snapshot_redis_url):
         return
-    from proxy.manifest import ManifestEntry
-    from proxy.shm import AreaError, Publisher
+    from proxy.area.manifest import ManifestEntry
+    from proxy.area.publication import AreaError, Publisher
 
     try:
         snapshots = Snapshots(make_store(settings))  # type: ignore[arg-type]

@@ -19,9 +19,9 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 import orjson
 
+from proxy.config.settings import Settings, file_source_dir, mask_key
+from proxy.evaluation.mapping import DocumentError, validate_document
 from proxy.leader.upstream import upstream_client
-from proxy.mapping import DocumentError, validate_document
-from proxy.settings import Settings, file_source_dir, mask_key
 
 log = logging.getLogger("proxy.leader")
 

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 import httpx
 
 from proxy import __version__
-from proxy.settings import Settings
+from proxy.config.settings import Settings
 
 log = logging.getLogger("proxy.leader")
 

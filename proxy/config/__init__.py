@@ -1,0 +1,1 @@
+"""Settings, server options and logging: read once at start, validated, frozen."""

@@ -1,0 +1,1 @@
+"""Flag evaluation without HTTP: the document mapped, segments compiled, flag-engine as the fallback."""

@@ -1,0 +1,1 @@
+"""The HTTP surface: routes, request parsing, responses, CORS, errors, streams, webhooks, health."""

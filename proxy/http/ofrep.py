@@ -1,0 +1,290 @@
+"""OpenFeature Remote Evaluation Protocol (OFREP 0.3): `POST /ofrep/v1/evaluate/flags[/{key}]`.
+
+A Flagsmith flag has `enabled` and `feature_state_value`; an OFREP flag has one `value`. The mapping
+follows the defaults of Flagsmith's own OpenFeature provider (`openfeature-provider-flagsmith`:
+`use_boolean_config_value=False`, `return_value_for_disabled_flags=False`, `use_flagsmith_defaults=False`),
+so a flag evaluated through either gives the same value wherever one value can (README, "OpenFeature"):
+
+* disabled → `false`, reason `DISABLED` (a boolean evaluation gets `false`, any other type its code default);
+* enabled with no value (null, `""`) or a boolean value → `true` (booleans come from `enabled`);
+* enabled with a string, number or JSON-object string → that value (the JSON object parsed).
+
+Reasons are the engine's without their detail (`TARGETING_MATCH; segment=x` → `TARGETING_MATCH`), except
+that the engine's `DEFAULT` (environment default served) is `STATIC`, as in that provider: OpenFeature's
+DEFAULT means the code default. Every flag carries `metadata` with `enabled`, `featureId`, the raw
+`featureStateValue` and `flagsmithReason`, and for multivariate picks the provider's `experiment.*` keys.
+
+One identity's (or the environment's) evaluation is encoded once, as the bulk body plus each flag's
+single-flag body, and kept in the worker's identity LRU, so both endpoints and repeated contexts share it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from blacksheep import Content, Request, Response
+
+from proxy.area.mailboxes import CountsBuffer
+from proxy.evaluation.engine import FlagResult
+from proxy.http.errors import PayloadTooLarge, ProxyError, RequestInvalid
+from proxy.http.identity_request import MAX_TRAIT_STRING
+from proxy.http.responses import JSON, accepts_gzip, negotiated
+from proxy.worker.environment import GZIP_MIN_BYTES, Body, EnvironmentState, KeyKind, compress
+from proxy.worker.store import Store
+
+# Far above any real evaluation context; bounds what one request can make the worker hash and keep.
+MAX_CONTEXT_ENTRIES = 1000
+# Context entries that are not traits: the Flagsmith provider's conventions (a nested `traits` object,
+# and `transient`, which asks Flagsmith not to store the identity: the proxy never stores one anyway).
+NOT_TRAITS = ("targetingKey", "traits", "transient")
+SCALARS = (str, bool, int, float, type(None))
+SINGLE_OVERHEAD = 33 + 56  # a bytes object's header and a 2-tuple (sys.getsizeof)
+REASONS = {"STATIC": "STATIC", "DEFAULT": "STATIC", "TARGETING_MATCH": "TARGETING_MATCH", "SPLIT": "SPLIT"}
+
+
+class OfrepError(Exception):
+    """An OFREP error answer: `{"key"?, "errorCode", "errorDetails"}` with its HTTP status."""
+
+    def __init__(self, status: int, code: str, details: str) -> None:
+        super().__init__(details)
+        self.status = status
+        self.code = code
+        self.details = details
+
+    def response(self, key: str | None) -> Response:
+        body: dict[str, Any] = {"errorCode": self.code, "errorDetails": self.details}
+        if key is not None:
+            body = {"key": key, **body}
+        return Response(self.status, None, Content(JSON, orjson.dumps(body)))
+
+
+def _invalid(details: str) -> OfrepError:
+    return OfrepError(400, "INVALID_CONTEXT", details)
+
+
+# -- request: key and context --------------------------------------------------------------------
+
+
+def request_key(request: Request) -> bytes | None:
+    """The environment key: `X-Environment-Key`, `Authorization: Bearer <key>`, or the spec's `X-API-Key`."""
+    key = request.get_first_header(b"x-environment-key")
+    if key:
+        return key
+    auth = request.get_first_header(b"authorization")
+    if auth and auth[:7].lower() == b"bearer ":
+        return auth[7:].strip()
+    return request.get_first_header(b"x-api-key")
+
+
+def parse_context(raw: bytes) -> tuple[str | None, dict[str, Any]]:
+    """`{"context": {...}}` → (identifier or None for environment flags, traits). Raises OfrepError.
+
+    The body is read as JSON whatever its Content-Type says (`curl -d` sends a form type): the protocol
+    has only JSON bodies, and nothing here needs the header to be right."""
+    if not raw.strip():
+        raise OfrepError(400, "PARSE_ERROR", 'the request body is empty: send {"context": {...}}')
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise OfrepError(400, "PARSE_ERROR", f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise OfrepError(400, "PARSE_ERROR", f"the request body must be a JSON object, not {_kind(data)}")
+    context = data.get("context")
+    if context is None:  # the Python OFREP provider sends `{}` when it has no context
+        return None, {}
+    if not isinstance(context, dict):
+        raise _invalid(f"context must be an object, not {_kind(context)}")
+    nested = context.get("traits")
+    if nested is not None and not isinstance(nested, dict):
+        raise _invalid(f"context.traits must be an object, not {_kind(nested)}")
+    if len(context) + len(nested or ()) > MAX_CONTEXT_ENTRIES:
+        raise _invalid(f"context has more than {MAX_CONTEXT_ENTRIES} entries")
+    traits = {name: value for name, value in context.items() if name not in NOT_TRAITS}
+    traits.update(nested or {})  # the nested object wins, as in the Flagsmith provider
+    for name, value in traits.items():
+        _check_trait(name, value)
+    identifier = context.get("targetingKey")
+    if identifier is not None and not isinstance(identifier, str):
+        raise _invalid(f"context.targetingKey must be a string, not {_kind(identifier)}")
+    if identifier and len(identifier) > MAX_TRAIT_STRING:
+        raise _invalid(f"context.targetingKey is longer than {MAX_TRAIT_STRING} characters")
+    if not identifier:
+        if traits:
+            # Flagsmith keeps traits on identities: without one, nothing could target on them.
+            raise OfrepError(
+                400, "TARGETING_KEY_MISSING", "context has traits but no targetingKey: traits need an identity"
+            )
+        return None, {}
+    return identifier, traits
+
+
+def _check_trait(name: str, value: Any) -> None:
+    if len(name) > MAX_TRAIT_STRING:
+        raise _invalid(f"a context key is longer than {MAX_TRAIT_STRING} characters")
+    if not isinstance(value, SCALARS):
+        raise _invalid(f"context.{name} must be a string, number, boolean or null, not {_kind(value)}")
+    if isinstance(value, str) and len(value) > MAX_TRAIT_STRING:
+        raise _invalid(f"context.{name} is longer than {MAX_TRAIT_STRING} characters")
+
+
+def _kind(value: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}.get(
+        type(value), "null" if value is None else "a number"
+    )
+
+
+# -- response: the mapping -----------------------------------------------------------------------
+
+
+def flag_entry(result: FlagResult) -> tuple[int, dict[str, Any]]:
+    """One evaluated flag → (HTTP status of its single-flag answer, its OFREP object)."""
+    name = result.feature["name"]
+    code = result.reason.split(";", 1)[0].strip()
+    if code == "ERROR":  # e.g. a $.flags dependency cycle: the engine could not evaluate it
+        return 400, {"key": name, "errorCode": "GENERAL", "errorDetails": f"flag evaluation failed: {result.reason}"}
+    metadata: dict[str, Any] = {"enabled": result.enabled, "featureId": result.feature["id"]}
+    if result.value is not None:
+        metadata["featureStateValue"] = result.value
+    metadata["flagsmithReason"] = result.reason
+    variant = result.variant
+    if variant is not None:
+        metadata.update({"experiment.arm": variant, "experiment.active": result.enabled, "experiment.unit": "user"})
+    if result.enabled:
+        value, reason = one_value(result.value), REASONS.get(code, "UNKNOWN")
+    else:
+        value, reason = False, "DISABLED"
+    # `variant` is always sent (the Python OFREP provider reads it unconditionally); without a multivariate
+    # pick it names the Flagsmith state.
+    if variant is None:
+        variant = "enabled" if result.enabled else "disabled"
+    return 200, {"key": name, "value": value, "reason": reason, "variant": variant, "metadata": metadata}
+
+
+def one_value(value: Any) -> Any:
+    """An enabled flag's OFREP value from its feature_state_value."""
+    if value is None or value == "" or isinstance(value, bool):
+        return True
+    if isinstance(value, str) and value.lstrip().startswith("{"):
+        try:
+            parsed = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            return value
+        return parsed if isinstance(parsed, dict) else value
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Evaluation(Body):
+    """One context's encoded answers: `plain`/`gzip` is the bulk body; `single` each flag's answer."""
+
+    etag: bytes
+    single: dict[str, tuple[int, bytes]]
+
+    def size(self) -> int:
+        # the bodies, plus each single answer (bytes and tuple headers) and the dict itself
+        singles = sum(len(data) + SINGLE_OVERHEAD for _, data in self.single.values())
+        return Body.size(self) + len(self.etag) + singles + sys.getsizeof(self.single)
+
+
+def encode_evaluation(results: list[FlagResult]) -> Evaluation:
+    single: dict[str, tuple[int, bytes]] = {}
+    for result in results:
+        status, entry = flag_entry(result)
+        # A copy: orjson's output keeps its 4 KB growth buffer (measured), 20 times what an answer needs.
+        single[result.feature["name"]] = (status, bytes(memoryview(orjson.dumps(entry))))
+    plain = b'{"flags":[' + b",".join(data for _, data in single.values()) + b"]}"
+    # A hash of the body: every worker (and a restarted proxy) gives the same context the same tag.
+    etag = b'"' + hashlib.blake2b(plain, digest_size=12).hexdigest().encode() + b'"'
+    return Evaluation(plain, None, etag, single)
+
+
+def etag_matches(if_none_match: bytes, etag: bytes) -> bool:
+    for candidate in if_none_match.split(b","):
+        candidate = candidate.strip()
+        if candidate == b"*" or candidate.removeprefix(b"W/") == etag:
+            return True
+    return False
+
+
+# -- routes --------------------------------------------------------------------------------------
+
+
+class OfrepRoutes:
+    """The two OFREP handlers, on one worker's Store and identity LRU."""
+
+    def __init__(self, store: Store, read_body: Callable[[Request], Awaitable[bytes]]) -> None:
+        self.store = store
+        self.read_body = read_body
+        self.usage: CountsBuffer | None = store.counters.usage
+
+    async def flag(self, request: Request) -> Response:
+        key = request.route_values.get("key") or ""
+        try:
+            state, evaluation, identifier = await self._evaluate(request, False)
+        except OfrepError as error:
+            return error.response(key)
+        found = evaluation.single.get(key)
+        if found is None:  # unknown, or hidden from this key (server-only, or disabled with hide_disabled_flags)
+            return OfrepError(404, "FLAG_NOT_FOUND", f"flag '{key}' was not found").response(key)
+        self._count(state, identifier)
+        return Response(found[0], None, Content(JSON, found[1]))
+
+    async def flags(self, request: Request) -> Response:
+        try:
+            state, evaluation, identifier = await self._evaluate(request, accepts_gzip(request))
+        except OfrepError as error:
+            return error.response(None)
+        headers = [(b"etag", evaluation.etag)]
+        if_none_match = request.get_first_header(b"if-none-match")
+        if if_none_match is not None and etag_matches(if_none_match, evaluation.etag):
+            return Response(304, headers, None)
+        data = negotiated(request, evaluation, headers)
+        self._count(state, identifier)
+        return Response(200, headers, Content(JSON, data))
+
+    async def _evaluate(self, request: Request, gzip_wanted: bool) -> tuple[EnvironmentState, Evaluation, str | None]:
+        key = request_key(request)
+        try:
+            self.store.resolve(key)  # 401/503 before reading a body
+            raw = await self.read_body(request)
+            identifier, traits = parse_context(raw)
+            # Resolve again: a new state may have been swapped in while the body was read.
+            kind, state = self.store.resolve(key)
+        except PayloadTooLarge as error:
+            raise _invalid(f"context too large: {error.message}") from None
+        except ProxyError as error:
+            raise OfrepError(error.status, "GENERAL", error.message) from None
+        try:
+            return state, self._cached(state, kind, identifier, traits, gzip_wanted), identifier
+        except RequestInvalid as error:  # a trait value flag-engine cannot evaluate
+            raise _invalid(str(error.errors[0]["msg"])) from None
+
+    def _cached(
+        self, state: EnvironmentState, kind: KeyKind, identifier: str | None, traits: dict[str, Any], gzip_wanted: bool
+    ) -> Evaluation:
+        cache = self.store.cache
+        # Keyed like identity responses (types kept: 1, 1.0 and True are equal in Python), traits sorted
+        # because a context is a map; the "ofrep" tag keeps these apart from /api/v1/identities/ bodies.
+        cache_key = ("ofrep", kind, identifier, tuple(sorted((k, type(v), v) for k, v in traits.items())))
+        cached = cache.get(state.client_key, cache_key) if cache is not None else None
+        evaluation = cached if isinstance(cached, Evaluation) else None
+        changed = evaluation is None
+        if evaluation is None:
+            evaluation = encode_evaluation(state.identity_results(kind, identifier, traits))
+        if gzip_wanted and evaluation.gzip is None and len(evaluation.plain) >= GZIP_MIN_BYTES:
+            evaluation = dataclasses.replace(evaluation, gzip=compress(evaluation.plain))
+            changed = True
+        if changed and cache is not None:
+            cache.put(state.client_key, cache_key, evaluation)
+        return evaluation
+
+    def _count(self, state: EnvironmentState, identifier: str | None) -> None:
+        # Usage reporting knows Flagsmith's resources: an OFREP answer is an identity's or the environment's flags.
+        if self.usage is not None:
+            self.usage.increment(state.client_key, "identities" if identifier else "flags")

@@ -1,0 +1,1 @@
+"""Prometheus metrics, aggregated over the leader and every worker."""

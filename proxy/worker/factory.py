@@ -1,0 +1,81 @@
+"""The application factory each Granian worker calls (`proxy.worker.factory:create_app`).
+
+Workers get the validated settings and the shared-memory area's path from environment variables set by
+`edge-proxy serve`, so nothing depends on inheriting memory from the main process (Granian spawns
+workers on Python 3.14).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from blacksheep import Application
+
+from proxy.area.processes import WORKER, register
+from proxy.area.publication import Subscriber
+from proxy.config.logs import configure_logging
+from proxy.config.settings import Settings
+from proxy.http.app import build_app
+from proxy.http.stream import end_streams_on_shutdown_signal
+from proxy.metrics import prometheus as metrics
+from proxy.metrics.environments import EnvironmentCollector
+from proxy.worker.store import Follower, Store
+
+SETTINGS_ENV = "EDGE_PROXY_SETTINGS"
+AREA_ENV = "EDGE_PROXY_AREA"
+
+log = logging.getLogger("proxy.worker")
+
+
+def encode_settings(settings: Settings) -> str:
+    """The validated settings as JSON, for the workers' environment (readable, no pickle)."""
+    return settings.model_dump_json()
+
+
+def decode_settings(value: str) -> Settings:
+    # model_validate_json checks the values again but reads no environment variable or file: the workers
+    # serve exactly what the main process validated.
+    return Settings.model_validate_json(value)
+
+
+def create_app() -> Application:
+    # States are built in a thread; a shorter GIL switch interval (default 5 ms) lets the serving loop
+    # in more often while a large document is being built.
+    sys.setswitchinterval(0.001)
+    settings = decode_settings(os.environ[SETTINGS_ENV])
+    configure_logging(settings.logging)
+    return create_worker_app(settings, Path(os.environ[AREA_ENV]))
+
+
+def create_worker_app(settings: Settings, area: Path) -> Application:
+    store = Store(settings)
+    app = build_app(settings, store)
+    metrics.scrape_collectors[:] = [EnvironmentCollector(store)]  # one worker, one store
+    end_streams_on_shutdown_signal(store.stop_streams)
+
+    @app.lifespan  # type: ignore[untyped-decorator]  # BlackSheep's lifespan decorator is untyped
+    async def follow_publications() -> AsyncIterator[None]:
+        register(area, WORKER)
+        subscriber = Subscriber(area)
+        follower = Follower(store, subscriber)
+        follower.load_now()
+        store.area = area
+        task = asyncio.create_task(follower.run())
+        log.debug("worker %d following %s at generation %d", os.getpid(), area, store.generation)
+        try:
+            yield
+        finally:
+            store.stop_streams()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            store.counters.hand_over(area)  # what this worker counted since its last hand-over
+            subscriber.close()
+
+    return app

@@ -1,0 +1,42 @@
+"""Encoded identity responses, evaluated once per (key kind, identifier, traits) and kept in the LRU.
+
+Owns the cache key and the encoding: the response depends on nothing but the key kind, the identifier and
+the traits as echoed, so those are the key (with each value's type: 1, 1.0 and True are equal and hash
+alike in Python but encode differently). A body is stored plain until a client asks for gzip, then
+upgraded in place, so clients that never ask never pay for compression.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from proxy.worker.environment import GZIP_MIN_BYTES, Body, EnvironmentState, KeyKind
+from proxy.worker.response_cache import ResponseCache
+
+
+class IdentityResponses:
+    def __init__(self, cache: ResponseCache | None) -> None:
+        self.cache = cache  # None: caching is off (endpoint_caches.identities.use_cache: false)
+
+    def body(
+        self,
+        kind: KeyKind,
+        state: EnvironmentState,
+        identifier: str,
+        echo: list[dict[str, Any]],
+        traits: dict[str, Any],
+        gzip_wanted: bool,
+    ) -> Body:
+        cache = self.cache
+        key = (kind, identifier, tuple((t["trait_key"], type(v := t["trait_value"]), v) for t in echo))
+        body = cache.get(state.client_key, key) if cache is not None else None
+        if body is None:
+            data = state.identity_body(kind, identifier, echo, traits)  # pre-encoded fragments, joined
+            body = Body.of(data) if gzip_wanted else Body(data, None)
+            if cache is not None:
+                cache.put(state.client_key, key, body)
+        elif gzip_wanted and body.gzip is None and len(body.plain) >= GZIP_MIN_BYTES:
+            body = Body.of(body.plain)
+            if cache is not None:  # always true here: the body came from it
+                cache.put(state.client_key, key, body)
+        return body

@@ -1,0 +1,141 @@
+"""A worker's view of the environments: current states and the leader's status for them, swapped per generation.
+
+The key index is `proxy/worker/keys.py`, the identity LRU `proxy/worker/response_cache.py` (its policy
+`proxy/worker/identity_responses.py`), what the worker counts `proxy/worker/counters.py`; the Store holds one of each.
+
+The request path only reads `Store.resolve` and the state it returns. `Follower` runs as a background
+task per worker: it notices a new generation (one memory read), builds the changed environments' states
+in a thread (so a large document does not stall the event loop for long) and swaps them in with one
+assignment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from proxy.area.manifest import Manifest, ManifestEntry
+from proxy.area.publication import Subscriber
+from proxy.config.settings import Settings, mask_key
+from proxy.http.errors import ServiceUnavailable
+from proxy.metrics import prometheus as metrics
+from proxy.worker.counters import WorkerCounters
+from proxy.worker.environment import EnvironmentState, KeyKind
+from proxy.worker.keys import KeyIndex, ServerKeys
+from proxy.worker.response_cache import ResponseCache
+
+log = logging.getLogger("proxy.worker")
+
+FOLLOW_INTERVAL = 0.05  # seconds between generation checks: propagation adds at most this
+
+
+class Store:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        # client key → {server key: expiry}; configured pairs, then whatever the leader discovered
+        self.static: dict[str, ServerKeys] = {
+            pair.client_side_key: {pair.server_side_key: None} for pair in settings.environment_key_pairs
+        }
+        self.keys = KeyIndex(self.static)
+        self.states: dict[str, EnvironmentState] = {}
+        self.status: dict[str, ManifestEntry] = {}  # the leader's per-environment status
+        self.build_errors: dict[str, str] = {}
+        cache = settings.identity_cache
+        self.cache = ResponseCache(cache.cache_max_size, cache.cache_max_bytes) if cache.use_cache else None
+        self.generation = 0
+        self.meta: dict[str, Any] = {}
+        self.discovered = False  # with a proxy_key: has the leader synced the proxy config yet?
+        self.counters = WorkerCounters(self.cache, usage=bool(settings.proxy_key))
+        # called after a swap with (rebuilt states, removed client keys): the real-time streams
+        self.listeners: list[Callable[[dict[str, EnvironmentState], list[str]], None]] = []
+        self.area: Path | None = None  # the shared-memory area, once the worker follows it (webhook hand-over)
+        self.stop_streams: Callable[[], None] = lambda: None  # set by build_app: ends the streams at shutdown
+
+    def resolve(self, key: bytes | None) -> tuple[KeyKind, EnvironmentState]:
+        """The state a key's request is served from: 401 for an unknown key, 503 before its first document."""
+        kind, client_key = self.keys.lookup(key)
+        state = self.states.get(client_key)
+        if state is None:
+            raise ServiceUnavailable("environment document not loaded yet; try again shortly")
+        return kind, state
+
+    def apply(self, manifest: Manifest, built: dict[str, EnvironmentState]) -> None:
+        """Swap in new states and status (on the event loop, no await: requests see old or new)."""
+        self.status = manifest.environments
+        self.meta = manifest.extra  # leader restarts, snapshot store status (/proxy/status)
+        self.discovered = manifest.discovered_at is not None
+        served: dict[str, ServerKeys] = {key: entry.server_keys for key, entry in self.status.items()}
+        served.update(self.static)
+        self.keys = KeyIndex(served)  # discovery may have added, removed or rotated keys
+        gone = [key for key in self.states if key not in served]
+        if built or gone:
+            self.states = {**{k: v for k, v in self.states.items() if k in served}, **built}
+            if self.cache is not None:
+                for client_key in [*built, *gone]:
+                    self.cache.drop_environment(client_key)
+            for listener in self.listeners:
+                listener(built, gone)
+        self.generation = manifest.generation
+
+
+def build_states(documents: dict[str, bytes], build_errors: dict[str, str]) -> dict[str, EnvironmentState]:
+    """Build states for changed documents; a failure keeps the previous state and is reported."""
+    built: dict[str, EnvironmentState] = {}
+    for client_key, data in documents.items():
+        started = time.perf_counter()
+        try:
+            built[client_key] = EnvironmentState(client_key, data)
+        except Exception as exc:
+            build_errors[client_key] = f"{type(exc).__name__}: {exc}"
+            metrics.STATE_BUILD_ERRORS.inc()
+            log.error(
+                "environment %s: the published document failed to build, keeping the previous state: %s",
+                mask_key(client_key),
+                build_errors[client_key],
+            )
+            continue
+        build_errors.pop(client_key, None)
+        metrics.STATE_BUILD_SECONDS.observe(time.perf_counter() - started)
+    return built
+
+
+class Follower:
+    def __init__(self, store: Store, subscriber: Subscriber) -> None:
+        self.store = store
+        self.subscriber = subscriber
+
+    def load_now(self) -> None:
+        """Synchronous first load, at worker start-up before serving."""
+        polled = self.subscriber.poll() if self.subscriber.published else None
+        if polled is not None:
+            manifest, documents = polled
+            built = build_states(documents, self.store.build_errors)
+            self.store.apply(manifest, built)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        flushed_at = time.monotonic()
+        while True:
+            try:
+                if self.subscriber.changed():
+                    polled = self.subscriber.poll()
+                    if polled is not None:
+                        manifest, documents = polled
+                        built = {}
+                        if documents:
+                            built = await loop.run_in_executor(None, build_states, documents, self.store.build_errors)
+                        self.store.apply(manifest, built)
+                now = time.monotonic()
+                if now - flushed_at >= 1.0:
+                    self.store.counters.flush(self.subscriber.path, self.store.generation)
+                    flushed_at = now
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never let the follower die: the worker would serve stale data forever
+                log.exception("worker failed to load a publication; retrying")
+                await asyncio.sleep(1.0)
+            await asyncio.sleep(FOLLOW_INTERVAL)
