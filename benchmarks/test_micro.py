@@ -18,12 +18,13 @@ from flag_engine.engine import get_evaluation_result
 from flagsmith.mappers import map_context_and_identity_data_to_context, map_environment_document_to_context
 
 from benchmarks.documents import HEAVY_TRAITS, about_one_megabyte, base_document, heavy_document, with_overrides
+from proxy.area.bodies import KeyKind
 from proxy.area.manifest import ManifestEntry
 from proxy.area.publication import Area, Publisher, Subscriber
 from proxy.config.settings import Settings
 from proxy.http.app import route_of
 from proxy.metrics import prometheus as metrics
-from proxy.worker.environment import EnvironmentState, KeyKind
+from proxy.worker.environment import EnvironmentState
 from proxy.worker.store import Store
 
 TRAITS = {"plan": "premium", "age": 30, "country": "GB"}

@@ -33,11 +33,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
+from proxy.area.bodies import KeyKind
 from proxy.evaluation.compiled import CompiledEnvironment
 from proxy.evaluation.conditions import NeedsEngine, Unsupported, coerce, hashed_percentage
-from proxy.evaluation.engine import evaluate, evaluate_results, feature_objects, visible_results, visible_to
+from proxy.evaluation.engine import (
+    ENGINE_ERRORS,
+    evaluate,
+    evaluate_results,
+    feature_objects,
+    visible_results,
+    visible_to,
+)
 from proxy.evaluation.mapping import identity_context, map_document
-from proxy.worker.environment import ENGINE_ERRORS, EnvironmentState, KeyKind, TraitsUnevaluable
+from proxy.http.errors import TraitsUnevaluable
+from proxy.worker.environment import EnvironmentState
 from tests.support import EXAMPLES
 
 EXAMPLES_PER_RUN = int(os.environ.get("EVALUATOR_EXAMPLES", "400"))

@@ -174,7 +174,7 @@ CACHE_MEMORY_PROBE = """
 import json, os, sys
 import orjson
 from proxy.worker.response_cache import ResponseCache
-from proxy.worker.environment import Body
+from proxy.area.bodies import Body
 
 def rss():
     return int(open(f"/proc/{os.getpid()}/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

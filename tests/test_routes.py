@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import orjson
 import pytest
 
-from proxy.worker.environment import KeyKind
+from proxy.area.bodies import KeyKind
 from tests.inprocess import InProcessProxy, settings_for
 from tests.support import conformance_documents
 

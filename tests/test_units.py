@@ -11,13 +11,14 @@ import pytest
 from blacksheep import Content
 from blacksheep.testing import TestClient
 
+from proxy.area.bodies import Body, KeyKind
 from proxy.area.manifest import Location, ManifestEntry
 from proxy.config.settings import Settings
 from proxy.evaluation.mapping import DocumentError, validate_document
 from proxy.http.app import build_app
 from proxy.http.health import NOT_UPDATED, STALE, check_health
 from proxy.http.identity_request import RequestInvalid, is_json_content_type, parse_identity_body, parse_identity_query
-from proxy.worker.environment import Body, EnvironmentState, KeyKind
+from proxy.worker.environment import EnvironmentState
 from proxy.worker.response_cache import ResponseCache
 from proxy.worker.store import Store
 from tests.support import EXAMPLES

@@ -84,3 +84,9 @@ def visible_to(flags: list[Flag], visible: frozenset[str] | None, hide_disabled:
         for flag in flags
         if (visible is None or flag["feature"]["name"] in visible) and (flag["enabled"] or not hide_disabled)
     ]
+
+
+# What flag-engine raises on trait values it cannot cast (a 320-digit number string against a MODULO or a
+# numeric comparison: `int too large to convert to float`). Flagsmith's API answers 500; a client's
+# input gets a 422 that says so here.
+ENGINE_ERRORS = (OverflowError, ValueError, TypeError, RecursionError)

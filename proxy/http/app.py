@@ -19,6 +19,7 @@ from blacksheep import Application, Content, Request, Response
 from blacksheep.exceptions import MessageAborted
 from blacksheep.server.routing import Router
 
+from proxy.area.bodies import Body, KeyKind
 from proxy.config.settings import Settings
 from proxy.http.analytics import parse_analytics_body
 from proxy.http.cors import Cors
@@ -40,7 +41,7 @@ from proxy.http.status import authorized, status_body
 from proxy.http.stream import StreamHub
 from proxy.http.webhook import WebhookReceiver
 from proxy.metrics import prometheus as metrics
-from proxy.worker.environment import Body, EnvironmentState, KeyKind
+from proxy.worker.environment import EnvironmentState
 from proxy.worker.identity_responses import IdentityResponses
 from proxy.worker.store import Store
 

@@ -94,3 +94,17 @@ def _echoable(error: dict[str, Any]) -> dict[str, Any]:
 NOT_FOUND_BODY = orjson.dumps({"detail": "Not Found"})
 METHOD_NOT_ALLOWED_BODY = orjson.dumps({"detail": "Method Not Allowed"})
 INTERNAL_ERROR_BODY = orjson.dumps({"status": "error", "message": "internal error"})
+
+
+class TraitsUnevaluable(RequestInvalid):
+    def __init__(self, exc: Exception) -> None:
+        super().__init__(
+            [
+                {
+                    "type": "value_error",
+                    "loc": ["body", "traits"],
+                    "msg": f"a trait value cannot be evaluated against this environment's segments: {exc}",
+                    "input": None,
+                }
+            ]
+        )

@@ -30,12 +30,13 @@ from typing import Any
 import orjson
 from blacksheep import Content, Request, Response
 
+from proxy.area.bodies import GZIP_MIN_BYTES, Body, KeyKind, compress
 from proxy.area.mailboxes import CountsBuffer
 from proxy.evaluation.engine import FlagResult
 from proxy.http.errors import PayloadTooLarge, ProxyError, RequestInvalid
 from proxy.http.identity_request import MAX_TRAIT_STRING
 from proxy.http.responses import JSON, accepts_gzip, negotiated
-from proxy.worker.environment import GZIP_MIN_BYTES, Body, EnvironmentState, KeyKind, compress
+from proxy.worker.environment import EnvironmentState
 from proxy.worker.store import Store
 
 # Far above any real evaluation context; bounds what one request can make the worker hash and keep.

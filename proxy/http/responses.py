@@ -10,7 +10,8 @@ from email.utils import parsedate_to_datetime
 
 from blacksheep import Content, Request, Response
 
-from proxy.worker.environment import GZIP_MIN_BYTES, Body, EnvironmentState
+from proxy.area.bodies import GZIP_MIN_BYTES, Body
+from proxy.worker.environment import EnvironmentState
 
 JSON = b"application/json"
 DOCUMENT_UPDATED_AT = b"x-flagsmith-document-updated-at"

@@ -28,12 +28,13 @@ from urllib.parse import unquote
 
 from blacksheep import Request, Response, StreamedContent
 
+from proxy.area.bodies import KeyKind
 from proxy.config.settings import RealtimeSettings, mask_key
 from proxy.http.errors import NotFound, ServiceUnavailable, Unauthorized
 from proxy.http.identity_request import query_param
 from proxy.http.raw_request import raw_path, raw_query
 from proxy.metrics import prometheus as metrics
-from proxy.worker.environment import EnvironmentState, KeyKind
+from proxy.worker.environment import EnvironmentState
 from proxy.worker.store import Store
 
 log = logging.getLogger("proxy.realtime")

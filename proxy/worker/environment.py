@@ -9,20 +9,20 @@ log line and `edge_proxy_evaluator_fallbacks_total`.
 
 from __future__ import annotations
 
-import gzip
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime
-from enum import IntEnum
 from typing import Any
 
 import orjson
 
+from proxy.area.bodies import Body, KeyKind
 from proxy.config.settings import mask_key
 from proxy.evaluation.compiled import CompiledEnvironment
 from proxy.evaluation.conditions import NeedsEngine, Unsupported
 from proxy.evaluation.engine import (
+    ENGINE_ERRORS,
     FlagResult,
     as_flags,
     evaluate,
@@ -32,37 +32,10 @@ from proxy.evaluation.engine import (
     visible_to,
 )
 from proxy.evaluation.mapping import MappedEnvironment, map_document
-from proxy.http.errors import RequestInvalid
+from proxy.http.errors import TraitsUnevaluable
 from proxy.metrics import prometheus as metrics
 
 log = logging.getLogger("proxy.evaluator")
-
-# Bodies smaller than this are sent uncompressed, as the Python proxy does.
-GZIP_MIN_BYTES = 1000
-
-
-class KeyKind(IntEnum):
-    CLIENT = 0
-    SERVER = 1
-
-
-@dataclass(frozen=True, slots=True)
-class Body:
-    plain: bytes
-    gzip: bytes | None  # None when the body is too small to be worth compressing
-
-    @classmethod
-    def of(cls, data: bytes) -> Body:
-        return cls(data, compress(data) if len(data) >= GZIP_MIN_BYTES else None)
-
-    def size(self) -> int:
-        """Bytes held (a subclass holding more says so: the response cache counts this)."""
-        return len(self.plain) + len(self.gzip or b"")
-
-
-def compress(data: bytes) -> bytes:
-    # mtime=0 keeps the bytes deterministic across workers and restarts.
-    return gzip.compress(data, compresslevel=6, mtime=0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,26 +160,6 @@ class EnvironmentState:
         except ENGINE_ERRORS as exc:
             raise TraitsUnevaluable(exc) from None
         return visible_results(results, view.visible, view.hide_disabled)
-
-
-# What flag-engine raises on trait values it cannot cast (a 320-digit number string against a MODULO or a
-# numeric comparison: `int too large to convert to float`). Flagsmith's API answers 500; a client's
-# input gets a 422 that says so here.
-ENGINE_ERRORS = (OverflowError, ValueError, TypeError, RecursionError)
-
-
-class TraitsUnevaluable(RequestInvalid):
-    def __init__(self, exc: Exception) -> None:
-        super().__init__(
-            [
-                {
-                    "type": "value_error",
-                    "loc": ["body", "traits"],
-                    "msg": f"a trait value cannot be evaluated against this environment's segments: {exc}",
-                    "input": None,
-                }
-            ]
-        )
 
 
 def _request_fallback() -> None:

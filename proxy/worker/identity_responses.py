@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from proxy.worker.environment import GZIP_MIN_BYTES, Body, EnvironmentState, KeyKind
+from proxy.area.bodies import GZIP_MIN_BYTES, Body, KeyKind
+from proxy.worker.environment import EnvironmentState
 from proxy.worker.response_cache import ResponseCache
 
 

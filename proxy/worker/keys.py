@@ -9,8 +9,8 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 
+from proxy.area.bodies import KeyKind
 from proxy.http.errors import Unauthorized
-from proxy.worker.environment import KeyKind
 
 ServerKeys = Mapping[str, float | None]  # server key → expiry (epoch seconds) or None
 

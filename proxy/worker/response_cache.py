@@ -11,7 +11,7 @@ import sys
 from collections import OrderedDict
 from collections.abc import Hashable
 
-from proxy.worker.environment import Body
+from proxy.area.bodies import Body
 
 
 class ResponseCache:

@@ -18,13 +18,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from proxy.area.bodies import KeyKind
 from proxy.area.manifest import Manifest, ManifestEntry
 from proxy.area.publication import Subscriber
 from proxy.config.settings import Settings, mask_key
 from proxy.http.errors import ServiceUnavailable
 from proxy.metrics import prometheus as metrics
 from proxy.worker.counters import WorkerCounters
-from proxy.worker.environment import EnvironmentState, KeyKind
+from proxy.worker.environment import EnvironmentState
 from proxy.worker.keys import KeyIndex, ServerKeys
 from proxy.worker.response_cache import ResponseCache
 
