@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
 
-.PHONY: run test tools lint format bench wrk wrk-table fuzz-evaluator faults soak lock clean
+.PHONY: run test check tools lint format bench wrk wrk-table fuzz-evaluator faults soak lock clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,9 +33,13 @@ TEST_PROCESSES ?= 2
 test: lint tools
 	$(BIN)/pytest -n $(TEST_PROCESSES) --dist loadfile --cov --cov-report=term --cov-fail-under=$(COVERAGE_FLOOR)
 
+## Lint, types and the in-process tiers (unit, differential): about a minute; `make test` adds the system tier.
+check: lint
+	$(BIN)/pytest -n $(TEST_PROCESSES) -m "not system" -p no:cacheprovider
+
 ## The compiled evaluator against flag-engine on 11,000 generated documents (over 100,000 identity cases).
 fuzz-evaluator: $(VENV)/.installed-test
-	EVALUATOR_EXAMPLES=11000 $(BIN)/pytest tests/test_evaluator_differential.py -k flag_engine -s -p no:cacheprovider --timeout 0
+	EVALUATOR_EXAMPLES=11000 $(BIN)/pytest tests/differential/test_evaluator_differential.py -k flag_engine -s -p no:cacheprovider --timeout 0
 
 ## What the tests need besides Python packages: promtool (Debian's prometheus package), redis-server (snapshot tests); for the image test
 ## unshare and setpriv, and a Python 3.11 outside /root that a non-root user can run.

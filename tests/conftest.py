@@ -1,6 +1,9 @@
 """Shared fixtures: the fake upstream, and real `edge-proxy serve` processes (always stopped).
 
-The helpers live in `tests/support.py`; import them from there.
+The helpers live in `tests/support.py`; import them from there. Tests live in tiers, one folder each, and
+carry the tier's marker: `unit` (in-process, milliseconds: pieces and routes through BlackSheep's test
+client), `differential` (in-process against an oracle: flag-engine, the SDK's mapper), `system` (real
+processes, for what only processes show). `make check` runs all but `system`; `make test` runs everything.
 """
 
 from __future__ import annotations
@@ -34,3 +37,13 @@ def start_proxy(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
     yield start
     for proxy in started:
         proxy.stop()
+
+
+TIERS = ("unit", "differential", "system")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        tier = item.path.parent.name
+        if tier in TIERS:
+            item.add_marker(getattr(pytest.mark, tier))

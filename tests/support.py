@@ -24,7 +24,9 @@ import httpx
 
 from tests.fake_upstream import FakeFlagsmith
 
-DATA = Path(__file__).parent / "data"
+TESTS = Path(__file__).parent  # the tiers live in subfolders; paths start here, not at a test file
+ROOT = TESTS.parent
+DATA = TESTS / "data"
 EXAMPLES = DATA / "ep-examples"
 ENGINE_DATA = DATA / "engine-test-data"
 EDGE_PROXY = str(Path(sys.executable).parent / "edge-proxy")

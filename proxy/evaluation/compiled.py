@@ -12,7 +12,7 @@ every call (~150 µs on the conformance environment). Here, when a state is buil
   (proxy/evaluation/outcomes.py), and features no segment can change are fixed outright;
 * identity overrides come from the mapping's `OverrideIndex`, turned into outcomes on first use.
 
-flag-engine stays the reference: tests/test_evaluator_differential.py compares the two on generated
+flag-engine stays the reference: tests/differential/test_evaluator_differential.py compares the two on generated
 documents. What this module cannot reproduce raises `Unsupported` (see proxy/evaluation/conditions.py).
 """
 

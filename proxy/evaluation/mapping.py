@@ -1,7 +1,7 @@
 """Environment document → flag-engine evaluation context, mapped once per document.
 
 Written to match what the official SDK mapper plus the engine produce (checked differentially in
-tests/test_mapping_differential.py), with one structural difference: identity overrides are not turned
+tests/differential/test_mapping_differential.py), with one structural difference: identity overrides are not turned
 into one synthetic segment per distinct override set. They are indexed by identifier instead, and an
 identity's evaluation adds only its own override segment, so its cost does not grow with the number of
 overrides in the document.

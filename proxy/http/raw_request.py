@@ -4,7 +4,7 @@ Why: `Request.path` decodes the path to `str` and `Request.query` parses the que
 lists on every access; the hot routes need neither (route lookup works on bytes, and `query_param` reads
 one parameter from the raw bytes). BlackSheep 2.x keeps the bytes from the ASGI scope in `_path` and
 `_raw_query` (declared in `blacksheep/messages.pxd`, absent from its type stubs). If an upgrade renames
-them, only this module changes; the in-process tests (tests/test_routes.py) fail first.
+them, only this module changes; the in-process tests (tests/unit/test_routes.py) fail first.
 """
 
 from __future__ import annotations

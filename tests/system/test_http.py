@@ -1,6 +1,6 @@
 """HTTP behaviour that needs real Granian processes: chunked bodies, HEAD, CORS and 304 through the server,
 multiprocess metrics, logs. Route behaviour (bad requests, gzip, CORS rules, 404/405, caching) is tested in
-process, in milliseconds: tests/test_routes.py."""
+process, in milliseconds: tests/unit/test_routes.py."""
 
 from __future__ import annotations
 

@@ -18,8 +18,8 @@ import pytest
 import yaml
 
 from proxy.http.app import ROUTES
+from tests.support import ROOT
 
-ROOT = Path(__file__).parents[1]
 CHART = ROOT / "deploy" / "helm" / "edge-proxy"
 # the oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest schemas at hand
 KUBE_VERSIONS = ("1.25.0", kubernetes_validate.latest_version())

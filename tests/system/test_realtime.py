@@ -23,9 +23,9 @@ import pytest
 from flagsmith import Flagsmith
 from flagsmith.webhooks import generate_signature
 
-from tests.support import ProxyProcess, conformance_documents, npm_install, proxy_config, serving, wait_for
+from tests.support import TESTS, ProxyProcess, conformance_documents, npm_install, proxy_config, serving, wait_for
 
-NODE_DIR = Path(__file__).parent / "realtime_node"
+NODE_DIR = TESTS / "realtime_node"
 SERVER_1, CLIENT_1 = "ser.env_server_key_1", "env_client_key_1"
 SECRET = "webhook-shared-secret"
 FEATURE = "show_banner"

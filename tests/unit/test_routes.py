@@ -1,8 +1,8 @@
 """Route behaviour in process (tests/inprocess.py): the real app and Store, BlackSheep's TestClient, no sockets.
 
 Bad requests, body caps, gzip, CORS, conditional GET, 404/405, identity cache, analytics validation,
-health rules, hot swaps. The same routes through real Granian processes: tests/test_http.py,
-tests/test_conformance.py.
+health rules, hot swaps. The same routes through real Granian processes: tests/system/test_http.py,
+tests/system/test_conformance.py.
 """
 
 from __future__ import annotations

@@ -18,9 +18,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.cli import DEMO_CLIENT_KEY, DEMO_DIR, DEMO_SERVER_KEY
-from tests.support import ProxyProcess, wait_for
+from tests.support import ROOT, ProxyProcess, wait_for
 
-ROOT = Path(__file__).parents[1]
 K6 = str(Path(sys.executable).parent / "k6")
 SCRIPTS = sorted(path.name for path in (ROOT / "k6").glob("*.js") if path.name != "common.js")
 RATE, SECONDS = 20, 3

@@ -12,7 +12,7 @@ import pytest
 
 from proxy.config.granian import available_cpus, load_granian_options
 from proxy.config.settings import ConfigError, Settings, default_config, load_settings, mask_key
-from tests.support import EDGE_PROXY, EXAMPLES
+from tests.support import EDGE_PROXY, EXAMPLES, ROOT
 
 PAIR = {"server_side_key": "ser.abc123", "client_side_key": "client123"}
 
@@ -214,7 +214,7 @@ def test_granian_bad_values(environ: dict[str, str], message: str) -> None:
 
 
 def test_shipped_granian_file_is_valid_and_commented() -> None:
-    shipped = Path(__file__).parents[1] / "granian.toml"
+    shipped = ROOT / "granian.toml"
     options = load_granian_options(shipped, {}, {}, {})
     assert options["respawn_failed_workers"] is True
     for line in shipped.read_text().splitlines():

@@ -13,7 +13,6 @@ import json
 import re
 import subprocess
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -26,9 +25,9 @@ from openfeature.flag_evaluation import FlagEvaluationDetails, Reason
 
 from proxy.http.identity_request import MAX_TRAIT_STRING
 from proxy.http.ofrep import MAX_CONTEXT_ENTRIES
-from tests.support import ProxyProcess, conformance_documents, npm_install, proxy_config, serving, wait_for
+from tests.support import TESTS, ProxyProcess, conformance_documents, npm_install, proxy_config, serving, wait_for
 
-NODE_DIR = Path(__file__).parent / "ofrep_node"
+NODE_DIR = TESTS / "ofrep_node"
 MAX_BODY = 16384
 
 CLIENT_1, SERVER_1 = "env_client_key_1", "ser.env_server_key_1"

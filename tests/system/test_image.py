@@ -26,9 +26,7 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 
 from tests.fake_upstream import FakeFlagsmith
-from tests.support import KEYS, conformance_documents, free_port, wait_for
-
-ROOT = Path(__file__).parents[1]
+from tests.support import KEYS, ROOT, conformance_documents, free_port, wait_for
 
 
 def instructions(dockerfile: str) -> list[list[tuple[str, str]]]:

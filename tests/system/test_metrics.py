@@ -29,12 +29,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.area.processes import archive
 from proxy.metrics import prometheus as metrics
 from tests.fake_upstream import FakeFlagsmith
-from tests.support import ProxyProcess, conformance_documents, proxy_config, wait_for
+from tests.support import ROOT, ProxyProcess, conformance_documents, proxy_config, wait_for
 
 CLIENT = {"X-Environment-Key": "env_client_key_1"}
 SERVER = {"X-Environment-Key": "ser.env_server_key_2"}
 KEY_FRAGMENTS = ("env_client_key", "env_server_key", "en…_", "ser.en", "revoked", "re…ey")
-ROOT = Path(__file__).parents[1]
 CHART_FILES = ROOT / "deploy" / "helm" / "edge-proxy" / "files"
 
 
