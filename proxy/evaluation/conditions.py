@@ -26,6 +26,8 @@ import semver
 from flag_engine.segments.evaluator import MATCHERS_BY_OPERATOR
 from flag_engine.utils.hashing import get_hashed_percentage_for_object_ids
 
+from proxy.evaluation.safe_regex import compile_safe
+
 try:  # CPython's built-in MD5 costs half of OpenSSL's through hashlib for these short inputs (same digest)
     from _md5 import md5  # type: ignore[import-not-found]
 except ImportError:  # pragma: no cover - a build without it
@@ -265,13 +267,13 @@ def _not_contains(key: Any, value: Any, segment_key: str) -> Predicate:
 
 def _regex(key: Any, value: Any, segment_key: str) -> Predicate:
     try:
-        match = re.compile(str(value)).match
+        matches = compile_safe(str(value)).matches  # never `re` on a client's text: safe_regex.py
     except re.error as exc:
         raise Unsupported("raises", "environment", f"REGEX {value!r}: {exc}") from None
 
     def check(facts: Facts) -> bool:
         found = facts.get(key)
-        return found is not None and match(str(found)) is not None
+        return found is not None and matches(str(found))
 
     return check
 

@@ -9,6 +9,11 @@ from typing import Any
 from flag_engine.engine import get_evaluation_result
 
 from proxy.evaluation.mapping import MappedEnvironment, identity_context
+from proxy.evaluation.safe_regex import install_in_flag_engine
+
+# flag-engine would run `re` on client-supplied traits on this thread (a catastrophic pattern hangs the
+# worker): wherever the proxy hands work to the engine, its REGEX conditions use the safe matcher.
+install_in_flag_engine()
 
 # A flag as the Python proxy renders it: feature{id,name,type}, enabled, feature_state_value.
 Flag = dict[str, Any]

@@ -140,6 +140,10 @@ WEBHOOKS = Counter(
 REFRESH_REQUESTS = Counter(
     "edge_proxy_refresh_requests", "On-demand refreshes asked of the leader, by trigger", ["trigger"]
 )
+REGEX_TIMEOUTS = Counter(
+    "edge_proxy_regex_timeouts",
+    "REGEX condition matches stopped at their deadline and answered as no match (patterns RE2 cannot run)",
+)
 UPSTREAM_STREAM_EVENTS = Counter(
     "edge_proxy_upstream_stream_events", "Newer documents announced by the upstream proxy's stream"
 )
@@ -217,12 +221,13 @@ def _flush(key: object, count: int, child: Counter) -> None:
         _flushed[key] = count
 
 
-def flush(cache_hits: int = 0, cache_misses: int = 0) -> None:
+def flush(cache_hits: int = 0, cache_misses: int = 0, regex_timeouts: int = 0) -> None:
     """Move this worker's plain counters into the multiprocess metrics (off the request path)."""
     _flush_requests()
     _flush("cache_hit", cache_hits, IDENTITY_CACHE.labels(result="hit"))
     _flush("cache_miss", cache_misses, IDENTITY_CACHE.labels(result="miss"))
     _flush("analytics_ignored", analytics_ignored[0], ANALYTICS_IGNORED)
+    _flush("regex_timeouts", regex_timeouts, REGEX_TIMEOUTS)
 
 
 # Collectors computed at scrape time by the worker answering /metrics (per-environment series).

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from proxy.area.mailboxes import ANALYTICS_FOLDER, USAGE_FOLDER, CountsBuffer
+from proxy.evaluation import safe_regex
 from proxy.metrics import prometheus as metrics
 from proxy.worker.response_cache import ResponseCache
 
@@ -23,7 +24,7 @@ class WorkerCounters:
     def flush_metrics(self, generation: int) -> None:
         """Into the multiprocess metrics: counts since the last flush, and this worker's gauges."""
         cache = self.cache
-        metrics.flush(cache.hits if cache else 0, cache.misses if cache else 0)
+        metrics.flush(cache.hits if cache else 0, cache.misses if cache else 0, safe_regex.timeouts[0])
         metrics.flush_worker(
             generation,
             len(cache) if cache else 0,

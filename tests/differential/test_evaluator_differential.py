@@ -27,6 +27,7 @@ from typing import Any
 import orjson
 import pytest
 from flag_engine.context.mappers import map_any_value_to_context_value
+from flag_engine.segments import evaluator as engine_evaluator
 from flag_engine.segments.evaluator import is_context_in_segment
 from flag_engine.utils.hashing import get_hashed_percentage_for_object_ids
 from hypothesis import HealthCheck, given, settings
@@ -55,6 +56,13 @@ MIN_CASES = 2_000
 
 TRAIT_KEYS = ["plan", "age", "beta", "version", "score", "email", "$.identity.identifier", "tags"]
 IDENTIFIERS = ["alice", "bob", "vip-1", "007", "42", "1.0", "-0", "", "tester@example.com", "bot-9"]
+
+
+@pytest.fixture(autouse=True)
+def flag_engine_as_shipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The oracle runs REGEX with `re`, as flag-engine ships (the proxy routes it through its safe matcher)."""
+    monkeypatch.setitem(engine_evaluator.MATCHERS_BY_OPERATOR, "REGEX", engine_evaluator._evaluate_regex)
+
 
 # Condition values per operator: the engine's edge cases (engine-semantics.md §3-4, pitfalls 1-14).
 TYPED_VALUES = [
@@ -94,7 +102,12 @@ VALUES: dict[str, list[Any]] = {
         ["alice", "bob"],
         [1, "premium", True],
     ],
-    "REGEX": [r"^p.*", r"\d+", r"[A-Z]{2}", r"(?i)PREM", "b", r".*@example\.com$", r"^1\.50$", r"ab$", "True"],
+    "REGEX": [
+        *[r"^p.*", r"\d+", r"[A-Z]{2}", r"(?i)PREM", "b", r".*@example\.com$", r"^1\.50$", r"ab$", "True"],
+        # classes, alternation, anchors, Unicode, case-insensitivity (RE2 in the proxy, `re` in the engine)
+        *[r"^[\w.+-]+@[\w-]+\.[a-z]{2,}$", r"^(free|premium)$", r"(?i)^admin@", r"[^\s@]+@", r"^\W", r"é|É"],
+        *[r"(?i)straße", r"\bvip\b", r"(?m)^b$", r"^-?\d+(\.\d+)?$", r"(?i)[k-s]+$", r"(?=a)\w"],
+    ],
     "MODULO": ["2|0", "3|1", "0.5|0", "x|y", "2|", "2|0|1", "-2|1", " 2 | 0 ", "inf|5", "", None],
     "PERCENTAGE_SPLIT": ["0", "25", "50", "99.9", "100", "abc", "", 50, 12.5],
     "IS_SET": [None, "x"],
@@ -300,6 +313,18 @@ REGEX_EXAMPLES = {
     r"^1\.50$": "1.50",
     r"ab$": "ab\n",
     "True": True,
+    r"^[\w.+-]+@[\w-]+\.[a-z]{2,}$": "jo.ë+1@mail-x.fr",
+    r"^(free|premium)$": "premium",
+    r"(?i)^admin@": "ADMIN@EXAMPLE.COM",
+    r"[^\s@]+@": "x@example.com",
+    r"^\W": "\u00a0x",
+    r"é|É": "École",
+    r"(?i)straße": "STRAßE",
+    r"\bvip\b": "vip-1",
+    r"(?m)^b$": "b\n",
+    r"^-?\d+(\.\d+)?$": "-4.2",
+    r"(?i)[k-s]+$": "\u212aſ",
+    r"(?=a)\w": "alice",
 }
 
 
