@@ -6,6 +6,7 @@ request path, so each one is a handful of header operations at most.
 
 from __future__ import annotations
 
+import re
 from email.utils import parsedate_to_datetime
 
 from blacksheep import Content, Request, Response
@@ -17,9 +18,55 @@ JSON = b"application/json"
 DOCUMENT_UPDATED_AT = b"x-flagsmith-document-updated-at"
 
 
+# Verdicts by header value: clients send a handful of distinct values, so parsing happens once per value
+# (a dict lookup per request); cleared when full, so hostile values cannot grow it.
+_GZIP_VERDICTS: dict[bytes, bool] = {}
+_GZIP_VERDICTS_MAX = 512
+_QVALUE = re.compile(r"0(\.[0-9]{0,3})?|1(\.0{0,3})?")  # RFC 9110 §12.4.2
+
+
 def accepts_gzip(request: Request) -> bool:
     accept = request.get_first_header(b"accept-encoding")
-    return accept is not None and b"gzip" in accept.lower() and b"gzip;q=0" not in accept.replace(b" ", b"")
+    if accept is None:
+        return False
+    verdict = _GZIP_VERDICTS.get(accept)
+    if verdict is None:
+        if len(_GZIP_VERDICTS) >= _GZIP_VERDICTS_MAX:
+            _GZIP_VERDICTS.clear()
+        verdict = _GZIP_VERDICTS[accept] = gzip_acceptable(accept)
+    return verdict
+
+
+def gzip_acceptable(accept: bytes) -> bool:
+    """Does this Accept-Encoding value (RFC 9110 §12.5.3) let us send gzip rather than the plain body?
+
+    Codings are case-insensitive, each with an optional `q` weight (default 1; 0 = not acceptable); `gzip`
+    (or its alias `x-gzip`) takes its own weight, else that of `*`, else it is not acceptable. gzip is sent
+    unless `identity` (listed, or through `*`) is preferred with a higher weight. An element whose weight is
+    malformed is ignored; of two elements for one coding, the first counts.
+    """
+    weights: dict[str, float] = {}
+    for element in accept.decode("latin-1").split(","):
+        coding, _, parameters = element.partition(";")
+        coding = coding.strip().lower()
+        weight = _weight(parameters)
+        if coding and weight is not None:
+            weights.setdefault(coding, weight)
+    gzip = weights.get("gzip", weights.get("x-gzip", weights.get("*", 0.0)))
+    identity = weights.get("identity", weights.get("*"))
+    return gzip > 0 and (identity is None or gzip >= identity)
+
+
+def _weight(parameters: str) -> float | None:
+    weight = 1.0
+    for parameter in parameters.split(";"):
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() == "q":
+            value = value.strip()
+            if not _QVALUE.fullmatch(value):
+                return None
+            weight = float(value)
+    return weight
 
 
 def json_response(status: int, data: bytes) -> Response:

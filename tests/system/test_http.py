@@ -95,6 +95,20 @@ def test_environment_document_conditional_get(proxy: ProxyProcess) -> None:
     assert json.loads(gzipped.content) == response.json()  # httpx decompressed it
 
 
+@pytest.mark.parametrize(
+    ("accept", "encoding"),
+    [("gzip;q=0.5", "gzip"), ("gzip; q=0.8", "gzip"), ("GZIP;q=0", None), ("gzip;q=0.5, identity", None)],
+)
+def test_accept_encoding_weights_are_read_as_rfc_9110_says(
+    proxy: ProxyProcess, accept: str, encoding: str | None
+) -> None:
+    """Before: `gzip;q=0.5` and `gzip; q=0.8` got the plain body, `GZIP;q=0` the gzip one."""
+    response = proxy.get("/api/v1/environment-document/", headers={**SERVER, "Accept-Encoding": accept})
+    assert response.status_code == 200
+    assert response.headers.get("content-encoding") == encoding
+    assert response.json()["api_key"] == "env_client_key_1"
+
+
 def test_metrics_count_requests(proxy: ProxyProcess) -> None:
     for _ in range(3):
         proxy.get("/api/v1/flags/", headers=CLIENT)
