@@ -25,6 +25,7 @@ import hashlib
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 import orjson
@@ -37,6 +38,7 @@ from proxy.http.errors import PayloadTooLarge, ProxyError, RequestInvalid
 from proxy.http.identity_request import MAX_TRAIT_STRING
 from proxy.http.responses import JSON, accepts_gzip, negotiated
 from proxy.worker.environment import EnvironmentState
+from proxy.worker.identity_responses import traits_key
 from proxy.worker.store import Store
 
 # Far above any real evaluation context; bounds what one request can make the worker hash and keep.
@@ -270,9 +272,9 @@ class OfrepRoutes:
         self, state: EnvironmentState, kind: KeyKind, identifier: str | None, traits: dict[str, Any], gzip_wanted: bool
     ) -> Evaluation:
         cache = self.store.cache
-        # Keyed like identity responses (types kept: 1, 1.0 and True are equal in Python), traits sorted
-        # because a context is a map; the "ofrep" tag keeps these apart from /api/v1/identities/ bodies.
-        cache_key = ("ofrep", kind, identifier, tuple(sorted((k, type(v), v) for k, v in traits.items())))
+        # Keyed like identity responses, traits sorted because a context is a map (names are unique, so
+        # only names are compared); the "ofrep" tag keeps these apart from /api/v1/identities/ bodies.
+        cache_key = ("ofrep", kind, identifier, traits_key(sorted(traits.items(), key=itemgetter(0))))
         cached = cache.get(state.client_key, cache_key) if cache is not None else None
         evaluation = cached if isinstance(cached, Evaluation) else None
         changed = evaluation is None

@@ -1,18 +1,32 @@
 """Encoded identity responses, evaluated once per (key kind, identifier, traits) and kept in the LRU.
 
 Owns the cache key and the encoding: the response depends on nothing but the key kind, the identifier and
-the traits as echoed, so those are the key (with each value's type: 1, 1.0 and True are equal and hash
-alike in Python but encode differently). A body is stored plain until a client asks for gzip, then
-upgraded in place, so clients that never ask never pay for compression.
+the traits as echoed, so those are the key, each value as evaluation reads it (`traits_key`, which OFREP's
+cache uses too). A body is stored plain until a client asks for gzip, then upgraded in place, so clients
+that never ask never pay for compression.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from proxy.area.bodies import GZIP_MIN_BYTES, Body, KeyKind
 from proxy.worker.environment import EnvironmentState
 from proxy.worker.response_cache import ResponseCache
+
+TraitsKey = tuple[tuple[str, type, Any], ...]
+
+
+def traits_key(traits: Iterable[tuple[str, Any]]) -> TraitsKey:
+    """(name, value) pairs as a cache key that tells apart every two values evaluation can tell apart.
+
+    Python's equality is too coarse: 1, 1.0 and True are equal (so the type is part of the key), and so
+    are -0.0 and 0.0, which REGEX, PERCENTAGE_SPLIT and the echo read as "-0.0" and "0.0" (so a float is
+    keyed by its repr, which also makes every NaN one key). Request JSON holds no other such pair: strings
+    and ints are equal only when identical, and orjson reads integers past 64 bits as floats.
+    """
+    return tuple((name, type(value), repr(value) if type(value) is float else value) for name, value in traits)
 
 
 class IdentityResponses:
@@ -29,7 +43,7 @@ class IdentityResponses:
         gzip_wanted: bool,
     ) -> Body:
         cache = self.cache
-        key = (kind, identifier, tuple((t["trait_key"], type(v := t["trait_value"]), v) for t in echo))
+        key = (kind, identifier, traits_key((t["trait_key"], t["trait_value"]) for t in echo))
         body = cache.get(state.client_key, key) if cache is not None else None
         if body is None:
             data = state.identity_body(kind, identifier, echo, traits)  # pre-encoded fragments, joined
