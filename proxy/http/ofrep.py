@@ -145,8 +145,8 @@ def _kind(value: Any) -> str:
 # -- response: the mapping -----------------------------------------------------------------------
 
 
-def flag_entry(result: FlagResult) -> tuple[int, dict[str, Any]]:
-    """One evaluated flag → (HTTP status of its single-flag answer, its OFREP object)."""
+def flag_entry(result: FlagResult, kind: KeyKind) -> tuple[int, dict[str, Any]]:
+    """One evaluated flag → (HTTP status of its single-flag answer, its OFREP object) as `kind` may see it."""
     name = result.feature["name"]
     code = result.reason.split(";", 1)[0].strip()
     if code == "ERROR":  # e.g. a $.flags dependency cycle: the engine could not evaluate it
@@ -154,7 +154,7 @@ def flag_entry(result: FlagResult) -> tuple[int, dict[str, Any]]:
     metadata: dict[str, Any] = {"enabled": result.enabled, "featureId": result.feature["id"]}
     if result.value is not None:
         metadata["featureStateValue"] = result.value
-    metadata["flagsmithReason"] = result.reason
+    metadata["flagsmithReason"] = result.reason if kind is KeyKind.SERVER else public_reason(result.reason)
     variant = result.variant
     if variant is not None:
         metadata.update({"experiment.arm": variant, "experiment.active": result.enabled, "experiment.unit": "user"})
@@ -167,6 +167,12 @@ def flag_entry(result: FlagResult) -> tuple[int, dict[str, Any]]:
     if variant is None:
         variant = "enabled" if result.enabled else "disabled"
     return 200, {"key": name, "value": value, "reason": reason, "variant": variant, "metadata": metadata}
+
+
+def public_reason(reason: str) -> str:
+    """The engine's reason without the segment's name (`TARGETING_MATCH; segment=beta_testers` →
+    `TARGETING_MATCH`): segment names are internal, and /api/v1/ never shows them to client keys."""
+    return "TARGETING_MATCH" if reason.startswith("TARGETING_MATCH;") else reason
 
 
 def one_value(value: Any) -> Any:
@@ -195,10 +201,10 @@ class Evaluation(Body):
         return Body.size(self) + len(self.etag) + singles + sys.getsizeof(self.single)
 
 
-def encode_evaluation(results: list[FlagResult]) -> Evaluation:
+def encode_evaluation(results: list[FlagResult], kind: KeyKind) -> Evaluation:
     single: dict[str, tuple[int, bytes]] = {}
     for result in results:
-        status, entry = flag_entry(result)
+        status, entry = flag_entry(result, kind)
         # A copy: orjson's output keeps its 4 KB growth buffer (measured), 20 times what an answer needs.
         single[result.feature["name"]] = (status, bytes(memoryview(orjson.dumps(entry))))
     plain = b'{"flags":[' + b",".join(data for _, data in single.values()) + b"]}"
@@ -279,7 +285,7 @@ class OfrepRoutes:
         evaluation = cached if isinstance(cached, Evaluation) else None
         changed = evaluation is None
         if evaluation is None:
-            evaluation = encode_evaluation(state.identity_results(kind, identifier, traits))
+            evaluation = encode_evaluation(state.identity_results(kind, identifier, traits), kind)
         if gzip_wanted and evaluation.gzip is None and len(evaluation.plain) >= GZIP_MIN_BYTES:
             evaluation = dataclasses.replace(evaluation, gzip=compress(evaluation.plain))
             changed = True

@@ -339,6 +339,20 @@ def post(proxy: ProxyProcess, path: str, body: Any, key: str | None = SERVER_1, 
     return httpx.post(f"{proxy.url}/ofrep/v1/evaluate/flags{path}", content=content, headers=headers, timeout=10)
 
 
+def test_client_keys_are_not_told_segment_names(proxy: ProxyProcess) -> None:
+    """Segment names are internal (/api/v1/ never shows them to client keys); before, the client key's
+    `flagsmithReason` read `TARGETING_MATCH; segment=premium_plan`."""
+    premium = {"context": {"targetingKey": "user-42", "plan": "premium"}}
+    for path in ("/max_items", ""):
+        for key, reason in ((CLIENT_1, "TARGETING_MATCH"), (SERVER_1, "TARGETING_MATCH; segment=premium_plan")):
+            answer = post(proxy, path, premium, key).json()
+            flag = answer if path else next(f for f in answer["flags"] if f["key"] == "max_items")
+            assert (flag["reason"], flag["metadata"]["flagsmithReason"]) == ("TARGETING_MATCH", reason), (path, key)
+    overridden = post(proxy, "/max_items", {"context": {"targetingKey": "vip-user-1"}}, CLIENT_1).json()
+    assert (overridden["value"], overridden["metadata"]["flagsmithReason"]) == (999, "TARGETING_MATCH")
+    assert "segment=" not in post(proxy, "", premium, CLIENT_1).text
+
+
 @pytest.mark.parametrize("context", CONTEXTS, ids=lambda c: c[0] if c else "environment")
 def test_bulk_matches_single_flags_and_the_api(proxy: ProxyProcess, context) -> None:
     for key in (SERVER_1, CLIENT_1, CLIENT_2):
@@ -494,14 +508,16 @@ def test_a_chunked_body_over_the_cap(proxy: ProxyProcess) -> None:
 
 
 def test_engine_errors_and_unknown_reasons() -> None:
+    from proxy.area.bodies import KeyKind
     from proxy.evaluation.engine import FlagResult
     from proxy.http.app import route_of
     from proxy.http.ofrep import flag_entry
 
     feature = {"id": 7, "name": "f", "type": "STANDARD"}
-    status, entry = flag_entry(FlagResult(feature, True, 1, "ERROR; code=CIRCULAR_DEPENDENCY", None))
+    status, entry = flag_entry(FlagResult(feature, True, 1, "ERROR; code=CIRCULAR_DEPENDENCY", None), KeyKind.SERVER)
     assert (status, entry["errorCode"], entry["key"]) == (400, "GENERAL", "f")
-    assert flag_entry(FlagResult(feature, True, 1, "SOMETHING_NEW; x=1", None))[1]["reason"] == "UNKNOWN"
+    unknown = FlagResult(feature, True, 1, "SOMETHING_NEW; x=1", None)
+    assert flag_entry(unknown, KeyKind.CLIENT)[1]["reason"] == "UNKNOWN"
     assert (
         route_of(b"/ofrep/v1/evaluate/flags/f")
         == route_of(b"/ofrep/v1/evaluate/flags/f/")
@@ -512,6 +528,7 @@ def test_engine_errors_and_unknown_reasons() -> None:
 
 
 def test_the_identity_cache_keeps_whole_evaluations() -> None:
+    from proxy.area.bodies import KeyKind
     from proxy.evaluation.engine import FlagResult
     from proxy.http.ofrep import Evaluation, encode_evaluation
     from proxy.worker.response_cache import ResponseCache
@@ -519,7 +536,7 @@ def test_the_identity_cache_keeps_whole_evaluations() -> None:
     results = [
         FlagResult({"id": i, "name": f"f{i}", "type": "STANDARD"}, True, "x" * 100, "STATIC", None) for i in range(20)
     ]
-    evaluation = encode_evaluation(results)
+    evaluation = encode_evaluation(results, KeyKind.CLIENT)
     cache = ResponseCache(10, 1024 * 1024)
     cache.put("env", ("ofrep", 0, "u", ()), evaluation)
     cached = cache.get("env", ("ofrep", 0, "u", ()))
