@@ -546,7 +546,7 @@ def test_the_identity_cache_keeps_whole_evaluations() -> None:
 
 
 def test_usage_reporting_counts_ofrep_answers_as_flags_and_identities(upstream, start_proxy) -> None:
-    from tests.test_discovery import discovering, environment, key
+    from tests.system.test_discovery import discovering, environment, key
 
     upstream.proxy_config = [environment(CLIENT_1, key(SERVER_1))]
     proxy = start_proxy(discovering(upstream, usage_flush_interval_seconds=1))
