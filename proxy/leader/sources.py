@@ -48,8 +48,16 @@ class FetchFailed:
 FetchResult = Fetched | NotModified | FetchFailed
 
 
+@dataclass(frozen=True, slots=True)
+class Validator:
+    """What identifies the document held, for a conditional fetch. Taken only from what this source itself
+    answered (never from a snapshot: a stored date must not make upstream confirm a stored document)."""
+
+    updated_at: datetime | None = None  # the document's updated_at: If-Modified-Since
+
+
 class Source(Protocol):
-    async def fetch(self, server_key: str, cached_updated_at: datetime | None) -> FetchResult: ...
+    async def fetch(self, server_key: str, held: Validator | None) -> FetchResult: ...
 
     async def aclose(self) -> None: ...
 
@@ -88,17 +96,17 @@ class HttpSource:
     async def aclose(self) -> None:
         await self.client.aclose()
 
-    async def fetch(self, server_key: str, cached_updated_at: datetime | None) -> FetchResult:
+    async def fetch(self, server_key: str, held: Validator | None) -> FetchResult:
         started = time.monotonic()
         headers = {"X-Environment-Key": server_key, "Accept-Encoding": "gzip"}
-        if cached_updated_at is not None:
-            headers["If-Modified-Since"] = if_modified_since(cached_updated_at)
+        if held is not None and held.updated_at is not None:
+            headers["If-Modified-Since"] = if_modified_since(held.updated_at)
         self._budget = self.max_bytes
         try:
             response = await self._get(self.url, headers)
             if response.status_code == 304:
-                if cached_updated_at is None:
-                    return FetchFailed("upstream answered 304 Not Modified, but no document is cached", "http_status")
+                if "If-Modified-Since" not in headers:
+                    return FetchFailed("upstream answered 304 Not Modified to an unconditional request", "http_status")
                 return NotModified()
             if response.status_code != 200:
                 return FetchFailed(f"upstream answered HTTP {response.status_code}", _status_kind(response.status_code))
@@ -225,11 +233,11 @@ class FileSource:
     async def aclose(self) -> None:
         return None
 
-    async def fetch(self, server_key: str, cached_updated_at: datetime | None) -> FetchResult:
+    async def fetch(self, server_key: str, held: Validator | None) -> FetchResult:
         path = self.directory / f"{server_key}.json"
         try:
             mtime = path.stat().st_mtime_ns
-            if cached_updated_at is not None and self._mtimes.get(server_key) == mtime:
+            if held is not None and self._mtimes.get(server_key) == mtime:
                 return NotModified()
             document = orjson.loads(path.read_bytes())
         except FileNotFoundError:
