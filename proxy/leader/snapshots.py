@@ -16,6 +16,7 @@ Two stores:
 
 * `DirectoryStore`: `<dir>/<key hash>.snapshot`, written to a temporary file, fsynced, renamed, and the
   directory fsynced; a per-environment `flock` makes read-compare-replace safe when replicas share a volume.
+  The directory is 0700 and every file 0600 (`proxy/leader/private_files.py`).
 * `RedisStore`: one hash per environment (`edge-proxy:snapshot:<key hash>`, field `blob`), replaced in a
   WATCH/MULTI transaction.
 
@@ -44,6 +45,7 @@ import orjson
 
 from proxy.area.publication import key_hash
 from proxy.config.settings import Settings, mask_key, mask_url
+from proxy.leader.private_files import open_private, prepare_directory, write_private
 from proxy.metrics import prometheus as metrics
 
 log = logging.getLogger("proxy.leader")
@@ -51,6 +53,7 @@ log = logging.getLogger("proxy.leader")
 FORMAT_VERSION = 2
 KEY_CONTEXT = b"edge-proxy snapshot v2"  # what the snapshot key is derived with (and only for this)
 SUFFIX = ".snapshot"
+OWN_FILES = (f"*{SUFFIX}", "*.lock", ".*.tmp")  # what the proxy writes in snapshot_dir (see private_files)
 REDIS_PREFIX = "edge-proxy:snapshot:"
 REDIS_TIMEOUT = 2.0  # seconds: a hung Redis must not hold a restore for long
 READ_RETRY_AFTER = 30.0  # seconds: after a failed read, others are not tried (1,000 environments × timeout)
@@ -157,10 +160,10 @@ class SnapshotStore(Protocol):
 class DirectoryStore:
     kind = "directory"
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, report: bool = True) -> None:
         self.directory = directory
         self.location = str(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        prepare_directory(directory, OWN_FILES, "snapshot_dir", report)
 
     def _path(self, client_key: str) -> Path:
         return self.directory / f"{key_hash(client_key)}{SUFFIX}"
@@ -173,23 +176,13 @@ class DirectoryStore:
 
     def save(self, client_key: str, blob: bytes, keep: Callable[[bytes], bool]) -> bool:
         path = self._path(client_key)
-        lock = os.open(path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        lock = open_private(path.with_suffix(".lock"), os.O_RDWR)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)  # replicas sharing the directory compare and replace in turn
             with contextlib.suppress(FileNotFoundError):
                 if keep(path.read_bytes()):
                     return False
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            try:
-                with open(tmp, "wb") as out:
-                    out.write(blob)
-                    out.flush()
-                    os.fsync(out.fileno())
-                os.rename(tmp, path)
-            except OSError:
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
-                raise
+            write_private(path, blob, fsync=True)
             directory = os.open(self.directory, os.O_RDONLY)
             try:
                 os.fsync(directory)  # the rename itself survives a crash
@@ -242,11 +235,12 @@ class RedisStore:
         self.client.close()
 
 
-def make_store(settings: Settings) -> SnapshotStore | None:
+def make_store(settings: Settings, report: bool = True) -> SnapshotStore | None:
+    """The configured store; `report: False` for the leader, whose directory the main process reported on."""
     if settings.snapshot_redis_url:
         return RedisStore(settings.snapshot_redis_url)
     if settings.snapshot_dir:
-        return DirectoryStore(Path(settings.snapshot_dir))
+        return DirectoryStore(Path(settings.snapshot_dir), report)
     return None
 
 

@@ -12,6 +12,7 @@ import hashlib
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -471,6 +472,65 @@ def test_after_a_restore_the_first_fetch_is_unconditional(tmp_path: Path) -> Non
         second.stop()
         first.stop()
         upstream.stop()
+
+
+# -- file modes ---------------------------------------------------------------------------------------
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_snapshot_files_are_private_whatever_the_umask(
+    start_proxy: Callable[..., ProxyProcess], upstream: FakeFlagsmith, tmp_path: Path
+) -> None:
+    directory = tmp_path / "volume" / "snapshots"
+    previous = os.umask(0)  # the proxy inherits the widest umask there is
+    try:
+        proxy = start_proxy(proxy_config(upstream.api_url, **FAST, snapshot_dir=str(directory)))
+    finally:
+        os.umask(previous)
+    proxy.wait_ready()
+    assert wait_for(lambda: len(list(directory.glob("*.snapshot"))) == 2, 10), proxy.log()
+    assert mode(directory) == 0o700
+    files = list(directory.iterdir())
+    assert {path.suffix for path in files} == {".snapshot", ".lock"}
+    assert {path.name: mode(path) for path in files} == {path.name: 0o600 for path in files}
+
+
+def test_an_existing_snapshot_dir_is_tightened_when_it_is_ours(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # what an earlier version left: the directory 0755, a snapshot and its lock 0644
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    os.chmod(ours, 0o755)
+    for name in (f"{key_hash('env_client_key_1')}.snapshot", f"{key_hash('env_client_key_1')}.lock"):
+        (ours / name).write_bytes(b"old")
+        os.chmod(ours / name, 0o644)
+    with caplog.at_level("INFO", logger="proxy.leader"):
+        DirectoryStore(ours)
+    assert mode(ours) == 0o700
+    assert {mode(path) for path in ours.iterdir()} == {0o600}
+    assert "mode 0755 tightened to 0700" in caplog.text
+
+    # a directory shared with something else is the operator's: left as it is, with one warning
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o775)
+    (shared / "notes.txt").write_text("someone else's")
+    os.chmod(shared / "notes.txt", 0o644)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="proxy.leader"):
+        store = DirectoryStore(shared)
+        DirectoryStore(shared, report=False)  # the leader, after the main process reported it
+    assert mode(shared) == 0o775 and mode(shared / "notes.txt") == 0o644
+    assert caplog.text.count("is mode 0775 (it holds files the proxy did not write): left as it is") == 1
+    assert Snapshots(store).save_now(good_snapshot(), [SERVER_KEY_1])
+    assert {path.name: mode(path) for path in shared.iterdir() if path.name != "notes.txt"} == {
+        f"{key_hash('env_client_key_1')}.snapshot": 0o600,
+        f"{key_hash('env_client_key_1')}.lock": 0o600,
+    }
 
 
 # -- the version check ------------------------------------------------------------------------------
