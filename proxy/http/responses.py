@@ -6,6 +6,7 @@ request path, so each one is a handful of header operations at most.
 
 from __future__ import annotations
 
+import re
 from email.utils import parsedate_to_datetime
 
 from blacksheep import Content, Request, Response
@@ -44,6 +45,23 @@ def send(request: Request, body: Body, state: EnvironmentState) -> Response:
     if state.updated_at_header is not None:
         headers.append((DOCUMENT_UPDATED_AT, state.updated_at_header))
     return Response(200, headers, Content(JSON, data))
+
+
+def gzip_chosen(request: Request, body: Body) -> bool:
+    """Is `body` sent gzip-encoded to this request? (What `negotiated` decides.)"""
+    return body.gzip is not None and accepts_gzip(request)
+
+
+_ENTITY_TAG = re.compile(rb'(?:W/)?"([^"]*)"')
+
+
+def none_match(header: bytes, etag: bytes) -> bool:
+    """Does an `If-None-Match` value match `etag`? Weak comparison, as RFC 9110 says for this header (`W/`
+    ignored); `*` matches, since the document exists."""
+    if header.strip() == b"*":
+        return True
+    opaque = etag[1:-1]
+    return any(tag == opaque for tag in _ENTITY_TAG.findall(header))
 
 
 def not_modified(since: bytes, state: EnvironmentState) -> bool:

@@ -89,6 +89,7 @@ class Environment:
             last_200=self.last_200,
             last_304=self.last_304,
             snapshot_saved_at=self.snapshot_saved_at,
+            upstream_etag=self.validator.etag if self.validator is not None else None,
         )
 
     def enter(self, state: str) -> None:
@@ -157,7 +158,7 @@ class Poller:
             env.name = document.get("name")
             env.environment_id = document.get("id")
             if entry.source in ("upstream", "file"):  # the previous leader's fetch, not the preload's snapshot
-                env.validator = Validator(env.updated_at)
+                env.validator = Validator(env.updated_at, entry.upstream_etag)
         log.info("resumed at generation %d", self.publisher.generation)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -392,7 +393,7 @@ class Poller:
         metrics.UPSTREAM_FETCHES.labels(outcome="ok").inc()
         env.last_200 = env.last_success
         data = orjson.dumps(result.document)
-        env.validator = Validator(parse_updated_at(result.document.get("updated_at")))
+        env.validator = Validator(parse_updated_at(result.document.get("updated_at")), result.etag)
         if data != env.document:
             env.document = data
             env.dirty = env.unsaved = True

@@ -468,6 +468,7 @@ def test_after_a_restore_the_first_fetch_is_unconditional(tmp_path: Path) -> Non
             assert asked and asked[0]["ims"] is None, asked[:2]
         # later polls are conditional again, on what upstream itself answered
         assert wait_for(lambda: any(r["ims"] for r in upstream.requests[before:]), 5)
+        assert not any(r["inm"] for r in upstream.requests)  # Flagsmith's API sends no ETag: dates only
     finally:
         second.stop()
         first.stop()
