@@ -53,7 +53,9 @@ log = logging.getLogger("proxy.leader")
 FORMAT_VERSION = 2
 KEY_CONTEXT = b"edge-proxy snapshot v2"  # what the snapshot key is derived with (and only for this)
 SUFFIX = ".snapshot"
-OWN_FILES = (f"*{SUFFIX}", "*.lock", ".*.tmp")  # what the proxy writes in snapshot_dir (see private_files)
+PENDING_PREFIX = "pending-"  # counts kept across a restart (proxy/supervisor/pending_counts.py)
+# what the proxy writes in snapshot_dir (private_files: a directory holding only these is ours to tighten)
+OWN_FILES = (f"*{SUFFIX}", "*.lock", ".*.tmp", f"{PENDING_PREFIX}*.json", f".{PENDING_PREFIX}*")
 REDIS_PREFIX = "edge-proxy:snapshot:"
 REDIS_TIMEOUT = 2.0  # seconds: a hung Redis must not hold a restore for long
 READ_RETRY_AFTER = 30.0  # seconds: after a failed read, others are not tried (1,000 environments × timeout)
