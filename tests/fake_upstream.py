@@ -131,6 +131,7 @@ class FakeFlagsmith:
                             "query": parts.query,
                             "key": key,
                             "ims": self.headers.get("If-Modified-Since"),
+                            "inm": self.headers.get("If-None-Match"),
                             "ua": self.headers.get("User-Agent"),
                         }
                     )

@@ -76,6 +76,7 @@ class ManifestEntry:
     last_200: float | None = None
     last_304: float | None = None
     snapshot_saved_at: float | None = None
+    upstream_etag: str | None = None  # the upstream proxy's ETag for the document: a new leader's If-None-Match
 
     @property
     def file(self) -> str | None:
@@ -92,7 +93,7 @@ class ManifestEntry:
             "error_kind": self.error_kind,
         }
         # added for /proxy/status and snapshots: written only when set, so the form above stays as it was
-        for name in ("source", "state", "state_since", "last_200", "last_304", "snapshot_saved_at"):
+        for name in ("source", "state", "state_since", "last_200", "last_304", "snapshot_saved_at", "upstream_etag"):
             value = getattr(self, name)
             if value is not None:
                 data[name] = value
@@ -118,6 +119,7 @@ class ManifestEntry:
             last_200=_float(data.get("last_200")),
             last_304=_float(data.get("last_304")),
             snapshot_saved_at=_float(data.get("snapshot_saved_at")),
+            upstream_etag=_str(data.get("upstream_etag")),
         )
 
 

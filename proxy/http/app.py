@@ -36,7 +36,7 @@ from proxy.http.identity_request import parse_identity_body, parse_identity_quer
 from proxy.http.ofrep import OfrepRoutes
 from proxy.http.raw_request import raw_path, raw_query
 from proxy.http.request_body import BodyReader
-from proxy.http.responses import JSON, accepts_gzip, json_response, not_modified, send
+from proxy.http.responses import JSON, accepts_gzip, gzip_chosen, json_response, none_match, not_modified, send
 from proxy.http.status import authorized, status_body
 from proxy.http.stream import StreamHub
 from proxy.http.webhook import WebhookReceiver
@@ -184,14 +184,29 @@ class ProxyApp:
         kind, state = self.store.resolve(key)
         if kind is not KeyKind.SERVER:
             raise Unauthorized("the environment document is served to server-side keys only")
+        # ETag (a hash of the document) for proxies polling this one, Last-Modified for everyone else
+        etag = state.etag_gzip if gzip_chosen(request, state.document) else state.etag
+        validators = [(b"etag", etag)]
         if state.last_modified is not None:
+            validators.append((b"last-modified", state.last_modified))
+        match = request.get_first_header(b"if-none-match")
+        if match is not None:  # RFC 9110 13.2.2: If-None-Match, when sent, decides alone
+            if none_match(match, etag):
+                return self._not_modified(state, validators)
+        elif state.last_modified is not None:
             since = request.get_first_header(b"if-modified-since")
             if since is not None and not_modified(since, state):
-                return Response(304, [(b"last-modified", state.last_modified)], None)
+                return self._not_modified(state, validators)
         response = self._ok(request, state.document, state, "environment-document")
-        if state.last_modified is not None:
-            response.add_header(b"last-modified", state.last_modified)
+        for name, value in validators:
+            response.add_header(name, value)
         return response
+
+    @staticmethod
+    def _not_modified(state: EnvironmentState, validators: list[tuple[bytes, bytes]]) -> Response:
+        # a 304 carries what the 200 would have: its validators and Vary
+        vary = [(b"vary", b"Accept-Encoding")] if state.document.gzip is not None else []
+        return Response(304, validators + vary, None)
 
     # -- OpenFeature remote evaluation (proxy/http/ofrep.py) -------------------------------------------
     async def ofrep_flag(self, request: Request) -> Response:

@@ -93,6 +93,23 @@ def send(request: Request, body: Body, state: EnvironmentState) -> Response:
     return Response(200, headers, Content(JSON, data))
 
 
+def gzip_chosen(request: Request, body: Body) -> bool:
+    """Is `body` sent gzip-encoded to this request? (What `negotiated` decides.)"""
+    return body.gzip is not None and accepts_gzip(request)
+
+
+_ENTITY_TAG = re.compile(rb'(?:W/)?"([^"]*)"')
+
+
+def none_match(header: bytes, etag: bytes) -> bool:
+    """Does an `If-None-Match` value match `etag`? Weak comparison, as RFC 9110 says for this header (`W/`
+    ignored); `*` matches, since the document exists."""
+    if header.strip() == b"*":
+        return True
+    opaque = etag[1:-1]
+    return any(tag == opaque for tag in _ENTITY_TAG.findall(header))
+
+
 def not_modified(since: bytes, state: EnvironmentState) -> bool:
     """Does an `If-Modified-Since` value cover the state's document? (An unparsable date does not.)"""
     try:

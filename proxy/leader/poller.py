@@ -30,7 +30,7 @@ from proxy.area.publication import AreaError, Publisher
 from proxy.config.settings import Settings, mask_key
 from proxy.leader.discovery import Discovery
 from proxy.leader.snapshots import Snapshots
-from proxy.leader.sources import Fetched, FetchFailed, NotModified, Source
+from proxy.leader.sources import Fetched, FetchFailed, NotModified, Source, Validator
 from proxy.metrics import prometheus as metrics
 from proxy.worker.environment import EnvironmentState, parse_updated_at
 
@@ -64,6 +64,9 @@ class Environment:
     last_304: float | None = None
     snapshot_saved_at: float | None = None  # when the snapshot served (source "snapshot") was written
     unsaved: bool = False  # a new document not yet written to the snapshot store
+    # for conditional fetches: set only from the source's own answers, never from a snapshot (a restored
+    # document is fetched in full, so a stored date can never make upstream confirm a stored document)
+    validator: Validator | None = None
 
     @property
     def server_key(self) -> str:
@@ -86,6 +89,7 @@ class Environment:
             last_200=self.last_200,
             last_304=self.last_304,
             snapshot_saved_at=self.snapshot_saved_at,
+            upstream_etag=self.validator.etag if self.validator is not None else None,
         )
 
     def enter(self, state: str) -> None:
@@ -153,6 +157,8 @@ class Poller:
             env.updated_at = parse_updated_at(document.get("updated_at"))
             env.name = document.get("name")
             env.environment_id = document.get("id")
+            if entry.source in ("upstream", "file"):  # the previous leader's fetch, not the preload's snapshot
+                env.validator = Validator(env.updated_at, entry.upstream_etag)
         log.info("resumed at generation %d", self.publisher.generation)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -207,20 +213,22 @@ class Poller:
                 env.next_due = min(env.next_due, requested)
             self._want_publish(soon=env.dirty)
             if env.unsaved and self.snapshots is not None:
-                env.unsaved = not await self.snapshots.save(env.client_key, env.document or b"", env.updated_at)
+                env.unsaved = not await self.snapshots.save(
+                    env.client_key, list(env.server_keys), env.document or b"", env.updated_at
+                )
                 self._want_publish(soon=False)  # the store's status, for /proxy/status
 
     async def _restore(self, env: Environment) -> None:
         """Before upstream answers: serve the persisted snapshot, if there is a good one."""
         assert self.snapshots is not None
-        snapshot = await self.snapshots.restore(env.client_key)
+        snapshot = await self.snapshots.restore(env.client_key, env.server_keys)
         if snapshot is None or env.document is not None:
             return
         try:
             document = orjson.loads(snapshot.document)
             updated_at = parse_updated_at(document.get("updated_at"))
-        except (orjson.JSONDecodeError, AttributeError):  # verified bytes that are not a document object
-            log.error("snapshot of environment %s skipped: not a document", mask_key(env.client_key))
+        except (orjson.JSONDecodeError, AttributeError) as exc:  # authentic bytes that are not a document object
+            self.snapshots.reject(env.client_key, f"not a document: {exc}", "not_document")
             return
         env.document = snapshot.document
         env.updated_at = updated_at
@@ -228,6 +236,7 @@ class Poller:
         env.environment_id = document.get("id")
         env.source = "snapshot"
         env.snapshot_saved_at = snapshot.saved_at
+        env.validator = None  # the first fetch is unconditional: upstream sends the whole document
         env.dirty = True
         log.info(
             "environment %s: serving the snapshot saved %.0fs ago until upstream answers",
@@ -340,7 +349,7 @@ class Poller:
             started = time.perf_counter()
             try:
                 async with asyncio.timeout(self.deadline):
-                    result = await self.source.fetch(env.server_key, env.updated_at if env.document else None)
+                    result = await self.source.fetch(env.server_key, env.validator if env.document else None)
                 if isinstance(result, Fetched):
                     result = await self._check_builds(env, result)
             except TimeoutError:
@@ -384,6 +393,7 @@ class Poller:
         metrics.UPSTREAM_FETCHES.labels(outcome="ok").inc()
         env.last_200 = env.last_success
         data = orjson.dumps(result.document)
+        env.validator = Validator(parse_updated_at(result.document.get("updated_at")), result.etag)
         if data != env.document:
             env.document = data
             env.dirty = env.unsaved = True

@@ -91,7 +91,7 @@ async def _main(settings: Settings, area: Path) -> None:
     poller = Poller(settings, source, publisher, discovery)
     poller.resume()
     try:
-        store = make_store(settings)
+        store = make_store(settings, report=False)  # the main process's preload reported on it
     except Exception as exc:  # e.g. the directory cannot be created: serve without snapshots, say why
         log.error("snapshot store unavailable, serving without snapshots: %s", exc)
         store = None

@@ -32,6 +32,7 @@ MAX_REDIRECTS = 5
 @dataclass(frozen=True, slots=True)
 class Fetched:
     document: dict[str, Any]
+    etag: str | None = None  # the upstream's ETag for it (another edge proxy sends one; Flagsmith's API does not)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,8 +49,17 @@ class FetchFailed:
 FetchResult = Fetched | NotModified | FetchFailed
 
 
+@dataclass(frozen=True, slots=True)
+class Validator:
+    """What identifies the document held, for a conditional fetch. Taken only from what this source itself
+    answered (never from a snapshot: a stored date must not make upstream confirm a stored document)."""
+
+    updated_at: datetime | None = None  # the document's updated_at: If-Modified-Since
+    etag: str | None = None  # the upstream's ETag: If-None-Match, preferred (exact, where a date has 1 s precision)
+
+
 class Source(Protocol):
-    async def fetch(self, server_key: str, cached_updated_at: datetime | None) -> FetchResult: ...
+    async def fetch(self, server_key: str, held: Validator | None) -> FetchResult: ...
 
     async def aclose(self) -> None: ...
 
@@ -72,7 +82,8 @@ class DocumentTooLarge(Exception):
 
 
 class HttpSource:
-    """`GET {api_url}/environment-document/` with If-Modified-Since, following same-origin pages.
+    """`GET {api_url}/environment-document/`, conditional (If-None-Match on the ETag an upstream proxy sent,
+    else If-Modified-Since), following same-origin pages.
 
     Bodies are read as a stream and refused past `max_document_bytes` (all pages together), so an upstream
     cannot make the leader buffer without bound.
@@ -88,17 +99,21 @@ class HttpSource:
     async def aclose(self) -> None:
         await self.client.aclose()
 
-    async def fetch(self, server_key: str, cached_updated_at: datetime | None) -> FetchResult:
+    async def fetch(self, server_key: str, held: Validator | None) -> FetchResult:
         started = time.monotonic()
         headers = {"X-Environment-Key": server_key, "Accept-Encoding": "gzip"}
-        if cached_updated_at is not None:
-            headers["If-Modified-Since"] = if_modified_since(cached_updated_at)
+        if held is not None and held.etag is not None:
+            # Alone: an upstream that sends ETags decides by them (RFC 9110 13.2.2), and a date would be
+            # wrong for two changes within one second (If-Modified-Since has one-second precision).
+            headers["If-None-Match"] = held.etag
+        elif held is not None and held.updated_at is not None:
+            headers["If-Modified-Since"] = if_modified_since(held.updated_at)
         self._budget = self.max_bytes
         try:
             response = await self._get(self.url, headers)
             if response.status_code == 304:
-                if cached_updated_at is None:
-                    return FetchFailed("upstream answered 304 Not Modified, but no document is cached", "http_status")
+                if "If-None-Match" not in headers and "If-Modified-Since" not in headers:
+                    return FetchFailed("upstream answered 304 Not Modified to an unconditional request", "http_status")
                 return NotModified()
             if response.status_code != 200:
                 return FetchFailed(f"upstream answered HTTP {response.status_code}", _status_kind(response.status_code))
@@ -110,6 +125,8 @@ class HttpSource:
             result = await self._follow_pages(
                 response, document, {"X-Environment-Key": server_key, "Accept-Encoding": "gzip"}
             )
+            if isinstance(result, Fetched):
+                result = Fetched(result.document, response.headers.get("etag"))  # the first page's
         except httpx.TimeoutException:
             return FetchFailed("upstream timed out", "timeout")
         except httpx.HTTPError as exc:
@@ -225,11 +242,11 @@ class FileSource:
     async def aclose(self) -> None:
         return None
 
-    async def fetch(self, server_key: str, cached_updated_at: datetime | None) -> FetchResult:
+    async def fetch(self, server_key: str, held: Validator | None) -> FetchResult:
         path = self.directory / f"{server_key}.json"
         try:
             mtime = path.stat().st_mtime_ns
-            if cached_updated_at is not None and self._mtimes.get(server_key) == mtime:
+            if held is not None and self._mtimes.get(server_key) == mtime:
                 return NotModified()
             document = orjson.loads(path.read_bytes())
         except FileNotFoundError:

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,40 @@ MAX_ROWS = 1000
 Batch = tuple[str, list[dict[str, Any]]]  # (idempotency key, rows)
 
 
+def load_batches(path: Path) -> list[Batch]:
+    """The batches kept at `path` ([] when none, or unreadable: logged)."""
+    try:
+        data = orjson.loads(path.read_bytes())
+        return [(str(key), list(rows)) for key, rows in data]
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, TypeError) as exc:
+        log.warning("dropping unreadable pending usage batches: %s", exc)
+        return []
+
+
+def save_batches(path: Path, batches: list[Batch]) -> None:
+    if not batches:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        return
+    path.parent.mkdir(exist_ok=True)
+    tmp = path.with_name(f".{BATCHES}.tmp")
+    tmp.write_bytes(orjson.dumps(batches))
+    os.rename(tmp, path)
+
+
+def new_batches(counts: Mapping[str, Mapping[str, int]]) -> list[Batch]:
+    """Hand-over counts as rows, in batches of at most MAX_ROWS, each with its own idempotency key."""
+    rows = [
+        {"client_side_key": client_key, "resource": resource, "count": count}
+        for client_key, by_resource in counts.items()
+        for resource, count in by_resource.items()
+        if count
+    ]
+    return [(str(uuid.uuid4()), rows[i : i + MAX_ROWS]) for i in range(0, len(rows), MAX_ROWS)]
+
+
 class UsageReporter:
     def __init__(self, settings: Settings, area: Path) -> None:
         assert settings.proxy_key is not None
@@ -50,38 +85,15 @@ class UsageReporter:
         async with upstream_client(self.settings, {"X-Proxy-Key": self.proxy_key}) as client:
             await flush_every(self.interval, stop, lambda: self.flush(client), "usage")
 
-    def _load(self) -> list[Batch]:
-        try:
-            data = orjson.loads(self.batches_path.read_bytes())
-            return [(str(key), list(rows)) for key, rows in data]
-        except FileNotFoundError:
-            return []
-        except (OSError, ValueError, TypeError) as exc:
-            log.warning("dropping unreadable pending usage batches: %s", exc)
-            return []
-
     def _save(self, batches: list[Batch]) -> None:
-        if not batches:
-            with contextlib.suppress(FileNotFoundError):
-                self.batches_path.unlink()
-            return
-        self.batches_path.parent.mkdir(exist_ok=True)
-        tmp = self.batches_path.with_name(f".{BATCHES}.tmp")
-        tmp.write_bytes(orjson.dumps(batches))
-        os.rename(tmp, self.batches_path)
+        save_batches(self.batches_path, batches)
 
     def batches(self) -> list[Batch]:
         """What to send now: the pending batches unchanged, or else new ones from the hand-overs."""
-        pending = self._load()
+        pending = load_batches(self.batches_path)
         if pending:
             return pending
-        rows = [
-            {"client_side_key": client_key, "resource": resource, "count": count}
-            for client_key, counts in self.inbox.take().items()
-            for resource, count in counts.items()
-            if count
-        ]
-        batches = [(str(uuid.uuid4()), rows[i : i + MAX_ROWS]) for i in range(0, len(rows), MAX_ROWS)]
+        batches = new_batches(self.inbox.take())
         self._save(batches)  # safe on disk first, then the workers' files go
         self.inbox.settle({})
         return batches

@@ -147,6 +147,12 @@ REGEX_TIMEOUTS = Counter(
 UPSTREAM_STREAM_EVENTS = Counter(
     "edge_proxy_upstream_stream_events", "Newer documents announced by the upstream proxy's stream"
 )
+SNAPSHOTS_REJECTED = Counter(
+    "edge_proxy_snapshots_rejected",
+    "Stored snapshots not served, by reason (unauthenticated, truncated, unreadable, version, environment,"
+    " not_document); each environment and reason counted once",
+    ["reason"],
+)
 
 BUILD_INFO.labels(ci_commit_sha=os.environ.get(COMMIT_SHA_ENV) or "unknown", version=__version__).set(1)
 

@@ -3,7 +3,8 @@
 Start-up order: the area is created (cleaning up a SIGKILLed predecessor's), Granian's `on_startup` hook
 spawns the leader (a `spawn`-context process) and its watchdog thread, then Granian starts the workers,
 which attach to the area by path. Shutdown: Granian drains and stops the workers, `on_shutdown` stops the
-leader, and the area is removed.
+leader, counts not yet forwarded upstream are kept in `snapshot_dir` when it is set (`pending_counts.py`),
+and the area is removed.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,8 @@ from proxy.config.settings import Settings
 from proxy.http.status import WORKERS_ENV
 from proxy.leader.process import drain_seconds, run_leader
 from proxy.leader.snapshots import preload as preload_snapshots
+from proxy.supervisor.pending_counts import keep as keep_pending
+from proxy.supervisor.pending_counts import restore as restore_pending
 from proxy.worker.factory import AREA_ENV, SETTINGS_ENV, encode_settings
 
 log = logging.getLogger("proxy.server")
@@ -243,6 +247,7 @@ def serve(settings: Settings, options: GranianOptions, area: Area) -> int:
     os.environ[WORKERS_ENV] = str(options.workers)
     raise_open_files_limit(options, settings)
     preload_snapshots(settings, area.path)  # before the workers' first load: a cold start serves at once
+    _carefully(restore_pending, settings, area.path)  # counts a previous exit kept, before the leader forwards
     supervisor = LeaderSupervisor(settings, area.path)
     server = Granian("proxy.worker.factory:create_app", **granian_kwargs(options, settings))
     server.on_startup(supervisor.start)
@@ -251,5 +256,15 @@ def serve(settings: Settings, options: GranianOptions, area: Area) -> int:
         server.serve()
     finally:
         supervisor.stop()
+        # the leader is gone (stopped or killed) and the workers too: nothing writes to the area any more
+        _carefully(keep_pending, settings, area.path)
         area.remove()
     return 0
+
+
+def _carefully(step: Callable[[Settings, Path], None], settings: Settings, area: Path) -> None:
+    # counts kept across a restart are worth a log line, never a failed start or an exit without cleanup
+    try:
+        step(settings, area)
+    except Exception:
+        log.exception("%s failed", step.__name__)

@@ -9,6 +9,7 @@ log line and `edge_proxy_evaluator_fallbacks_total`.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -54,6 +55,8 @@ class EnvironmentState:
         "compiled",
         "document",
         "environment_results",
+        "etag",
+        "etag_gzip",
         "features",
         "last_modified",
         "mapped",
@@ -67,6 +70,11 @@ class EnvironmentState:
         self.mapped: MappedEnvironment = map_document(document)
         self.client_key = client_key
         self.document = Body.of(document_bytes)
+        # Strong validators of /api/v1/environment-document/, one per representation (plain, gzip), computed
+        # once per published document: exact where Last-Modified's one-second precision is not (proxy tiers).
+        digest = hashlib.sha256(document_bytes).hexdigest()[:32].encode()
+        self.etag = b'"' + digest + b'"'
+        self.etag_gzip = b'"' + digest + b'-gzip"'
         self.updated_at: datetime | None = parse_updated_at(document.get("updated_at"))
         # Flagsmith's API sends epoch seconds of `updated_at`; browser SDKs read it to skip stale updates.
         self.updated_at_header: bytes | None = repr(self.updated_at.timestamp()).encode() if self.updated_at else None

@@ -38,6 +38,7 @@ EVERYTHING_ON: dict[str, Any] = {
     "env": [{"name": "LOGGING", "value": '{"log_format": "json"}'}],
     "shm": {"sizeLimit": "1Gi"},
     "tmp": {"enabled": False},
+    "snapshots": {"enabled": True, "existingClaim": "edge-snapshots"},
     "autoscaling": {"enabled": True, "minReplicas": 3, "maxReplicas": 20},
     "podDisruptionBudget": {"enabled": True, "minAvailable": 2},
     "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
@@ -151,6 +152,38 @@ def test_a_config_change_rolls_the_pods() -> None:
 
     other = {"config": {"environment_key_pairs": [{"server_side_key": "ser.x", "client_side_key": "x"}]}}
     assert checksum({}) == checksum({}) != checksum(other)
+
+
+def test_snapshots_get_a_private_subdirectory_of_their_volume() -> None:
+    def rendered(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        kinds = by_kind(render(values))
+        pod = kinds["Deployment"]["spec"]["template"]["spec"]
+        [container] = pod["containers"]
+        volumes = {volume["name"]: volume for volume in pod["volumes"]}
+        mounts = {mount["mountPath"]: volumes[mount["name"]] for mount in container["volumeMounts"]}
+        return json.loads(base64.b64decode(kinds["Secret"]["data"]["config.json"])), mounts, pod
+
+    config, mounts, pod = rendered({})
+    assert "snapshot_dir" not in config and "/var/lib/edge-proxy" not in mounts
+    # the kubelet's fsGroup change only when the volume's root does not match (else it widens every file)
+    assert pod["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
+    assert pod["securityContext"]["fsGroup"] == dockerfile_uid()
+
+    config, mounts, _ = rendered({"snapshots": {"enabled": True}})
+    # a subdirectory the proxy creates 0700: the volume's root is root's and group-writable (fsGroup)
+    assert config["snapshot_dir"] == "/var/lib/edge-proxy/snapshots"
+    assert mounts["/var/lib/edge-proxy"] == {"name": "snapshots", "emptyDir": {}}
+
+    config, mounts, _ = rendered(
+        {"snapshots": {"enabled": True, "existingClaim": "edge", "mountPath": "/data/"}, "config": {"api_url": "x"}}
+    )
+    assert config["api_url"] == "x" and config["snapshot_dir"] == "/data/snapshots"
+    assert mounts["/data/"]["persistentVolumeClaim"] == {"claimName": "edge"}
+    # a snapshot_dir (or a Redis store) set in config is left alone
+    config, _, _ = rendered({"snapshots": {"enabled": True}, "config": {"snapshot_dir": "/var/lib/edge-proxy/x"}})
+    assert config["snapshot_dir"] == "/var/lib/edge-proxy/x"
+    config, _, _ = rendered({"snapshots": {"enabled": True}, "config": {"snapshot_redis_url": "redis://r:6379/0"}})
+    assert "snapshot_dir" not in config
 
 
 def test_existing_secret_replaces_the_charts() -> None:

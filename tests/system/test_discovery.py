@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import stat
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
+
+import httpx
+import orjson
+import pytest
 
 from proxy.leader.discovery import parse_proxy_config
 from tests.fake_upstream import FakeFlagsmith
@@ -134,3 +140,112 @@ def test_usage_is_reported_and_retried_unchanged(
     )
     assert all(report["idempotency_key"] for report in upstream.usage)
     assert len({report["idempotency_key"] for report in upstream.usage}) == len(upstream.usage)
+
+
+def test_counts_kept_for_an_unreachable_upstream_survive_a_restart(upstream: FakeFlagsmith, tmp_path: Path) -> None:
+    upstream.proxy_config = [environment("env_client_key_1", key("ser.env_server_key_1"))]
+    snapshots = tmp_path / "snapshots"
+    config = discovering(
+        upstream,
+        usage_flush_interval_seconds=1,
+        analytics_flush_interval_seconds=0.5,
+        snapshot_dir=str(snapshots),
+    )
+    client = {"X-Environment-Key": "env_client_key_1"}
+    first = ProxyProcess(tmp_path / "first", config).start()
+    second = ProxyProcess(tmp_path / "second", config)
+    try:
+        first.wait_ready()
+        upstream.fail = upstream.usage_fail = 503  # upstream down: documents, analytics and usage
+        for _ in range(3):
+            assert first.get("/api/v1/flags/", headers=client).status_code == 200
+        body = b'{"show_banner": 4}'
+        for _ in range(2):
+            assert httpx.post(first.url + "/api/v1/analytics/flags/", content=body, headers=client).status_code == 200
+        retried = ("usage report answered 503", "analytics for en…_1: upstream answered 503")
+        assert wait_for(lambda: all(line in first.log() for line in retried), 15), first.log()
+        assert first.stop() == 0  # SIGTERM: a rolling restart, upstream still down
+        kept_files = list(snapshots.glob("pending-*.json"))
+        assert kept_files, f"nothing kept: {sorted(path.name for path in snapshots.iterdir())}"
+        [kept] = kept_files
+        assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+        assert b"ser.env_server_key_1" not in kept.read_bytes()
+        assert "kept in pending-" in first.log()
+
+        second.start()
+        second.wait_live()
+        assert wait_for(lambda: "restored 8 analytics count(s) and 1 usage row(s)" in second.log(), 10), second.log()
+        assert not list(snapshots.glob("pending-*.json")) and not list(snapshots.glob(".pending-*"))  # claimed
+        upstream.fail = upstream.usage_fail = None  # upstream back: the counts of before the restart arrive
+
+        def analytics() -> int:
+            return sum(report["body"].get("show_banner", 0) for report in upstream.analytics)
+
+        def usage() -> int:
+            return sum(row["count"] for report in upstream.usage for row in report["rows"])
+
+        assert wait_for(lambda: analytics() == 8 and usage() == 3, 15), (analytics(), usage(), second.log())
+        time.sleep(1.5)  # a few more flushes: nothing is sent twice
+        assert (analytics(), usage()) == (8, 3)
+    finally:
+        second.stop()
+        first.stop()
+
+
+def test_a_forged_pending_file_is_dropped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from proxy.config.settings import Settings
+    from proxy.supervisor import pending_counts as pending
+
+    area = tmp_path / "area"
+    area.mkdir()
+    snapshots = tmp_path / "snapshots"
+    settings = Settings(proxy_key="pk.secret", snapshot_dir=str(snapshots))
+    (area / "usage").mkdir()
+    row = {"client_side_key": "c", "resource": "flags", "count": 2}
+    (area / "usage" / "batches.json").write_bytes(orjson.dumps([["k1", [row]]]))
+    pending.keep(settings, area)
+    [kept] = snapshots.glob("pending-*.json")
+    # someone who can write the directory but has no proxy_key: a changed count is refused, whole
+    forged = kept.read_bytes().replace(b'"count":2', b'"count":9')
+    kept.write_bytes(forged)
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    with caplog.at_level("INFO"):
+        pending.restore(settings, fresh)
+    assert "not authenticated" in caplog.text and not (fresh / "usage").exists()
+    assert not list(snapshots.glob("*pending-*"))
+
+
+def test_pending_counts_are_bounded_and_what_is_dropped_is_said(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from proxy.config.settings import Settings
+    from proxy.supervisor import pending_counts as pending
+
+    def area_with(rows: int, analytics: dict[str, dict[str, int]]) -> Path:
+        area = tmp_path / f"area-{len(list(tmp_path.iterdir()))}"
+        (area / "usage").mkdir(parents=True)
+        (area / "analytics").mkdir()
+        every = [{"client_side_key": "c", "resource": f"r{i}", "count": 1} for i in range(rows)]
+        batches = [[f"k{i}", every[i : i + 1000]] for i in range(0, rows, 1000)]
+        (area / "usage" / "batches.json").write_bytes(orjson.dumps(batches))
+        (area / "analytics" / "pending.json").write_bytes(orjson.dumps(analytics))
+        return area
+
+    # without snapshot_dir: dropped at exit, and the log says how much
+    with caplog.at_level("INFO"):
+        pending.keep(Settings(proxy_key="pk.secret"), area_with(10, {"c": {"f": 5}}))
+    assert "5 analytics count(s) and 10 usage row(s) not forwarded upstream are dropped at exit" in caplog.text
+
+    # with it: at most MAX_ROWS usage rows are kept, the rest is dropped with a log line
+    settings = Settings(proxy_key="pk.secret", snapshot_dir=str(tmp_path / "snapshots"))
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        pending.keep(settings, area_with(pending.MAX_ROWS + 500, {"c": {"f": 5}}))
+    assert "500 usage row(s) beyond the 100000 kept across a restart dropped" in caplog.text
+    fresh = tmp_path / "fresh"
+    (fresh / "usage").mkdir(parents=True)
+    pending.restore(settings, fresh)
+    restored = orjson.loads((fresh / "usage" / "batches.json").read_bytes())
+    assert sum(len(rows) for _, rows in restored) == pending.MAX_ROWS
+    assert orjson.loads((fresh / "analytics" / "pending.json").read_bytes()) == {"c": {"f": 5}}

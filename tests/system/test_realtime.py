@@ -4,10 +4,12 @@ signed webhook refreshes, and a proxy following another proxy's stream."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import http.client
 import json
 import os
 import queue
+import signal
 import socket
 import subprocess
 import threading
@@ -488,6 +490,65 @@ def test_two_tiers_a_change_reaches_the_downstream_proxy_within_a_second(tmp_pat
             print(f"tier path: change on B's stream {took:.3f} s after A's webhook (both poll every 30 s)")
         finally:
             b.stop()
+
+
+def test_two_changes_within_one_second_reach_the_downstream_proxy(tmp_path: Path) -> None:
+    """If-Modified-Since has one-second precision: B holding a document stamped 12.300 s would get 304s
+    from A holding 12.700 s until a later change. Between proxies the ETag decides."""
+    folder = tmp_path / "documents"  # A's source: files, exact to the nanosecond (mtime)
+    folder.mkdir()
+
+    def write(server_key: str, document: dict[str, Any]) -> None:
+        tmp = folder / f".{server_key}.tmp"
+        tmp.write_text(json.dumps(document))
+        os.replace(tmp, folder / f"{server_key}.json")
+
+    documents = conformance_documents()
+    for server_key, document in documents.items():
+        write(server_key, document)
+    first = copy.deepcopy(documents[SERVER_1])
+    first["updated_at"] = "2024-05-01T12:00:12.300000+00:00"
+    write(SERVER_1, first)
+    a = ProxyProcess(tmp_path / "a", proxy_config(f"file://{folder}", api_poll_frequency_seconds=0.5)).start()
+    b = ProxyProcess(tmp_path / "b", proxy_config(f"{a.url}/api/v1", api_poll_frequency_seconds=0.5))
+    try:
+        a.wait_ready()
+        b.start()
+        b.wait_ready()
+        before = flags_enabled(b)
+        assert flags_enabled(a) is before
+        # B's polls are answered 304 while nothing changes (its If-None-Match matches A's ETag)
+        assert wait_for(lambda: metric(b, 'edge_proxy_upstream_fetches_total{outcome="not_modified"}') >= 2, 10)
+
+        second = copy.deepcopy(first)  # changed 400 ms later, within the same second
+        for state in second["feature_states"]:
+            if state["feature"]["name"] == FEATURE:
+                state["enabled"] = not state["enabled"]
+        second["updated_at"] = "2024-05-01T12:00:12.700000+00:00"
+        write(SERVER_1, second)
+        assert wait_for(lambda: flags_enabled(a) is not before, 10), a.log()
+        assert wait_for(lambda: flags_enabled(b) is not before, 5), "B still serves the 12.300 s document"
+        document = b.get("/api/v1/environment-document/", headers={"X-Environment-Key": SERVER_1})
+        assert document.json()["updated_at"] == second["updated_at"]
+        upper = a.get("/api/v1/environment-document/", headers={"X-Environment-Key": SERVER_1})
+        assert document.headers["etag"] == upper.headers["etag"]  # the same bytes on both tiers
+
+        # a restarted leader on B carries on with the ETag it had (from the manifest), not a date
+        leader = b.leader_pid()
+        assert leader is not None
+        os.kill(leader, signal.SIGKILL)
+        assert wait_for(lambda: b.leader_pid() not in (None, leader), 15), b.log()
+        third = copy.deepcopy(second)
+        for state in third["feature_states"]:
+            if state["feature"]["name"] == FEATURE:
+                state["enabled"] = not state["enabled"]
+        third["updated_at"] = "2024-05-01T12:00:12.900000+00:00"
+        write(SERVER_1, third)
+        assert wait_for(lambda: flags_enabled(a) is before, 10), a.log()
+        assert wait_for(lambda: flags_enabled(b) is before, 5), "B's new leader still serves the 12.700 s document"
+    finally:
+        b.stop()
+        a.stop()
 
 
 # -- the pieces, without processes ------------------------------------------------------------------

@@ -7,9 +7,12 @@ snapshot store within 2 s of its start, say so in health, and switch to upstream
 from __future__ import annotations
 
 import contextlib
+import copy
+import hashlib
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +30,7 @@ from proxy.leader.snapshots import (
     RedisStore,
     Snapshot,
     SnapshotError,
+    Snapshots,
     SnapshotStore,
     decode,
     encode,
@@ -36,6 +40,7 @@ from tests.support import KEYS, ProxyProcess, conformance_documents, free_port, 
 
 CLIENT_1 = {"X-Environment-Key": "env_client_key_1"}
 SERVER_1 = {"X-Environment-Key": "ser.env_server_key_1"}
+SERVER_KEY_1 = "ser.env_server_key_1"
 FAST = {"api_poll_frequency_seconds": 0.5}
 SERVE_WITHIN = 2.0  # seconds from start to serving from a snapshot (the issue's bound)
 
@@ -267,7 +272,7 @@ def good_snapshot(client_key: str = "env_client_key_1") -> Snapshot:
 def corrupt(blob: bytes, how: str) -> bytes:
     if how == "truncated":
         return blob[: len(blob) - 100]
-    if how == "checksum":
+    if how == "flipped":
         at = len(blob) - 10  # one byte of the document changed
         return blob[:at] + bytes([blob[at] ^ 0x01]) + blob[at + 1 :]
     assert how == "version"
@@ -277,26 +282,60 @@ def corrupt(blob: bytes, how: str) -> bytes:
     return orjson.dumps(header) + b"\n" + document
 
 
+def format_1(snapshot: Snapshot) -> bytes:
+    """A snapshot as versions before authentication wrote it: anyone can build one (a SHA-256, no key)."""
+    header = {
+        "format": 1,
+        "environment": key_hash(snapshot.client_key),
+        "updated_at_us": snapshot.updated_at_us,
+        "saved_at": snapshot.saved_at,
+        "length": len(snapshot.document),
+        "sha256": hashlib.sha256(snapshot.document).hexdigest(),
+    }
+    return orjson.dumps(header) + b"\n" + snapshot.document
+
+
 @pytest.mark.parametrize(
     ("how", "reason"),
-    [("truncated", "truncated"), ("checksum", "checksum mismatch"), ("version", "format version 99")],
+    [("truncated", "truncated"), ("flipped", "not authenticated"), ("version", "format version 99")],
 )
 def test_a_corrupt_snapshot_is_refused(how: str, reason: str) -> None:
-    blob = encode(good_snapshot())
-    assert decode("env_client_key_1", blob).document == good_snapshot().document
+    blob = encode(good_snapshot(), SERVER_KEY_1)
+    assert decode("env_client_key_1", [SERVER_KEY_1], blob).document == good_snapshot().document
     with pytest.raises(SnapshotError, match=reason):
-        decode("env_client_key_1", corrupt(blob, how))
+        decode("env_client_key_1", [SERVER_KEY_1], corrupt(blob, how))
     with pytest.raises(SnapshotError, match="another environment"):
-        decode("env_client_key_2", blob)
+        decode("env_client_key_2", ["ser.env_server_key_2"], blob)
+
+
+def test_only_the_server_key_authenticates_a_snapshot() -> None:
+    snapshot = good_snapshot()
+    blob = encode(snapshot, SERVER_KEY_1)
+    assert SERVER_KEY_1.encode() not in blob  # the key is never written, only a MAC keyed by a key derived from it
+    with pytest.raises(SnapshotError, match="not authenticated") as refused:
+        decode("env_client_key_1", ["ser.another_server_key"], blob)
+    assert refused.value.kind == "unauthenticated"
+    # during a rotation either key is good
+    assert decode("env_client_key_1", ["ser.another_server_key", SERVER_KEY_1], blob).document == snapshot.document
+    # a header changed by someone who can write the store but has no key: a later updated_at, same document
+    head, _, document = blob.partition(b"\n")
+    header = orjson.loads(head)
+    header["updated_at_us"] += 10**15
+    with pytest.raises(SnapshotError, match="not authenticated"):
+        decode("env_client_key_1", [SERVER_KEY_1], orjson.dumps(header) + b"\n" + document)
+    # the unauthenticated format of earlier versions is refused, whatever its checksum says
+    with pytest.raises(SnapshotError, match="format version 1 is not authenticated") as old:
+        decode("env_client_key_1", [SERVER_KEY_1], format_1(snapshot))
+    assert old.value.kind == "unauthenticated"
 
 
 def test_corrupt_snapshots_are_skipped_and_reported(start_proxy: Callable[..., ProxyProcess], tmp_path: Path) -> None:
     directory = tmp_path / "snapshots"
     store = DirectoryStore(directory)
     documents = conformance_documents()
-    for (server_key, client_key), how in zip(KEYS.items(), ["truncated", "checksum"], strict=True):
+    for (server_key, client_key), how in zip(KEYS.items(), ["truncated", "flipped"], strict=True):
         snapshot = Snapshot(client_key, orjson.dumps(documents[server_key]), 1, time.time())
-        (directory / f"{key_hash(client_key)}.snapshot").write_bytes(corrupt(encode(snapshot), how))
+        (directory / f"{key_hash(client_key)}.snapshot").write_bytes(corrupt(encode(snapshot, server_key), how))
     assert store.load("env_client_key_1") is not None
     unreachable = f"http://127.0.0.1:{free_port()}/api/v1"
     proxy = start_proxy(proxy_config(unreachable, **FAST, snapshot_dir=str(directory)))
@@ -308,28 +347,221 @@ def test_corrupt_snapshots_are_skipped_and_reported(start_proxy: Callable[..., P
     assert proxy.get("/proxy/health/readiness").status_code == 503
     rejected = proxy.get("/proxy/status").json()["proxy"]["snapshot_store"]["rejected"]
     assert rejected["en…_1"].startswith("truncated")
-    assert rejected["en…_2"] == "checksum mismatch"
+    assert rejected["en…_2"].startswith("not authenticated")
+    # the leader tries them again once it runs (the main process saw them first): still one line each
+    assert wait_for(lambda: proxy.leader_pid() is not None and "leader started" in proxy.log(), 20), proxy.log()
+    time.sleep(1.0)
     log = proxy.log()
-    assert log.count("snapshot of environment en…_1 skipped") == 1  # one line each, not one per poll
-    assert log.count("snapshot of environment en…_2 skipped") == 1
+    assert log.count("snapshot of environment en…_1 skipped") == 1, log
+    assert log.count("snapshot of environment en…_2 skipped") == 1, log
+    assert rejections(proxy) == {"truncated": 1.0, "unauthenticated": 1.0}
+
+
+def rejections(proxy: ProxyProcess) -> dict[str, float]:
+    found: dict[str, float] = {}
+    for line in proxy.get("/metrics").text.splitlines():
+        if line.startswith("edge_proxy_snapshots_rejected_total{"):
+            reason = line.split('reason="', 1)[1].split('"', 1)[0]
+            found[reason] = float(line.rsplit(" ", 1)[1])
+    return found
+
+
+def write_raw(kind: str, tmp_path: Path, redis_server: RedisServer | None, client_key: str, blob: bytes) -> None:
+    """What someone who can write the store (not the proxy) puts there."""
+    if kind == "directory":
+        directory = tmp_path / "snapshots"
+        directory.mkdir(exist_ok=True)
+        (directory / f"{key_hash(client_key)}.snapshot").write_bytes(blob)
+        return
+    import redis
+
+    client = redis.Redis(port=redis_server.port)  # type: ignore[union-attr]
+    try:  # as the earlier format kept it: updated_at beside the blob, for the "not older" check
+        updated_at = orjson.loads(blob.partition(b"\n")[0])["updated_at_us"]
+        client.hset(f"edge-proxy:snapshot:{key_hash(client_key)}", mapping={"updated_at": updated_at, "blob": blob})
+    finally:
+        client.close()
+
+
+def read_raw(kind: str, tmp_path: Path, redis_server: RedisServer | None, client_key: str) -> bytes | None:
+    if kind == "directory":
+        return DirectoryStore(tmp_path / "snapshots").load(client_key)
+    store = RedisStore(redis_server.url)  # type: ignore[union-attr]
+    try:
+        return store.load(client_key)
+    finally:
+        store.close()
+
+
+def test_a_forged_snapshot_is_refused(tmp_path: Path, store_kind: tuple[str, RedisServer | None]) -> None:
+    kind, redis_server = store_kind
+    documents = conformance_documents()
+    upstream = FakeFlagsmith(documents).start()
+    future = int(datetime(2100, 1, 1, tzinfo=UTC).timestamp() * 1_000_000)
+    forged_documents = {}
+    for server_key, client_key in KEYS.items():
+        forged = copy.deepcopy(documents[server_key])
+        for state in forged["feature_states"]:
+            state["enabled"] = not state["enabled"]  # every flag the other way round
+        forged["updated_at"] = "2100-01-01T00:00:00+00:00"
+        forged_documents[client_key] = orjson.dumps(forged)
+    # environment 1: the earlier, unauthenticated format (a SHA-256 anyone can compute);
+    # environment 2: the current format, signed with a key that is not the environment's
+    snapshot_1 = Snapshot("env_client_key_1", forged_documents["env_client_key_1"], future, time.time())
+    write_raw(kind, tmp_path, redis_server, "env_client_key_1", format_1(snapshot_1))
+    snapshot_2 = Snapshot("env_client_key_2", forged_documents["env_client_key_2"], future, time.time())
+    write_raw(kind, tmp_path, redis_server, "env_client_key_2", encode(snapshot_2, "ser.a_guessed_key"))
+    proxy = ProxyProcess(
+        tmp_path / "proxy", proxy_config(upstream.api_url, **FAST, **store_settings(kind, tmp_path, redis_server))
+    )
+    try:
+        proxy.start()
+        proxy.wait_ready()
+        # never served, never sent upstream as If-Modified-Since: the proxy serves upstream's flags
+        for server_key in KEYS:
+            served = proxy.get("/api/v1/flags/", headers={"X-Environment-Key": server_key}).json()
+            expected = {s["feature"]["name"]: s["enabled"] for s in documents[server_key]["feature_states"]}
+            assert {flag["feature"]["name"]: flag["enabled"] for flag in served} == expected
+        for server_key in KEYS:
+            assert next(r for r in upstream.requests if r["key"] == server_key)["ims"] is None
+        status = proxy.get("/proxy/status").json()
+        assert {entry["source"] for entry in status["environments"].values()} == {"upstream"}
+        rejected = status["proxy"]["snapshot_store"]["rejected"]
+        assert rejected["en…_1"].startswith("format version 1 is not authenticated"), rejected
+        assert rejected["en…_2"].startswith("not authenticated"), rejected
+        assert rejections(proxy) == {"unauthenticated": 2.0}
+        assert proxy.log().count("snapshot of environment en…_1 skipped") == 1
+        # the legitimate saves replace the forged snapshots (their later updated_at holds nothing back)
+        for server_key, client_key in KEYS.items():
+
+            def replaced(client_key: str = client_key, server_key: str = server_key) -> bool:
+                blob = read_raw(kind, tmp_path, redis_server, client_key)
+                with contextlib.suppress(SnapshotError):
+                    return blob is not None and decode(client_key, [server_key], blob).updated_at_us < future
+                return False
+
+            assert wait_for(replaced, 10), proxy.log()
+        assert wait_for(lambda: proxy.get("/proxy/status").json()["proxy"]["snapshot_store"]["written"] == 2, 5)
+    finally:
+        proxy.stop()
+        upstream.stop()
+
+
+def test_after_a_restore_the_first_fetch_is_unconditional(tmp_path: Path) -> None:
+    upstream = FakeFlagsmith(conformance_documents()).start()
+    config = proxy_config(upstream.api_url, **FAST, snapshot_dir=str(tmp_path / "snapshots"))
+    first = ProxyProcess(tmp_path / "first", config)
+    second = ProxyProcess(tmp_path / "second", config)
+    try:
+        first.start()
+        first.wait_ready()
+        assert wait_for(lambda: stored_count("directory", tmp_path, None) == 2, 10), first.log()
+        first.stop()
+        before = len(upstream.requests)
+        second.start()
+        second.wait_ready()
+        assert wait_for(lambda: health_sources(second) == {"upstream"}, 10), second.log()
+        assert second.get("/proxy/status").json()["proxy"]["snapshot_store"]["restored"] == 2
+        # the snapshot's date is never sent: the first answer after the restore is upstream's whole document
+        for server_key in KEYS:
+            asked = [r for r in upstream.requests[before:] if r["key"] == server_key]
+            assert asked and asked[0]["ims"] is None, asked[:2]
+        # later polls are conditional again, on what upstream itself answered
+        assert wait_for(lambda: any(r["ims"] for r in upstream.requests[before:]), 5)
+        assert not any(r["inm"] for r in upstream.requests)  # Flagsmith's API sends no ETag: dates only
+    finally:
+        second.stop()
+        first.stop()
+        upstream.stop()
+
+
+# -- file modes ---------------------------------------------------------------------------------------
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_snapshot_files_are_private_whatever_the_umask(
+    start_proxy: Callable[..., ProxyProcess], upstream: FakeFlagsmith, tmp_path: Path
+) -> None:
+    directory = tmp_path / "volume" / "snapshots"
+    previous = os.umask(0)  # the proxy inherits the widest umask there is
+    try:
+        proxy = start_proxy(proxy_config(upstream.api_url, **FAST, snapshot_dir=str(directory)))
+    finally:
+        os.umask(previous)
+    proxy.wait_ready()
+    assert wait_for(lambda: len(list(directory.glob("*.snapshot"))) == 2, 10), proxy.log()
+    assert mode(directory) == 0o700
+    files = list(directory.iterdir())
+    assert {path.suffix for path in files} == {".snapshot", ".lock"}
+    assert {path.name: mode(path) for path in files} == {path.name: 0o600 for path in files}
+
+
+def test_an_existing_snapshot_dir_is_tightened_when_it_is_ours(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # what an earlier version left: the directory 0755, a snapshot and its lock 0644
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    os.chmod(ours, 0o755)
+    for name in (f"{key_hash('env_client_key_1')}.snapshot", f"{key_hash('env_client_key_1')}.lock"):
+        (ours / name).write_bytes(b"old")
+        os.chmod(ours / name, 0o644)
+    with caplog.at_level("INFO", logger="proxy.leader"):
+        DirectoryStore(ours)
+    assert mode(ours) == 0o700
+    assert {mode(path) for path in ours.iterdir()} == {0o600}
+    assert "mode 0755 tightened to 0700" in caplog.text
+
+    # a directory shared with something else is the operator's: left as it is, with one warning
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o775)
+    (shared / "notes.txt").write_text("someone else's")
+    os.chmod(shared / "notes.txt", 0o644)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="proxy.leader"):
+        store = DirectoryStore(shared)
+        DirectoryStore(shared, report=False)  # the leader, after the main process reported it
+    assert mode(shared) == 0o775 and mode(shared / "notes.txt") == 0o644
+    assert caplog.text.count("is mode 0775 (it holds files the proxy did not write): left as it is") == 1
+    assert Snapshots(store).save_now(good_snapshot(), [SERVER_KEY_1])
+    assert {path.name: mode(path) for path in shared.iterdir() if path.name != "notes.txt"} == {
+        f"{key_hash('env_client_key_1')}.snapshot": 0o600,
+        f"{key_hash('env_client_key_1')}.lock": 0o600,
+    }
 
 
 # -- the version check ------------------------------------------------------------------------------
 
 
 def check_never_older(store: SnapshotStore) -> None:
+    snapshots = Snapshots(store)
+    keys = [SERVER_KEY_1]
+
+    def stored() -> bytes:
+        blob = store.load("env_client_key_1")
+        assert blob is not None
+        return decode("env_client_key_1", keys, blob).document
+
     newer = good_snapshot()
     older = Snapshot(newer.client_key, b'{"older":true}', newer.updated_at_us - 1, time.time())
-    assert store.save(newer) is True
-    assert store.save(older) is False
-    blob = store.load(newer.client_key)
-    assert blob is not None and decode(newer.client_key, blob).document == newer.document
+    assert snapshots.save_now(newer, keys) is True
+    assert snapshots.save_now(older, keys) is False
+    assert stored() == newer.document
     same_age = Snapshot(newer.client_key, newer.document + b" ", newer.updated_at_us, time.time())
-    assert store.save(same_age) is True  # as new: the latest fetch wins
+    assert snapshots.save_now(same_age, keys) is True  # as new: the latest fetch wins
     newest = Snapshot(newer.client_key, b'{"newest":true}', newer.updated_at_us + 1, time.time())
-    assert store.save(newest) is True
-    blob = store.load(newer.client_key)
-    assert blob is not None and decode(newer.client_key, blob).document == b'{"newest":true}'
+    assert snapshots.save_now(newest, keys) is True
+    assert stored() == b'{"newest":true}'
+    # a newer snapshot that does not authenticate (another key's, or forged) does not hold a save back
+    foreign = Snapshot(newer.client_key, b'{"foreign":true}', newer.updated_at_us + 10, time.time())
+    assert Snapshots(store).save_now(foreign, ["ser.another_server_key"]) is True
+    later = Snapshot(newer.client_key, b'{"later":true}', newer.updated_at_us + 2, time.time())
+    assert snapshots.save_now(later, keys) is True
+    assert stored() == b'{"later":true}'
 
 
 def test_an_older_document_never_replaces_a_newer_one_in_a_directory(tmp_path: Path) -> None:
@@ -358,14 +590,14 @@ def test_a_proxy_never_writes_an_older_document_over_a_newer_one(
     proxy = start_proxy(proxy_config(upstream.api_url, **FAST, snapshot_dir=str(directory)))
     proxy.wait_ready()
     assert wait_for(lambda: len(list(directory.glob("*.snapshot"))) == 2, 10), proxy.log()
-    # another replica wrote a newer document than the one this proxy is about to fetch
+    # another replica (holding the server key) wrote a newer document than the one this proxy is about to fetch
     future = datetime(2100, 1, 1, tzinfo=UTC)
     newer = Snapshot("env_client_key_1", b'{"from":"the future"}', int(future.timestamp() * 1e6), time.time())
-    assert store.save(newer)
+    assert Snapshots(store).save_now(newer, [SERVER_KEY_1])
     upstream.toggle("ser.env_server_key_1", "show_banner")  # a change upstream, older than that
     assert wait_for(lambda: "the store holds a newer one" in proxy.log(), 15), proxy.log()
     blob = store.load("env_client_key_1")
-    assert blob is not None and decode("env_client_key_1", blob).document == newer.document
+    assert blob is not None and decode("env_client_key_1", [SERVER_KEY_1], blob).document == newer.document
 
 
 # -- /proxy/status ----------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ tests/system/test_conformance.py.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 
@@ -160,6 +161,38 @@ def test_environment_document_conditional_get(proxy: InProcessProxy) -> None:
     gzipped = proxy.get("/api/v1/environment-document/", {**SERVER, "Accept-Encoding": "gzip"})
     assert gzipped.headers["content-encoding"] == "gzip" and orjson.loads(gzipped.content) == answer.json()
     assert proxy.get("/api/v1/environment-document/", CLIENT).status == 401  # server keys only
+
+
+def test_environment_document_etag(proxy: InProcessProxy) -> None:
+    document = proxy.get("/api/v1/environment-document/", SERVER)
+    etag = document.headers["etag"]
+    state = proxy.state("env_client_key_1")
+    assert etag == f'"{hashlib.sha256(state.document.plain).hexdigest()[:32]}"'  # a hash of the bytes served
+    assert etag.encode() == state.etag  # computed once with the state, not per request
+
+    def get(**headers: str):
+        return proxy.get("/api/v1/environment-document/", {**SERVER, **headers})
+
+    again = get(**{"If-None-Match": etag})
+    assert again.status == 304 and again.raw == b""
+    assert again.headers["etag"] == etag and again.headers["last-modified"] == document.headers["last-modified"]
+    assert again.headers["vary"] == "Accept-Encoding"
+    assert get(**{"If-None-Match": f'"other", W/{etag}'}).status == 304  # a list, and weak comparison
+    assert get(**{"If-None-Match": "*"}).status == 304
+    assert get(**{"If-None-Match": '"other"'}).status == 200
+    assert get(**{"If-None-Match": "garbage"}).status == 200
+    # If-None-Match decides alone (RFC 9110 13.2.2): a date that would answer 304 does not, and vice versa
+    changed = get(**{"If-None-Match": '"other"', "If-Modified-Since": document.headers["last-modified"]})
+    assert changed.status == 200 and changed.headers["etag"] == etag
+    assert get(**{"If-None-Match": etag, "If-Modified-Since": "Tue, 30 Apr 2024 12:00:00 GMT"}).status == 304
+    # the gzip representation has its own strong validator
+    gzipped = get(**{"Accept-Encoding": "gzip"})
+    assert gzipped.headers["content-encoding"] == "gzip"
+    gzip_etag = gzipped.headers["etag"]
+    assert gzip_etag != etag and gzip_etag.startswith(etag[:-1])
+    assert get(**{"Accept-Encoding": "gzip", "If-None-Match": gzip_etag}).status == 304
+    assert get(**{"Accept-Encoding": "gzip", "If-None-Match": etag}).status == 200
+    assert get(**{"If-None-Match": gzip_etag}).status == 200
 
 
 def test_unknown_feature_route_and_method(proxy: InProcessProxy) -> None:

@@ -1,0 +1,203 @@
+"""Counts kept for an unreachable upstream, carried across a restart in `snapshot_dir`.
+
+Analytics counts and usage batches that could not be forwarded live in the shared-memory area (the
+leader's `pending.json` and `usage/batches.json`, and hand-overs it has not read yet), which `serve` removes
+on exit. With `snapshot_dir` set, the main process, once the leader has stopped (however it stopped) and
+before it removes the area, writes them to `<snapshot_dir>/pending-<uuid>.json`: 0600, fsynced, and
+authenticated like snapshots (an HMAC-SHA256 keyed by a key derived from the proxy's secrets: the
+`proxy_key`, else the configured server keys), so whoever can write the directory cannot make the proxy
+send counts of theirs upstream. At the next start, of this replica or of another sharing the directory,
+each file is claimed (renamed: one replica takes it), read, removed, and its counts put back into the area
+before the leader starts, which forwards them as usual: usage batches unchanged, under their idempotency
+keys.
+
+Bounded: analytics at MAX_NAMES names (as in the area), usage at MAX_ROWS rows, a file at MAX_BYTES;
+beyond them counts are dropped, logged with their number. Without `snapshot_dir` (or with a Redis store)
+they are dropped at exit, logged with their number. A file that does not authenticate (forged, corrupted,
+or written under other secrets: a changed `proxy_key` or set of server keys) is dropped with a log line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import logging
+import os
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from proxy.area.mailboxes import ANALYTICS_FOLDER, MAX_NAMES, PENDING, USAGE_FOLDER, Counts, Inbox, add
+from proxy.config.settings import Settings
+from proxy.leader.private_files import prepare_directory, write_private
+from proxy.leader.snapshots import OWN_FILES, PENDING_PREFIX
+from proxy.leader.usage_reporting import BATCHES, Batch, load_batches, new_batches, save_batches
+
+log = logging.getLogger("proxy.pending")
+
+FORMAT_VERSION = 1
+KEY_CONTEXT = b"edge-proxy pending counts v1"
+PREFIX = PENDING_PREFIX
+MAX_ROWS = 100_000  # usage rows kept across a restart (100 batches of 1,000)
+MAX_BYTES = 64 * 1024 * 1024  # a larger file is not read
+
+
+def _key(settings: Settings) -> bytes:
+    secret = settings.proxy_key or "\n".join(sorted(pair.server_side_key for pair in settings.environment_key_pairs))
+    return hmac.new(secret.encode(), KEY_CONTEXT, hashlib.sha256).digest()
+
+
+def _usage_rows(batches: list[Batch]) -> int:
+    return sum(len(rows) for _, rows in batches)
+
+
+def _analytics_total(counts: Mapping[str, Mapping[str, int]]) -> int:
+    return sum(sum(by_name.values()) for by_name in counts.values())
+
+
+def keep(settings: Settings, area: Path) -> None:
+    """At exit, the leader stopped: move what was not forwarded out of the area (or say what is lost)."""
+    analytics_inbox = Inbox(area, ANALYTICS_FOLDER)
+    analytics = analytics_inbox.take()
+    usage_inbox = Inbox(area, USAGE_FOLDER)
+    usage = load_batches(area / USAGE_FOLDER / BATCHES) + new_batches(usage_inbox.take())
+    if not analytics and not usage:
+        return
+    counts, rows = _analytics_total(analytics), _usage_rows(usage)
+    if not settings.snapshot_dir:
+        log.warning(
+            "%d analytics count(s) and %d usage row(s) not forwarded upstream are dropped at exit "
+            "(set snapshot_dir to keep them across a restart)",
+            counts,
+            rows,
+        )
+        return
+    kept: list[Batch] = []
+    for idempotency_key, batch in usage:
+        room = MAX_ROWS - _usage_rows(kept)
+        if room <= 0:
+            break
+        kept.append((idempotency_key, batch[:room]))
+    if _usage_rows(kept) < rows:
+        log.warning("%d usage row(s) beyond the %d kept across a restart dropped", rows - _usage_rows(kept), MAX_ROWS)
+    directory = Path(settings.snapshot_dir)
+    body = orjson.dumps({"analytics": analytics, "usage": kept})
+    if len(body) > MAX_BYTES:
+        log.warning("pending counts (%d bytes) exceed %d bytes: dropped at exit", len(body), MAX_BYTES)
+        return
+    header = {"format": FORMAT_VERSION, "mac": hmac.new(_key(settings), body, hashlib.sha256).hexdigest()}
+    path = directory / f"{PREFIX}{uuid.uuid4()}.json"
+    try:
+        prepare_directory(directory, OWN_FILES, "snapshot_dir", report=False)
+        write_private(path, orjson.dumps(header) + b"\n" + body, fsync=True)
+    except OSError as exc:
+        log.error("pending counts could not be kept in %s, dropped: %s", directory, exc)
+        return
+    # written first, then the area's copies go (the area is removed next anyway)
+    analytics_inbox.settle({})
+    usage_inbox.settle({})
+    with contextlib.suppress(FileNotFoundError):
+        (area / USAGE_FOLDER / BATCHES).unlink()
+    log.info(
+        "%d analytics count(s) and %d usage row(s) not forwarded upstream kept in %s for the next start",
+        counts,
+        _usage_rows(kept),
+        path.name,
+    )
+
+
+def restore(settings: Settings, area: Path) -> None:
+    """At start, before the leader: claim the kept files and put their counts back into the area."""
+    if not settings.snapshot_dir:
+        return
+    directory = Path(settings.snapshot_dir)
+    analytics: Counts = defaultdict(Counter)
+    usage: list[Batch] = []
+    dropped_analytics = dropped_rows = files = 0
+    for path in sorted(directory.glob(f"{PREFIX}*.json")):
+        data = _claim(settings, path)
+        if data is None:
+            continue
+        files += 1
+        for client_key, counts in (data.get("analytics") or {}).items():
+            dropped_analytics += add(analytics, str(client_key), _counts(counts))
+        for batch in data.get("usage") or []:
+            rows = _rows(batch)
+            if rows is None:
+                continue
+            room = max(0, MAX_ROWS - _usage_rows(usage))
+            dropped_rows += max(0, len(rows[1]) - room)
+            if room:
+                usage.append((rows[0], rows[1][:room]))
+    if not files:
+        return
+    if usage and not settings.proxy_key:
+        log.warning("%d kept usage row(s) dropped: usage reporting is off (no proxy_key)", _usage_rows(usage))
+        usage = []
+    if dropped_analytics or dropped_rows:
+        log.warning(
+            "kept counts beyond the bounds dropped: %d analytics count(s) (%d names at most), %d usage row(s) "
+            "(%d at most)",
+            dropped_analytics,
+            MAX_NAMES,
+            dropped_rows,
+            MAX_ROWS,
+        )
+    if analytics:
+        (area / ANALYTICS_FOLDER).mkdir(exist_ok=True)
+        (area / ANALYTICS_FOLDER / PENDING).write_bytes(orjson.dumps(analytics))
+    if usage:
+        save_batches(area / USAGE_FOLDER / BATCHES, load_batches(area / USAGE_FOLDER / BATCHES) + usage)
+    log.info(
+        "restored %d analytics count(s) and %d usage row(s) kept at a previous exit (%d file(s))",
+        _analytics_total(analytics),
+        _usage_rows(usage),
+        files,
+    )
+
+
+def _claim(settings: Settings, path: Path) -> dict[str, Any] | None:
+    """The verified content of `path`, taken by this process (renamed, read, removed), or None."""
+    claimed = path.with_name(f".{path.name}.claimed-{os.getpid()}")
+    try:
+        os.rename(path, claimed)
+    except FileNotFoundError:
+        return None  # another replica took it
+    try:
+        with open(claimed, "rb") as kept:
+            if os.fstat(kept.fileno()).st_size > MAX_BYTES:
+                raise ValueError(f"larger than {MAX_BYTES} bytes")
+            head, _, body = kept.read().partition(b"\n")
+        header = orjson.loads(head)
+        if not isinstance(header, dict) or header.get("format") != FORMAT_VERSION:
+            raise ValueError("unknown format")
+        expected = hmac.new(_key(settings), body, hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(str(header.get("mac")), expected):
+            raise ValueError("not authenticated (forged, corrupted, or kept under another proxy_key or server keys)")
+        data = orjson.loads(body)
+        if not isinstance(data, dict):
+            raise ValueError("not an object")
+        return data
+    except (OSError, ValueError) as exc:
+        log.warning("kept counts %s dropped: %s", path.name, exc)
+        return None
+    finally:
+        with contextlib.suppress(OSError):
+            claimed.unlink()  # before the counts reach the area: a crash loses them rather than sends them twice
+
+
+def _counts(value: Any) -> dict[str, int]:
+    if not isinstance(value, dict):
+        return {}
+    return {str(name): count for name, count in value.items() if isinstance(count, int) and count > 0}
+
+
+def _rows(value: Any) -> tuple[str, list[dict[str, Any]]] | None:
+    if not (isinstance(value, list) and len(value) == 2 and isinstance(value[1], list)):
+        return None
+    return str(value[0]), [row for row in value[1] if isinstance(row, dict)]
