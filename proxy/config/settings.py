@@ -15,10 +15,11 @@ from collections.abc import Mapping
 from contextvars import ContextVar
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import (
+    AfterValidator,
     AliasChoices,
     BaseModel,
     ConfigDict,
@@ -177,6 +178,36 @@ class WebhookSettings(_Frozen):
     replay_window_seconds: float = Field(default=300, ge=1)
 
 
+def _cidr(value: str) -> str:
+    """A network in CIDR notation (a bare address is its own /32 or /128), normalized."""
+    try:
+        return str(ipaddress.ip_network(value.strip(), strict=False))
+    except ValueError:
+        raise ValueError(f"not an IP network in CIDR notation (e.g. 10.0.0.0/8, 2001:db8::/32): {value!r}") from None
+
+
+Cidr = Annotated[str, AfterValidator(_cidr)]
+
+
+class AccessSettings(_Frozen):
+    """Network allow lists per route group (CIDRs). None: any address; an empty list: none."""
+
+    # flags, identities, OFREP, streams and analytics with a client-side key (or none)
+    public: list[Cidr] | None = None
+    # anything a server-side key unlocks (those routes with a `ser.` key, the environment document);
+    # None: the same list as `public`
+    server_keys: list[Cidr] | None = None
+    # /metrics, /proxy/status, and health's details (health itself, liveness and readiness stay open)
+    operations: list[Cidr] | None = None
+
+
+class ForwardedHeader(StrEnum):
+    # The header the trusted proxies append the client's address to; the other one is ignored, since a
+    # client could write any address into it.
+    x_forwarded_for = "x-forwarded-for"
+    forwarded = "forwarded"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         case_sensitive=False,
@@ -226,6 +257,11 @@ class Settings(BaseSettings):
     # the leader follows it and refreshes an environment as soon as it changes there, instead of waiting
     # for its poll. None: poll only.
     upstream_stream_url: str | None = None
+    # Edge controls. The client address is the socket's peer, unless the peer is in `trusted_proxies`: then
+    # the rightmost address in `forwarded_header` that is not itself a trusted proxy.
+    trusted_proxies: list[Cidr] = Field(default_factory=list)
+    forwarded_header: ForwardedHeader = ForwardedHeader.x_forwarded_for
+    access: AccessSettings = AccessSettings()
 
     @field_validator("api_url")
     @classmethod
@@ -372,7 +408,7 @@ def config_warnings(data: dict[str, Any], settings: Settings) -> list[str]:
             "config: server.timeout_keep_alive has no Granian equivalent; keep-alive is on/off in granian.toml"
         )
     if settings.server.proxy_headers:
-        warnings.append("config: server.proxy_headers has no effect: responses never depend on the client address")
+        warnings.append("config: server.proxy_headers has no effect: list the proxies in trusted_proxies instead")
     if settings.endpoint_caches and settings.endpoint_caches.flags.use_cache:
         warnings.append("config: endpoint_caches.flags has no effect: flag responses are always pre-encoded")
     return warnings

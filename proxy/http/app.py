@@ -23,6 +23,7 @@ from proxy.area.bodies import Body, KeyKind
 from proxy.config.settings import Settings
 from proxy.http.analytics import parse_analytics_body
 from proxy.http.cors import Cors
+from proxy.http.edge_controls import ROUTE_GROUPS, EdgeControls, Group
 from proxy.http.errors import (
     INTERNAL_ERROR_BODY,
     METHOD_NOT_ALLOWED_BODY,
@@ -33,12 +34,12 @@ from proxy.http.errors import (
 )
 from proxy.http.health import check_health
 from proxy.http.identity_request import parse_identity_body, parse_identity_query, query_param
-from proxy.http.ofrep import OfrepRoutes
+from proxy.http.ofrep import OfrepRoutes, request_key
 from proxy.http.raw_request import raw_path, raw_query
 from proxy.http.request_body import BodyReader
 from proxy.http.responses import JSON, accepts_gzip, gzip_chosen, json_response, none_match, not_modified, send
 from proxy.http.status import authorized, status_body
-from proxy.http.stream import StreamHub
+from proxy.http.stream import StreamHub, client_key_of
 from proxy.http.webhook import WebhookReceiver
 from proxy.metrics import prometheus as metrics
 from proxy.worker.environment import EnvironmentState
@@ -88,6 +89,27 @@ ROUTE_BY_PREFIX: list[tuple[bytes, bytes, str, bytes]] = [
 ]
 
 
+def _header_key(request: Request) -> bytes | None:
+    return request.get_first_header(b"x-environment-key")
+
+
+def _path_key(request: Request) -> bytes | None:
+    key = client_key_of(raw_path(request))
+    return key.encode() if key is not None else None
+
+
+# route template → how the edge controls read its environment key (server keys have their own allow list)
+KEY_OF: dict[str, Callable[[Request], bytes | None]] = {
+    "/api/v1/flags/": _header_key,
+    "/api/v1/identities/": _header_key,
+    "/api/v1/environment-document/": _header_key,
+    "/api/v1/analytics/flags/": _header_key,
+    "/ofrep/v1/evaluate/flags/{key}": request_key,
+    "/ofrep/v1/evaluate/flags": request_key,
+    "/sse/environments/{key}/stream": _path_key,
+}
+
+
 def route_of(path: bytes) -> tuple[str, bytes] | None:
     """(route template, Allow header) of the route `path` belongs to, whatever method it was sent with."""
     route = ROUTE_BY_PATH.get(path)
@@ -118,6 +140,7 @@ class ProxyApp:
         self.ofrep = OfrepRoutes(store, self.body_reader.read)
         self.realtime = StreamHub(settings.realtime, store)
         self.webhooks = WebhookReceiver(settings.webhook, lambda: store.area)
+        self.controls = EdgeControls(settings)
 
     # -- flags -----------------------------------------------------------------------------------
     async def flags(self, request: Request) -> Response:
@@ -228,12 +251,17 @@ class ProxyApp:
     async def health(self, request: Request) -> Response:
         store = self.store
         waiting = bool(self.settings.proxy_key) and not store.discovered
+        # Health stays open for probes; its details only for addresses access.operations allows.
+        details = self.settings.health_check.show_details
+        if details and self.controls.access:
+            scope = request.scope
+            details = self.controls.allowed(Group.OPERATIONS, scope.get("client"), scope["headers"])
         status, body = check_health(
-            self.settings, store.keys.client_keys, store.status, store.build_errors, time.time(), waiting
+            self.settings, store.keys.client_keys, store.status, store.build_errors, time.time(), waiting, details
         )
         # What the answering worker has loaded; with show_details also which worker it is (its pid).
         headers = [(b"x-edge-proxy-generation", str(store.generation).encode())]
-        if self.settings.health_check.show_details:
+        if details:
             headers.append((b"x-edge-proxy-worker", self.pid))
         return Response(status, headers, Content(JSON, body))
 
@@ -260,22 +288,13 @@ class ProxyApp:
 
     # -- the one place errors become responses ---------------------------------------------------
     async def middleware(self, request: Request, handler: Handler) -> Response:
+        if self.controls.active:  # access lists, rate limits or traces: the one test when all are off
+            return await self._controlled(request, handler)
         started = time.perf_counter()
         try:
             response = await handler(request)
-        except ProxyError as error:
-            response = json_response(error.status, error.body())
-            if error.status == 408:
-                response.add_header(b"connection", b"close")
-        except MessageAborted:
-            # The client went away mid-body: its mistake, not ours. Counted (as nginx's 499), never a traceback.
-            log.debug(
-                "client disconnected before sending the whole body: %s", raw_path(request).decode(errors="replace")
-            )
-            response = json_response(499, b'{"status":"client_closed_request","message":"client disconnected"}')
-        except Exception:
-            log.exception("unexpected error serving %s %s", request.method, raw_path(request).decode(errors="replace"))
-            response = json_response(500, INTERNAL_ERROR_BODY)
+        except Exception as error:
+            response = self._error_response(request, error)
         origin = request.get_first_header(b"origin")
         if origin is not None:
             self.cors.add_headers(response, origin)
@@ -284,6 +303,51 @@ class ProxyApp:
             route[0] if route else "unmatched", request.method, response.status, time.perf_counter() - started
         )
         return response
+
+    async def _controlled(self, request: Request, handler: Handler) -> Response:
+        """The middleware with the edge controls (proxy/http/edge_controls.py) on."""
+        started = time.perf_counter()
+        route = route_of(raw_path(request))
+        template = route[0] if route else "unmatched"
+        group = ROUTE_GROUPS.get(template, Group.OPEN)
+        refusal = None
+        if group is not Group.OPEN:
+            scope = request.scope
+            key_of = KEY_OF.get(template)
+            key = key_of(request) if key_of is not None else None
+            refusal = self.controls.check(group, scope.get("client"), scope["headers"], key)
+        if refusal is not None:
+            response = Response(refusal.status, refusal.headers, Content(JSON, refusal.body))
+        else:
+            try:
+                response = await handler(request)
+            except Exception as error:
+                response = self._error_response(request, error)
+        origin = request.get_first_header(b"origin")
+        if origin is not None:
+            self.cors.add_headers(response, origin)
+        metrics.observe(template, request.method, response.status, time.perf_counter() - started)
+        return response
+
+    def _error_response(self, request: Request, error: Exception) -> Response:
+        if isinstance(error, ProxyError):
+            response = json_response(error.status, error.body())
+            if error.status == 408:
+                response.add_header(b"connection", b"close")
+            return response
+        if isinstance(error, MessageAborted):
+            # The client went away mid-body: its mistake, not ours. Counted (as nginx's 499), never a traceback.
+            log.debug(
+                "client disconnected before sending the whole body: %s", raw_path(request).decode(errors="replace")
+            )
+            return json_response(499, b'{"status":"client_closed_request","message":"client disconnected"}')
+        log.exception(
+            "unexpected error serving %s %s",
+            request.method,
+            raw_path(request).decode(errors="replace"),
+            exc_info=error,
+        )
+        return json_response(500, INTERNAL_ERROR_BODY)
 
 
 def _plain(method: Handler) -> Handler:

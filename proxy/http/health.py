@@ -41,7 +41,9 @@ def check_health(
     build_errors: Mapping[str, str],
     now: float,
     waiting_for_discovery: bool = False,
+    show_details: bool | None = None,
 ) -> tuple[int, bytes]:
+    """`show_details`: None follows `health_check.show_details` (the caller narrows it to access.operations)."""
     threshold = stale_after(settings, len(client_keys))
     not_loaded: list[str] = []
     stale: list[str] = []
@@ -83,7 +85,7 @@ def check_health(
         "reason": reason if failing else None,
         "last_successful_update": _iso(last_update) if last_update is not None else None,
     }
-    show = settings.health_check.show_details
+    show = settings.health_check.show_details if show_details is None else show_details
     details: dict[str, Any] = {
         name: [_describe(key, status, show) for key in keys]
         for name, keys in (("stale", stale), ("not_loaded", not_loaded))

@@ -153,10 +153,17 @@ SNAPSHOTS_REJECTED = Counter(
     " not_document); each environment and reason counted once",
     ["reason"],
 )
+ACCESS_DENIED = Counter(
+    "edge_proxy_access_denied",
+    "Requests refused (403) by a network allow list, by list (access.public, access.server_keys, access.operations)",
+    ["list"],
+)
 
 BUILD_INFO.labels(ci_commit_sha=os.environ.get(COMMIT_SHA_ENV) or "unknown", version=__version__).set(1)
 
 analytics_ignored = [0]  # one plain integer, incremented on the request path
+# refusals by the edge controls (proxy/http/edge_controls.py): plain integers on the request path, flushed
+access_denied = {"access.public": 0, "access.server_keys": 0, "access.operations": 0}
 _flushed: dict[object, int] = {}
 
 # -- request counting and latency on the hot path -----------------------------------------------------
@@ -234,6 +241,9 @@ def flush(cache_hits: int = 0, cache_misses: int = 0, regex_timeouts: int = 0) -
     _flush("cache_miss", cache_misses, IDENTITY_CACHE.labels(result="miss"))
     _flush("analytics_ignored", analytics_ignored[0], ANALYTICS_IGNORED)
     _flush("regex_timeouts", regex_timeouts, REGEX_TIMEOUTS)
+    for name, count in access_denied.items():
+        if count:
+            _flush(("access_denied", name), count, ACCESS_DENIED.labels(list=name))
 
 
 # Collectors computed at scrape time by the worker answering /metrics (per-environment series).

@@ -31,6 +31,9 @@ EVERYTHING_ON: dict[str, Any] = {
     "config": {
         "environment_key_pairs": [{"server_side_key": "ser.abc", "client_side_key": "abc"}],
         "api_url": "https://flagsmith.example/api/v1",
+        "trusted_proxies": ["10.0.0.0/8"],
+        "forwarded_header": "forwarded",
+        "access": {"public": ["0.0.0.0/0", "::/0"], "server_keys": ["10.0.0.0/8"], "operations": ["10.0.0.0/8"]},
     },
     "granian": {"workers_kill_timeout": 40, "backlog": 2048},
     "terminationGracePeriodSeconds": 60,
@@ -216,6 +219,18 @@ def test_everything_on() -> None:
     dashboard = json.loads(kinds["ConfigMap"]["data"]["edge-proxy.json"])
     assert dashboard == json.loads((CHART / "files" / "grafana-dashboard.json").read_text())
     assert kinds["ConfigMap"]["metadata"]["labels"]["grafana_dashboard"] == "1"
+
+
+def test_edge_control_settings_reach_config_json_and_are_checked() -> None:
+    from proxy.config.settings import Settings
+
+    config = json.loads(base64.b64decode(by_kind(render(EVERYTHING_ON))["Secret"]["data"]["config.json"]))
+    settings = Settings.model_validate(config)  # what the proxy will read, valid
+    assert settings.access.operations == ["10.0.0.0/8"] and settings.trusted_proxies == ["10.0.0.0/8"]
+    defaults = json.loads(base64.b64decode(by_kind(render())["Secret"]["data"]["config.json"]))
+    assert defaults["trusted_proxies"] == [] and defaults["forwarded_header"] == "x-forwarded-for"
+    with pytest.raises(helm.HelmError, match="access"):
+        render({"config": {"access": {"public": "10.0.0.0/8"}}})  # a string, not a list
 
 
 def test_prometheus_rule_holds_the_shipped_alerts(tmp_path: Path) -> None:
