@@ -7,14 +7,18 @@ Linux routes all of 127/8 to the loopback interface, so each address is a distin
 
 from __future__ import annotations
 
+import http.client
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 
+from proxy.area import buckets
 from proxy.config.settings import ConfigError, load_settings
 from proxy.http.client_address import ClientAddresses, Networks, forwarded_for, parse_address
 from tests.fake_upstream import FakeFlagsmith
@@ -254,3 +258,183 @@ def test_behind_a_trusted_proxy_the_forwarded_client_is_checked(
         # an untrusted peer's X-Forwarded-For is never read
         direct_answer = direct.get(f"{proxy.url}/api/v1/flags/", headers={**key, "X-Forwarded-For": "203.0.113.9"})
         assert direct_answer.status_code == 403 and "127.0.0.7" in direct_answer.json()["message"]
+
+
+# -- units: the shared bucket table -------------------------------------------------------------------
+
+
+def test_a_bucket_allows_its_burst_then_refills_at_its_rate(tmp_path: Path) -> None:
+    buckets.create(tmp_path / "t", 64)
+    table = buckets.BucketTable(tmp_path / "t")
+    try:
+        assert [table.take(b"a", 10.0, 3.0) for _ in range(3)] == [0.0, 0.0, 0.0]
+        wait = table.take(b"a", 10.0, 3.0)
+        assert 0.05 < wait <= 0.1  # one token every 0.1 s
+        assert table.take(b"b", 10.0, 3.0) == 0.0  # another name, its own bucket
+        time.sleep(0.12)
+        assert table.take(b"a", 10.0, 3.0) == 0.0
+    finally:
+        table.close()
+
+
+def test_names_are_fingerprinted_not_stored(tmp_path: Path) -> None:
+    buckets.create(tmp_path / "t", 64)
+    table = buckets.BucketTable(tmp_path / "t")
+    table.take(b"kser.a_secret_server_key", 1.0, 1.0)
+    table.close()
+    assert b"secret" not in (tmp_path / "t").read_bytes()
+
+
+def test_memory_is_bounded_and_the_most_idle_bucket_is_reused(tmp_path: Path) -> None:
+    buckets.create(tmp_path / "t", 4)  # one set of four slots
+    table = buckets.BucketTable(tmp_path / "t")
+    size = (tmp_path / "t").stat().st_size
+    try:
+        for name in (b"w", b"x", b"y"):
+            assert table.take(name, 0.001, 2.0) == 0.0
+        assert table.take(b"busy", 0.001, 2.0) == 0.0
+        assert table.take(b"busy", 0.001, 2.0) == 0.0
+        assert table.take(b"busy", 0.001, 2.0) > 0  # empty: 1,000 s to the next token
+        for n in range(1000):  # many other clients come and go in the same set
+            table.take(b"other-%d" % n, 0.001, 2.0)
+        # the busy client's bucket was the emptiest: never the one reused, so it stays limited
+        assert table.take(b"busy", 0.001, 2.0) > 0
+        assert (tmp_path / "t").stat().st_size == size
+    finally:
+        table.close()
+
+
+def _hammer(path: str, attempts: int, taken: Any, start: Any) -> None:
+    table = buckets.BucketTable(Path(path))
+    start.wait()
+    count = sum(1 for _ in range(attempts) if table.take(b"shared", 1e-9, 20_000.0) == 0.0)
+    with taken.get_lock():
+        taken.value += count
+    table.close()
+
+
+def test_processes_sharing_a_table_never_take_more_than_the_burst(tmp_path: Path) -> None:
+    """Four processes race for one bucket of 20,000 tokens (no refill): exactly 20,000 are taken. Without
+    the per-set lock, read-modify-write races hand out more (seen: 36,148)."""
+    import multiprocessing
+
+    buckets.create(tmp_path / "t", 64)
+    context = multiprocessing.get_context("fork")
+    taken = context.Value("i", 0)
+    start = context.Barrier(4)
+    workers = [context.Process(target=_hammer, args=(str(tmp_path / "t"), 10_000, taken, start)) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    assert [worker.exitcode for worker in workers] == [0, 0, 0, 0]
+    assert taken.value == 20_000
+
+
+def test_without_an_area_the_controls_count_in_a_private_table() -> None:
+    from proxy.http.edge_controls import EdgeControls, Group
+    from tests.inprocess import settings_for
+
+    controls = EdgeControls(settings_for(rate_limits={"per_client_address": {"requests_per_second": 1, "burst": 2}}))
+    assert controls.active
+    peer = ("192.0.2.1", 1)
+    assert controls.check(Group.FLAGS, peer, [], b"k") is None
+    assert controls.check(Group.FLAGS, peer, [], b"k") is None
+    refusal = controls.check(Group.FLAGS, peer, [], b"k")
+    assert refusal is not None and refusal.status == 429 and refusal.headers == [(b"retry-after", b"1")]
+    assert controls.check(Group.SDK, peer, [], b"k") is None  # streams and analytics are not limited
+    assert controls.check(Group.FLAGS, ("192.0.2.2", 1), [], b"k") is None
+
+
+# -- real processes: rate limits ----------------------------------------------------------------------
+
+
+def fresh_get(port: int, path: str, headers: dict[str, str], source: str = "127.0.0.1") -> tuple[int, Any, Any]:
+    """One GET on a new connection (so the kernel may hand it to any worker): status, headers, body."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10, source_address=(source, 0))
+    try:
+        connection.request("GET", path, headers=headers)
+        response = connection.getresponse()
+        body = response.read()
+        return response.status, response.headers, body
+    finally:
+        connection.close()
+
+
+def test_a_client_address_limit_holds_across_workers(
+    upstream: FakeFlagsmith, start_proxy: Callable[..., ProxyProcess]
+) -> None:
+    rate, burst = 20, 20
+    config = proxy_config(
+        upstream.api_url,
+        rate_limits={"per_client_address": {"requests_per_second": rate, "burst": burst}},
+        health_check={"show_details": True},
+        allow_origins=["https://app.example"],
+    )
+    proxy = start_proxy(config, workers=2)
+    proxy.wait_ready()
+    headers = {"X-Environment-Key": CLIENT_KEY, "Origin": "https://app.example"}
+    served = refused = 0
+    workers: set[str] = set()
+    refusal: tuple[int, Any, Any] | None = None
+    started = time.monotonic()
+    while time.monotonic() - started < 3.0:
+        answer = fresh_get(proxy.port, "/api/v1/flags/", headers)
+        if answer[0] == 200:
+            served += 1
+        else:
+            refused += 1
+            refusal = answer
+        # which worker took this connection (health is not limited; its details name the worker)
+        workers.add(fresh_get(proxy.port, "/proxy/health", {})[1]["x-edge-proxy-worker"])
+    elapsed = time.monotonic() - started
+    assert len(workers) == 2, "connections should have reached both workers"
+    expected = burst + rate * elapsed
+    # shared buckets: within 20 % of the limit (per-worker buckets would allow about twice as many)
+    assert 0.8 * expected <= served <= 1.2 * expected, (served, refused, expected)
+    assert refusal is not None
+    status, answer_headers, body = refusal
+    assert status == 429 and answer_headers["retry-after"] == "1"
+    assert answer_headers["access-control-allow-origin"] == "https://app.example"
+    assert orjson.loads(body) == {
+        "status": "too_many_requests",
+        "message": "more than 20 requests per second (burst 20) from client address 127.0.0.1 "
+        "(rate_limits.per_client_address); retry after 1 s",
+        "limit": "per_client_address",
+        "retry_after": 1,
+    }
+    # another client address has its own bucket
+    assert fresh_get(proxy.port, "/api/v1/flags/", headers, source="127.0.0.2")[0] == 200
+    # counted by limit, and as 429 answers of the route
+    wanted = (
+        f'edge_proxy_rate_limited_total{{limit="per_client_address"}} {float(refused)}',
+        'flagsmith_http_server_requests_total{method="GET",response_status="429",route="/api/v1/flags/"}',
+    )
+    scraped = [""]
+
+    def counted() -> bool:
+        scraped[0] = proxy.get("/metrics").text
+        return all(line in scraped[0] for line in wanted)
+
+    assert wait_for(counted, 10), scraped[0]
+
+
+def test_a_key_limit_holds_whatever_the_address(
+    upstream: FakeFlagsmith, start_proxy: Callable[..., ProxyProcess]
+) -> None:
+    config = proxy_config(upstream.api_url, rate_limits={"per_key": {"requests_per_second": 0.01, "burst": 4}})
+    proxy = start_proxy(config, workers=2)
+    proxy.wait_ready()
+    key = {"X-Environment-Key": CLIENT_KEY}
+    answers = [fresh_get(proxy.port, "/api/v1/flags/", key, source=f"127.0.0.{2 + n % 3}") for n in range(8)]
+    assert [status for status, _, _ in answers] == [200] * 4 + [429] * 4
+    refusal = orjson.loads(answers[-1][2])
+    assert refusal["limit"] == "per_key" and CLIENT_KEY not in refusal["message"]
+    assert int(answers[-1][1]["retry-after"]) > 90  # 100 s per token
+    # OFREP and identities share the key's bucket; another key has its own
+    ofrep = httpx.post(f"{proxy.url}/ofrep/v1/evaluate/flags", headers=key, json={"context": {}}, timeout=10)
+    assert ofrep.status_code == 429
+    other = {"X-Environment-Key": "env_client_key_2"}
+    assert fresh_get(proxy.port, "/api/v1/identities/?identifier=a", other)[0] == 200
+    # probes and operations are never limited
+    assert all(fresh_get(proxy.port, "/proxy/health/readiness", {})[0] == 200 for _ in range(10))

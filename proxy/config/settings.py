@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import math
 import os
 from collections.abc import Mapping
 from contextvars import ContextVar
@@ -201,6 +202,27 @@ class AccessSettings(_Frozen):
     operations: list[Cidr] | None = None
 
 
+class RateLimit(_Frozen):
+    requests_per_second: float = Field(gt=0)
+    # requests allowed at once after a quiet spell; None: one second's worth
+    burst: int | None = Field(default=None, ge=1)
+
+    @property
+    def capacity(self) -> int:
+        return self.burst if self.burst is not None else max(1, math.ceil(self.requests_per_second))
+
+
+class RateLimitSettings(_Frozen):
+    """Token buckets on the flag routes (flags, identities, OFREP, the environment document), shared by
+    every worker of a replica. None: no limit."""
+
+    per_client_address: RateLimit | None = None
+    per_key: RateLimit | None = None  # per environment key (client or server), whatever the address
+    # buckets per limit (24 bytes each, in the shared-memory area): memory is bounded whatever the number of
+    # clients; past it, the fullest (most idle) buckets are reused
+    table_entries: int = Field(default=65_536, ge=64, le=16 * 1024 * 1024)
+
+
 class ForwardedHeader(StrEnum):
     # The header the trusted proxies append the client's address to; the other one is ignored, since a
     # client could write any address into it.
@@ -262,6 +284,7 @@ class Settings(BaseSettings):
     trusted_proxies: list[Cidr] = Field(default_factory=list)
     forwarded_header: ForwardedHeader = ForwardedHeader.x_forwarded_for
     access: AccessSettings = AccessSettings()
+    rate_limits: RateLimitSettings = RateLimitSettings()
 
     @field_validator("api_url")
     @classmethod

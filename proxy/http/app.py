@@ -140,7 +140,7 @@ class ProxyApp:
         self.ofrep = OfrepRoutes(store, self.body_reader.read)
         self.realtime = StreamHub(settings.realtime, store)
         self.webhooks = WebhookReceiver(settings.webhook, lambda: store.area)
-        self.controls = EdgeControls(settings)
+        self.controls = EdgeControls(settings, lambda: store.area)
 
     # -- flags -----------------------------------------------------------------------------------
     async def flags(self, request: Request) -> Response:

@@ -158,12 +158,18 @@ ACCESS_DENIED = Counter(
     "Requests refused (403) by a network allow list, by list (access.public, access.server_keys, access.operations)",
     ["list"],
 )
+RATE_LIMITED = Counter(
+    "edge_proxy_rate_limited",
+    "Requests refused (429) by a rate limit, by limit (per_client_address, per_key)",
+    ["limit"],
+)
 
 BUILD_INFO.labels(ci_commit_sha=os.environ.get(COMMIT_SHA_ENV) or "unknown", version=__version__).set(1)
 
 analytics_ignored = [0]  # one plain integer, incremented on the request path
 # refusals by the edge controls (proxy/http/edge_controls.py): plain integers on the request path, flushed
 access_denied = {"access.public": 0, "access.server_keys": 0, "access.operations": 0}
+rate_limited = {"per_client_address": 0, "per_key": 0}
 _flushed: dict[object, int] = {}
 
 # -- request counting and latency on the hot path -----------------------------------------------------
@@ -244,6 +250,9 @@ def flush(cache_hits: int = 0, cache_misses: int = 0, regex_timeouts: int = 0) -
     for name, count in access_denied.items():
         if count:
             _flush(("access_denied", name), count, ACCESS_DENIED.labels(list=name))
+    for name, count in rate_limited.items():
+        if count:
+            _flush(("rate_limited", name), count, RATE_LIMITED.labels(limit=name))
 
 
 # Collectors computed at scrape time by the worker answering /metrics (per-environment series).

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from proxy.area import buckets
 from proxy.area.publication import Area, Heartbeat
 from proxy.config.granian import GranianOptions
 from proxy.config.logs import logging_config
@@ -238,6 +239,14 @@ def granian_kwargs(options: GranianOptions, settings: Settings) -> dict[str, Any
     return kwargs
 
 
+def create_bucket_tables(settings: Settings, area: Path) -> None:
+    """The rate limits' token buckets, shared by the workers (proxy/area/buckets.py), before they start."""
+    limits = settings.rate_limits
+    for name, rule in (("per_client_address", limits.per_client_address), ("per_key", limits.per_key)):
+        if rule is not None:
+            buckets.create(buckets.table_path(area, name), limits.table_entries)
+
+
 def serve(settings: Settings, options: GranianOptions, area: Area) -> int:
     """Serve until SIGINT/SIGTERM; `area` is already created and the metrics directory pointed into it."""
     from granian import Granian
@@ -248,6 +257,7 @@ def serve(settings: Settings, options: GranianOptions, area: Area) -> int:
     raise_open_files_limit(options, settings)
     preload_snapshots(settings, area.path)  # before the workers' first load: a cold start serves at once
     _carefully(restore_pending, settings, area.path)  # counts a previous exit kept, before the leader forwards
+    create_bucket_tables(settings, area.path)
     supervisor = LeaderSupervisor(settings, area.path)
     server = Granian("proxy.worker.factory:create_app", **granian_kwargs(options, settings))
     server.on_startup(supervisor.start)

@@ -34,6 +34,7 @@ EVERYTHING_ON: dict[str, Any] = {
         "trusted_proxies": ["10.0.0.0/8"],
         "forwarded_header": "forwarded",
         "access": {"public": ["0.0.0.0/0", "::/0"], "server_keys": ["10.0.0.0/8"], "operations": ["10.0.0.0/8"]},
+        "rate_limits": {"per_client_address": {"requests_per_second": 50, "burst": 100}, "per_key": None},
     },
     "granian": {"workers_kill_timeout": 40, "backlog": 2048},
     "terminationGracePeriodSeconds": 60,
@@ -227,10 +228,15 @@ def test_edge_control_settings_reach_config_json_and_are_checked() -> None:
     config = json.loads(base64.b64decode(by_kind(render(EVERYTHING_ON))["Secret"]["data"]["config.json"]))
     settings = Settings.model_validate(config)  # what the proxy will read, valid
     assert settings.access.operations == ["10.0.0.0/8"] and settings.trusted_proxies == ["10.0.0.0/8"]
+    assert (
+        settings.rate_limits.per_client_address is not None and settings.rate_limits.per_client_address.capacity == 100
+    )
     defaults = json.loads(base64.b64decode(by_kind(render())["Secret"]["data"]["config.json"]))
     assert defaults["trusted_proxies"] == [] and defaults["forwarded_header"] == "x-forwarded-for"
     with pytest.raises(helm.HelmError, match="access"):
         render({"config": {"access": {"public": "10.0.0.0/8"}}})  # a string, not a list
+    with pytest.raises(helm.HelmError, match="requests_per_second"):
+        render({"config": {"rate_limits": {"per_key": {"burst": 10}}}})
 
 
 def test_prometheus_rule_holds_the_shipped_alerts(tmp_path: Path) -> None:
