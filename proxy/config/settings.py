@@ -271,6 +271,9 @@ class Settings(BaseSettings):
     # Redis URL): a cold start serves from them until upstream answers. One of the two, or neither.
     snapshot_dir: str | None = Field(default=None, min_length=1)
     snapshot_redis_url: str | None = Field(default=None, min_length=1)
+    # A Redis shared by the replicas: they tell each other of changes (pub/sub) and share the webhook replay
+    # window; it also holds the snapshots unless snapshot_dir or snapshot_redis_url says otherwise.
+    redis_url: str | None = Field(default=None, min_length=1)
     # When set, GET /proxy/status needs `Authorization: Bearer <token>`; it then also shows error texts.
     status_token: str | None = Field(default=None, min_length=1)
     realtime: RealtimeSettings = RealtimeSettings()
@@ -323,11 +326,23 @@ class Settings(BaseSettings):
             raise ValueError("environment_key_pairs: at least one pair is required (or a proxy_key)")
         if self.snapshot_dir and self.snapshot_redis_url:
             raise ValueError("snapshot_dir, snapshot_redis_url: set one snapshot store, not both")
-        if self.snapshot_redis_url and urlsplit(self.snapshot_redis_url).scheme not in ("redis", "rediss", "unix"):
-            raise ValueError("snapshot_redis_url: must be a redis://, rediss:// or unix:// URL")
+        for name in ("snapshot_redis_url", "redis_url"):
+            url = getattr(self, name)
+            if url and urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+                raise ValueError(f"{name}: must be a redis://, rediss:// or unix:// URL")
         if self.proxy_key and self.api_url.lower().startswith("file:"):
             raise ValueError("proxy_key: proxy-config discovery needs an http(s) api_url, not a file source")
         return self
+
+    @property
+    def snapshot_redis(self) -> str | None:
+        """Where snapshots go in Redis: snapshot_redis_url, else redis_url unless snapshot_dir is set."""
+        return self.snapshot_redis_url or (None if self.snapshot_dir else self.redis_url)
+
+    @property
+    def shared_redis(self) -> str | None:
+        """The Redis the replicas share changes and webhook deliveries through."""
+        return self.redis_url or self.snapshot_redis_url
 
     @property
     def identity_cache(self) -> IdentityCacheSettings:
@@ -457,8 +472,9 @@ def masked_settings(settings: Settings) -> dict[str, Any]:
     if (data.get("webhook") or {}).get("secret"):
         data["webhook"]["secret"] = "***"
     data["api_url"] = mask_url(data["api_url"])
-    if data.get("snapshot_redis_url"):
-        data["snapshot_redis_url"] = mask_url(data["snapshot_redis_url"])
+    for name in ("snapshot_redis_url", "redis_url"):
+        if data.get(name):
+            data[name] = mask_url(data[name])
     if data.get("status_token"):
         data["status_token"] = "***"
     return data

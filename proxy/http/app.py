@@ -139,7 +139,7 @@ class ProxyApp:
         self.usage = store.counters.usage
         self.ofrep = OfrepRoutes(store, self.body_reader.read)
         self.realtime = StreamHub(settings.realtime, store)
-        self.webhooks = WebhookReceiver(settings.webhook, lambda: store.area)
+        self.webhooks = WebhookReceiver(settings.webhook, lambda: store.area, settings.shared_redis)
         self.controls = EdgeControls(settings, lambda: store.area)
 
     # -- flags -----------------------------------------------------------------------------------

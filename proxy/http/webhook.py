@@ -9,11 +9,15 @@ found, which environment (by its numeric id): the document itself still comes fr
 A worker cannot talk upstream: it writes a refresh request file into the shared-memory area
 (`<area>/refresh/<pid>-<n>.json`) that the leader picks up within REFRESH_POLL (proxy/leader/refresh.py).
 Replays are refused across every worker with one marker file per signature, created with O_EXCL (only
-one creation can succeed); the leader removes markers older than the replay window.
+one creation can succeed); the leader removes markers older than the replay window. With a shared Redis
+(`redis_url` or `snapshot_redis_url`) the window is shared by the replicas too: a `SET NX` of the
+signature's hash, expiring with the window, so a delivery one replica accepted is refused by the others.
+When Redis does not answer, this replica's markers still refuse its own replays (logged, counted).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -73,11 +77,56 @@ def _timestamp(payload: dict[str, Any]) -> datetime | None:
     return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
+SHARED_PREFIX = "edge-proxy:webhook-seen:"
+REDIS_TIMEOUT = 2.0  # seconds: a hung Redis must not hold a webhook answer for long
+
+
+class SharedReplays:
+    """The replay window shared by the replicas through Redis (one key per delivery, expiring)."""
+
+    def __init__(self, url: str, window_seconds: float) -> None:
+        import redis.asyncio
+
+        self.client = redis.asyncio.Redis.from_url(
+            url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT
+        )
+        self.expire_ms = int(window_seconds * 2 * 1000)  # as long as the leader keeps local markers
+        self._failing = False
+
+    async def first_sighting(self, signature: bytes) -> bool | None:
+        """True for a delivery no replica saw; False when one did; None when Redis did not answer."""
+        key = SHARED_PREFIX + hashlib.sha256(signature).hexdigest()[:32]
+        try:
+            async with asyncio.timeout(REDIS_TIMEOUT):
+                first = bool(await self.client.set(key, b"1", nx=True, px=self.expire_ms))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            metrics.SHARED_REPLAY_ERRORS.inc()
+            if not self._failing:
+                log.warning("webhook replay window: redis did not answer, checking this replica only: %s", exc)
+            self._failing = True
+            return None
+        self._failing = False
+        return first
+
+
 class WebhookReceiver:
-    def __init__(self, settings: WebhookSettings, area: Callable[[], Path | None]) -> None:
+    def __init__(
+        self, settings: WebhookSettings, area: Callable[[], Path | None], shared_redis: str | None = None
+    ) -> None:
         self.settings = settings
         self.area = area
         self._sequence = 0
+        self._shared_redis = shared_redis
+        self._shared: SharedReplays | None = None  # connected at the first webhook
+
+    async def _seen_elsewhere(self, signature: bytes) -> bool:
+        if self._shared_redis is None:
+            return False
+        if self._shared is None:
+            self._shared = SharedReplays(self._shared_redis, self.settings.replay_window_seconds)
+        return await self._shared.first_sighting(signature) is False
 
     async def handle(self, request: Request, read_body: Callable[[Request], Awaitable[bytes]]) -> Response:
         secret = self.settings.secret
@@ -108,7 +157,7 @@ class WebhookReceiver:
         area = self.area()
         if area is None:
             raise ServiceUnavailable("not attached to the shared-memory area yet; retry")
-        if not self._first_sighting(area, signature):
+        if not self._first_sighting(area, signature) or await self._seen_elsewhere(signature):
             metrics.WEBHOOKS.labels(outcome="replayed").inc()
             raise BadRequest("webhook already received (replayed)")
         ids = environment_ids(payload)

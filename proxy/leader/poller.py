@@ -19,6 +19,7 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -125,6 +126,8 @@ class Poller:
         self._wakes: dict[str, asyncio.Event] = {}
         self._requested: dict[str, float] = {}
         self._last_requested: dict[str, float] = {}
+        # told when a fetch finds a new document (proxy/leader/fanout.py: the other replicas refresh too)
+        self.on_new_document: Callable[[Environment], None] | None = None
 
     def resume(self) -> None:
         """Take over what a previous leader published, so nothing is refetched that can be reused."""
@@ -395,12 +398,16 @@ class Poller:
         data = orjson.dumps(result.document)
         env.validator = Validator(parse_updated_at(result.document.get("updated_at")), result.etag)
         if data != env.document:
+            # a change replaces a document; the first one a leader fetches is news to nobody else
+            changed = env.document is not None
             env.document = data
             env.dirty = env.unsaved = True
             env.updated_at = parse_updated_at(result.document.get("updated_at"))
             env.name = result.document.get("name")
             env.environment_id = result.document.get("id")
             log.info("environment %s: new document (%d bytes)", mask_key(env.client_key), len(data))
+            if changed and self.on_new_document is not None:
+                self.on_new_document(env)
 
     async def _check_builds(self, env: Environment, result: Fetched) -> Fetched | FetchFailed:
         """Build the state exactly as a worker will: nothing is published that a worker cannot build."""

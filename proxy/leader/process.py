@@ -15,6 +15,7 @@ from proxy.config.logs import configure_logging
 from proxy.config.settings import Settings
 from proxy.leader.analytics_forwarding import AnalyticsForwarder
 from proxy.leader.discovery import Discovery
+from proxy.leader.fanout import Fanout
 from proxy.leader.poller import Poller
 from proxy.leader.refresh import UpstreamStreams, WebhookRefreshes
 from proxy.leader.snapshots import Snapshots, make_store
@@ -105,9 +106,15 @@ async def _main(settings: Settings, area: Path) -> None:
     reaper = asyncio.create_task(_reap_dead_processes(area, stop))
     analytics = asyncio.create_task(AnalyticsForwarder(settings, area, poller.server_key_of).run(stop))
     usage = asyncio.create_task(UsageReporter(settings, area).run(stop)) if settings.proxy_key else None
-    on_demand = []  # refreshes triggered by webhooks and by an upstream proxy's stream
+    on_demand = []  # refreshes triggered by webhooks, an upstream proxy's stream, other replicas
+    fanout = Fanout(settings, poller, settings.shared_redis) if settings.shared_redis else None
+    if fanout is not None:
+        on_demand.append(asyncio.create_task(fanout.run(stop)))
     if settings.webhook.secret:
-        on_demand.append(asyncio.create_task(WebhookRefreshes(settings, area, poller).run(stop)))
+        webhooks = WebhookRefreshes(settings, area, poller)
+        if fanout is not None:
+            webhooks.on_request = fanout.webhook
+        on_demand.append(asyncio.create_task(webhooks.run(stop)))
     if settings.upstream_stream_url:
         on_demand.append(asyncio.create_task(UpstreamStreams(settings, poller).run(stop)))
     try:

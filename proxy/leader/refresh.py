@@ -10,6 +10,7 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,14 @@ STREAM_RETRY = 1.0  # seconds before reconnecting to the upstream proxy's stream
 STREAM_RETRY_MAX = 30.0  # the most a failing upstream stream waits between attempts
 
 
+def keys_for(poller: Poller, ids: list[int]) -> list[str]:
+    """The environments a webhook's ids name (none: every environment). An id we do not know (a document
+    not loaded yet, or not ours) refreshes every environment: the safe answer."""
+    wanted = set(ids)
+    keys = [key for key, env in poller.environments.items() if not wanted or env.environment_id in wanted]
+    return keys if keys or not wanted else list(poller.environments)
+
+
 class WebhookRefreshes:
     """Reads `<area>/refresh/*.json` (written by workers' webhook handler) and asks for refreshes."""
 
@@ -38,7 +47,8 @@ class WebhookRefreshes:
         self.folder = area / REFRESH_FOLDER
         self.seen = area / SEEN_FOLDER
         self.poller = poller
-        self._ids: dict[str, tuple[bytes, int | None]] = {}  # client key → (document, its environment id)
+        # told of every webhook request (proxy/leader/fanout.py: the other replicas refresh too)
+        self.on_request: Callable[[list[int]], None] | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         pruned_at = time.monotonic()
@@ -68,29 +78,11 @@ class WebhookRefreshes:
             self.request(ids)
 
     def request(self, ids: list[int]) -> None:
-        wanted = set(ids)
-        keys = [key for key in self.poller.environments if not wanted or self._environment_id(key) in wanted]
-        if wanted and not keys:
-            # an id we do not know (a document not loaded yet, or not ours): refreshing all is the safe answer
-            keys = list(self.poller.environments)
         interval = self.settings.webhook.min_refresh_interval_seconds
-        for key in keys:
+        for key in keys_for(self.poller, ids):
             self.poller.refresh_now(key, interval, "webhook")
-
-    def _environment_id(self, client_key: str) -> int | None:
-        env = self.poller.environments[client_key]
-        if env.document is None:
-            return None
-        cached = self._ids.get(client_key)
-        if cached is not None and cached[0] is env.document:
-            return cached[1]
-        try:
-            found = orjson.loads(env.document).get("id")
-        except (ValueError, AttributeError):
-            found = None
-        env_id = found if isinstance(found, int) else None
-        self._ids[client_key] = (env.document, env_id)
-        return env_id
+        if self.on_request is not None:
+            self.on_request(ids)
 
     def prune(self) -> None:
         if not self.seen.is_dir():

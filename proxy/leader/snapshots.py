@@ -239,8 +239,8 @@ class RedisStore:
 
 def make_store(settings: Settings, report: bool = True) -> SnapshotStore | None:
     """The configured store; `report: False` for the leader, whose directory the main process reported on."""
-    if settings.snapshot_redis_url:
-        return RedisStore(settings.snapshot_redis_url)
+    if settings.snapshot_redis:
+        return RedisStore(settings.snapshot_redis)
     if settings.snapshot_dir:
         return DirectoryStore(Path(settings.snapshot_dir), report)
     return None
@@ -362,7 +362,7 @@ class Snapshots:
 def preload(settings: Settings, area: Path) -> None:
     """In the main process, before the workers and the leader start: publish the configured environments'
     snapshots, so the workers' first load serves them. The leader takes them over (`Poller.resume`)."""
-    if not (settings.snapshot_dir or settings.snapshot_redis_url):
+    if not (settings.snapshot_dir or settings.snapshot_redis):
         return
     from proxy.area.manifest import ManifestEntry
     from proxy.area.publication import AreaError, Publisher

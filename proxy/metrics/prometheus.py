@@ -163,6 +163,16 @@ RATE_LIMITED = Counter(
     "Requests refused (429) by a rate limit, by limit (per_client_address, per_key)",
     ["limit"],
 )
+FANOUT_MESSAGES = Counter(
+    "edge_proxy_fanout_messages",
+    "Change messages between replicas through Redis, by direction (sent, received) and outcome"
+    " (sent: ok, dropped; received: refresh, ignored)",
+    ["direction", "outcome"],
+)
+SHARED_REPLAY_ERRORS = Counter(
+    "edge_proxy_webhook_shared_replay_errors",
+    "Webhooks checked against this replica's replay markers only, because Redis did not answer",
+)
 
 BUILD_INFO.labels(ci_commit_sha=os.environ.get(COMMIT_SHA_ENV) or "unknown", version=__version__).set(1)
 

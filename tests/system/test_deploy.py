@@ -35,6 +35,7 @@ EVERYTHING_ON: dict[str, Any] = {
         "forwarded_header": "forwarded",
         "access": {"public": ["0.0.0.0/0", "::/0"], "server_keys": ["10.0.0.0/8"], "operations": ["10.0.0.0/8"]},
         "rate_limits": {"per_client_address": {"requests_per_second": 50, "burst": 100}, "per_key": None},
+        "redis_url": "redis://redis.edge:6379/0",
     },
     "granian": {"workers_kill_timeout": 40, "backlog": 2048},
     "terminationGracePeriodSeconds": 60,
@@ -235,6 +236,9 @@ def test_edge_control_settings_reach_config_json_and_are_checked() -> None:
     assert defaults["trusted_proxies"] == [] and defaults["forwarded_header"] == "x-forwarded-for"
     with pytest.raises(helm.HelmError, match="access"):
         render({"config": {"access": {"public": "10.0.0.0/8"}}})  # a string, not a list
+    assert settings.shared_redis == "redis://redis.edge:6379/0"
+    with pytest.raises(helm.HelmError, match="redis_url"):
+        render({"config": {"redis_url": "http://redis.edge:6379"}})
     with pytest.raises(helm.HelmError, match="requests_per_second"):
         render({"config": {"rate_limits": {"per_key": {"burst": 10}}}})
 
