@@ -141,7 +141,24 @@ EDGE_CONTROLS: dict[str, dict[str, Any]] = {
             "per_key": {"requests_per_second": 1e9, "burst": 1_000_000_000},
         },
     },
+    "tracing": {},  # a span per request (the SDK's batch processor; its export discarded), traceparent sent
+    "tracing-1%": {},  # the same sampling 1 % of new traces (OTEL_TRACES_SAMPLER=parentbased_traceidratio)
 }
+
+
+def discarding_tracer(ratio: float = 1.0) -> Any:
+    """An OpenTelemetry SDK tracer as the proxy sets one up, whose exporter drops what it is handed."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+    class Discard(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(ratio)))
+    provider.add_span_processor(BatchSpanProcessor(Discard()))
+    return provider.get_tracer("benchmark")
 
 
 @pytest.mark.parametrize("controls", list(EDGE_CONTROLS))
@@ -152,6 +169,7 @@ def test_middleware_edge_controls(benchmark: Any, controls: str, tmp_path: Path)
     from blacksheep import Request, Response
 
     from proxy.http.app import ProxyApp
+    from proxy.http.edge_controls import EdgeControls
     from proxy.supervisor.server import create_bucket_tables
 
     settings = Settings(
@@ -166,6 +184,11 @@ def test_middleware_edge_controls(benchmark: Any, controls: str, tmp_path: Path)
         store.area = area.path
         app = ProxyApp(settings, store)
         headers = [(b"host", b"127.0.0.1"), (b"x-environment-key", b"env_client_key_1"), (b"accept", b"*/*")]
+        if controls == "tracing":
+            app.controls = EdgeControls(settings, lambda: area.path, tracer=discarding_tracer())
+            headers.append((b"traceparent", b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"))
+        elif controls == "tracing-1%":
+            app.controls = EdgeControls(settings, lambda: area.path, tracer=discarding_tracer(0.01))
         request = Request("GET", b"/api/v1/flags/", headers)
         request.scope = {"client": ("127.0.0.1", 50000), "headers": headers}  # type: ignore[assignment]
         answer = Response(200, None, None)

@@ -133,6 +133,7 @@ class FakeFlagsmith:
                             "ims": self.headers.get("If-Modified-Since"),
                             "inm": self.headers.get("If-None-Match"),
                             "ua": self.headers.get("User-Agent"),
+                            "traceparent": self.headers.get("traceparent"),
                         }
                     )
                     delay, fail, garbage = fake.delay, fake.fail, fake.garbage

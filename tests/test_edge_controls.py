@@ -438,3 +438,27 @@ def test_a_key_limit_holds_whatever_the_address(
     assert fresh_get(proxy.port, "/api/v1/identities/?identifier=a", other)[0] == 200
     # probes and operations are never limited
     assert all(fresh_get(proxy.port, "/proxy/health/readiness", {})[0] == 200 for _ in range(10))
+
+
+def test_every_edge_setting_is_in_render_config_the_readme_and_the_chart() -> None:
+    from proxy.config.settings import default_config
+
+    root = Path(__file__).parents[1]
+    rendered = default_config()
+    readme = (root / "README.md").read_text()
+    values = (root / "deploy" / "helm" / "edge-proxy" / "values.yaml").read_text()
+    settings = {
+        "trusted_proxies": [],
+        "forwarded_header": "x-forwarded-for",
+        "access": ["public", "server_keys", "operations"],
+        "rate_limits": ["per_client_address", "per_key", "table_entries"],
+        "redis_url": None,
+    }
+    for key, nested in settings.items():
+        assert key in rendered, key
+        names = [f"{key}.{name}" for name in nested] if isinstance(nested, list) and key != "trusted_proxies" else [key]
+        for name in names:
+            if "." in name:
+                assert name.split(".")[1] in rendered[key], name
+            assert f"| `{name}` |" in readme, name
+        assert f"\n  {key}:" in values, key

@@ -307,15 +307,16 @@ class ProxyApp:
     async def _controlled(self, request: Request, handler: Handler) -> Response:
         """The middleware with the edge controls (proxy/http/edge_controls.py) on."""
         started = time.perf_counter()
+        controls = self.controls
         route = route_of(raw_path(request))
-        template = route[0] if route else "unmatched"
-        group = ROUTE_GROUPS.get(template, Group.OPEN)
-        refusal = None
-        if group is not Group.OPEN:
-            scope = request.scope
-            key_of = KEY_OF.get(template)
-            key = key_of(request) if key_of is not None else None
-            refusal = self.controls.check(group, scope.get("client"), scope["headers"], key)
+        template = route[0] if route else None
+        scope = request.scope
+        headers = scope["headers"]
+        span = controls.start_span(request.method, template, headers) if controls.tracing is not None else None
+        group = ROUTE_GROUPS.get(template, Group.OPEN) if template is not None else Group.OPEN
+        key_of = KEY_OF.get(template) if template is not None else None
+        key = key_of(request) if key_of is not None else None
+        refusal = controls.check(group, scope.get("client"), headers, key) if group is not Group.OPEN else None
         if refusal is not None:
             response = Response(refusal.status, refusal.headers, Content(JSON, refusal.body))
         else:
@@ -326,7 +327,9 @@ class ProxyApp:
         origin = request.get_first_header(b"origin")
         if origin is not None:
             self.cors.add_headers(response, origin)
-        metrics.observe(template, request.method, response.status, time.perf_counter() - started)
+        metrics.observe(template or "unmatched", request.method, response.status, time.perf_counter() - started)
+        if span is not None:
+            controls.end_span(span, response.status, self.store.environment_id_of(key))
         return response
 
     def _error_response(self, request: Request, error: Exception) -> Response:

@@ -1,5 +1,5 @@
-"""Edge controls on the request path: network allow lists per route group and per-client rate limits,
-behind one framework-free object.
+"""Edge controls on the request path: network allow lists per route group, per-client rate limits and
+request spans (OpenTelemetry), behind one framework-free object.
 
 `EdgeControls.check(group, client, headers, key)` takes what any ASGI server hands over (the scope's
 `client` tuple, its raw `(name, value)` header pairs, the environment key the route reads) and answers
@@ -17,6 +17,10 @@ that list falls back to `access.public` when unset); `OPERATIONS` (`/metrics`, `
 Rate limits (`rate_limits.per_client_address`, `rate_limits.per_key`) apply to the `FLAGS` group, after
 the allow lists. Their token buckets are shared by the node's workers (`proxy/area/buckets.py`), so a limit
 holds whatever worker a connection lands on; a 429 names the limit and carries `Retry-After`.
+
+Request spans (`proxy/metrics/tracing.py`, on when the `OTEL_*` variables say where to send them):
+`start_span(method, route template, headers)` before the checks, `end_span(span, status, environment id)`
+after the answer; refusals get spans too.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -34,6 +39,7 @@ from proxy.area.buckets import BucketTable, table_path
 from proxy.config.settings import SERVER_KEY_PREFIX, RateLimit, Settings
 from proxy.http.client_address import ClientAddresses, Networks
 from proxy.metrics import prometheus as metrics
+from proxy.metrics import tracing
 
 log = logging.getLogger("proxy.edge")
 
@@ -117,7 +123,10 @@ class Limiter:
 
 
 class EdgeControls:
-    def __init__(self, settings: Settings, area: Callable[[], Path | None] = lambda: None) -> None:
+    def __init__(
+        self, settings: Settings, area: Callable[[], Path | None] = lambda: None, tracer: Any = "from-environment"
+    ) -> None:
+        """`tracer`: an OpenTelemetry tracer, None for no spans; by default what `OTEL_*` configure."""
         self.addresses = ClientAddresses(settings.trusted_proxies, settings.forwarded_header.value)
         access = settings.access
         public = Networks(access.public) if access.public is not None else None
@@ -139,8 +148,19 @@ class EdgeControls:
         self.limits = self.per_address is not None or self.per_key is not None
         self._area = area
         self._opened = False
+        if tracer == "from-environment":
+            tracer = tracing.start("worker")
+        self.tracing = tracing.RequestTracer(tracer) if tracer is not None else None
         # The one test callers make: False when no control is on.
-        self.active = self.access or self.limits
+        self.active = self.access or self.limits or self.tracing is not None
+
+    def start_span(self, method: str, route: str | None, headers: Headers) -> Any:
+        """A request's span (None when traces are off); `route` is the template, never the raw path."""
+        return self.tracing.start(method, route, headers) if self.tracing is not None else None
+
+    def end_span(self, span: Any, status: int, environment_id: int | None) -> None:
+        if span is not None and self.tracing is not None:
+            self.tracing.end(span, status, environment_id)
 
     def client(self, client: Client, headers: Headers) -> str:
         """The client address (see `proxy.http.client_address`)."""

@@ -22,6 +22,7 @@ from proxy.leader.snapshots import Snapshots, make_store
 from proxy.leader.sources import make_source
 from proxy.leader.usage_reporting import UsageReporter
 from proxy.metrics import prometheus as metrics
+from proxy.metrics import tracing
 
 log = logging.getLogger("proxy.leader")
 
@@ -87,7 +88,7 @@ async def _main(settings: Settings, area: Path) -> None:
     publisher = Publisher(area, settings.shared_memory_max_bytes)
     # The first beat comes after resuming (many environments take a while): the supervisor allows a new leader
     # leader_heartbeat_timeout_seconds + LEADER_FIRST_BEAT_GRACE for it.
-    source = make_source(settings)
+    source = make_source(settings, tracing.start("leader"))
     discovery = Discovery(settings) if settings.proxy_key else None
     poller = Poller(settings, source, publisher, discovery)
     poller.resume()
@@ -140,4 +141,5 @@ async def _main(settings: Settings, area: Path) -> None:
         publisher.close()
         if poller.snapshots is not None:
             poller.snapshots.close()
+        tracing.shutdown()
         log.info("leader stopped")

@@ -19,9 +19,10 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 import orjson
 
-from proxy.config.settings import Settings, file_source_dir, mask_key
+from proxy.config.settings import Settings, file_source_dir, mask_key, mask_url
 from proxy.evaluation.mapping import DocumentError, validate_document
 from proxy.leader.upstream import upstream_client
+from proxy.metrics import tracing
 
 log = logging.getLogger("proxy.leader")
 
@@ -89,19 +90,35 @@ class HttpSource:
     cannot make the leader buffer without bound.
     """
 
-    def __init__(self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(
+        self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None, tracer: Any = None
+    ) -> None:
         self.url = settings.api_url + "/environment-document/"
         self.origin = _origin(self.url)
         self.poll_frequency = settings.api_poll_frequency_seconds
         self.max_bytes = settings.max_document_bytes
         self.client = upstream_client(settings, transport=transport)
+        self.tracer = tracer  # OpenTelemetry (proxy/metrics/tracing.py), None when traces are off
+        self.traced_url = mask_url(self.url)
 
     async def aclose(self) -> None:
         await self.client.aclose()
 
     async def fetch(self, server_key: str, held: Validator | None) -> FetchResult:
+        with tracing.fetch_span(self.tracer, "GET environment-document", self.traced_url) as span:
+            result = await self._fetch(server_key, held, span.headers)
+            if isinstance(result, Fetched):
+                span.outcome(200, result.document.get("id"))
+            elif isinstance(result, NotModified):
+                span.outcome(304)
+            else:
+                span.outcome(None, error=result.kind)
+            return result
+
+    async def _fetch(self, server_key: str, held: Validator | None, trace_headers: dict[str, str]) -> FetchResult:
         started = time.monotonic()
-        headers = {"X-Environment-Key": server_key, "Accept-Encoding": "gzip"}
+        # trace_headers: `traceparent` of the fetch's span, sent with every page
+        headers = {"X-Environment-Key": server_key, "Accept-Encoding": "gzip", **trace_headers}
         if held is not None and held.etag is not None:
             # Alone: an upstream that sends ETags decides by them (RFC 9110 13.2.2), and a date would be
             # wrong for two changes within one second (If-Modified-Since has one-second precision).
@@ -122,9 +139,8 @@ class HttpSource:
                 return FetchFailed(
                     f"invalid document: a JSON {type(document).__name__}, not an object", "invalid_document"
                 )
-            result = await self._follow_pages(
-                response, document, {"X-Environment-Key": server_key, "Accept-Encoding": "gzip"}
-            )
+            page_headers = {"X-Environment-Key": server_key, "Accept-Encoding": "gzip", **trace_headers}
+            result = await self._follow_pages(response, document, page_headers)
             if isinstance(result, Fetched):
                 result = Fetched(result.document, response.headers.get("etag"))  # the first page's
         except httpx.TimeoutException:
@@ -261,7 +277,7 @@ class FileSource:
         return result
 
 
-def make_source(settings: Settings) -> Source:
+def make_source(settings: Settings, tracer: Any = None) -> Source:
     if settings.api_url.lower().startswith("file:"):
         return FileSource.from_settings(settings)
-    return HttpSource(settings)
+    return HttpSource(settings, tracer=tracer)

@@ -54,6 +54,7 @@ class EnvironmentState:
         "client_key",
         "compiled",
         "document",
+        "environment_id",
         "environment_results",
         "etag",
         "etag_gzip",
@@ -75,6 +76,9 @@ class EnvironmentState:
         digest = hashlib.sha256(document_bytes).hexdigest()[:32].encode()
         self.etag = b'"' + digest + b'"'
         self.etag_gzip = b'"' + digest + b'-gzip"'
+        found = document.get("id")
+        # the document's numeric id: how traces (and metrics) name the environment, never by key
+        self.environment_id: int | None = found if isinstance(found, int) and not isinstance(found, bool) else None
         self.updated_at: datetime | None = parse_updated_at(document.get("updated_at"))
         # Flagsmith's API sends epoch seconds of `updated_at`; browser SDKs read it to skip stale updates.
         self.updated_at_header: bytes | None = repr(self.updated_at.timestamp()).encode() if self.updated_at else None

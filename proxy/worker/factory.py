@@ -24,6 +24,7 @@ from proxy.config.settings import Settings
 from proxy.http.app import build_app
 from proxy.http.stream import end_streams_on_shutdown_signal
 from proxy.metrics import prometheus as metrics
+from proxy.metrics import tracing
 from proxy.metrics.environments import EnvironmentCollector
 from proxy.worker.store import Follower, Store
 
@@ -77,5 +78,6 @@ def create_worker_app(settings: Settings, area: Path) -> Application:
                 await task
             store.counters.hand_over(area)  # what this worker counted since its last hand-over
             subscriber.close()
+            tracing.shutdown()  # export the spans still buffered
 
     return app

@@ -64,6 +64,12 @@ class Store:
             raise ServiceUnavailable("environment document not loaded yet; try again shortly")
         return kind, state
 
+    def environment_id_of(self, key: bytes | None) -> int | None:
+        """The id of the environment a key names (None: unknown key, or not loaded): for traces."""
+        found = self.keys.keys.get(key) if key else None
+        state = self.states.get(found[1]) if found is not None else None
+        return state.environment_id if state is not None else None
+
     def apply(self, manifest: Manifest, built: dict[str, EnvironmentState]) -> None:
         """Swap in new states and status (on the event loop, no await: requests see old or new)."""
         self.status = manifest.environments

@@ -38,6 +38,11 @@ EVERYTHING_ON: dict[str, Any] = {
         "redis_url": "redis://redis.edge:6379/0",
     },
     "granian": {"workers_kill_timeout": 40, "backlog": 2048},
+    "tracing": {
+        "endpoint": "http://otel-collector.observability:4318",
+        "sampler": "parentbased_traceidratio",
+        "samplerArg": 0.05,
+    },
     "terminationGracePeriodSeconds": 60,
     "lifecycle": {"preStopSleepSeconds": 10},
     "env": [{"name": "LOGGING", "value": '{"log_format": "json"}'}],
@@ -209,6 +214,9 @@ def test_everything_on() -> None:
     env = {item["name"]: item.get("value") for item in container["env"]}
     assert env["GRANIAN_BACKLOG"] == "2048" and env["GRANIAN_WORKERS_KILL_TIMEOUT"] == "40"
     assert env["LOGGING"] == '{"log_format": "json"}'
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector.observability:4318"
+    assert env["OTEL_TRACES_SAMPLER"] == "parentbased_traceidratio" and env["OTEL_TRACES_SAMPLER_ARG"] == "0.05"
+    assert env["OTEL_SERVICE_NAME"] == "edge-proxy"
     config = json.loads(base64.b64decode(kinds["Secret"]["data"]["config.json"]))
     assert config["environment_key_pairs"] == EVERYTHING_ON["config"]["environment_key_pairs"]
     # the ServiceMonitor scrapes the Service's port, at the proxy's metrics route
@@ -232,6 +240,8 @@ def test_edge_control_settings_reach_config_json_and_are_checked() -> None:
     assert (
         settings.rate_limits.per_client_address is not None and settings.rate_limits.per_client_address.capacity == 100
     )
+    [container] = by_kind(render())["Deployment"]["spec"]["template"]["spec"]["containers"]
+    assert not [item for item in container["env"] if item["name"].startswith("OTEL_")]  # traces off by default
     defaults = json.loads(base64.b64decode(by_kind(render())["Secret"]["data"]["config.json"]))
     assert defaults["trusted_proxies"] == [] and defaults["forwarded_header"] == "x-forwarded-for"
     with pytest.raises(helm.HelmError, match="access"):
