@@ -18,7 +18,7 @@ import pytest
 from proxy.leader.fanout import CHANNEL
 from tests.fake_upstream import FakeFlagsmith
 from tests.support import KEYS, ProxyProcess, conformance_documents, proxy_config, wait_for
-from tests.test_realtime import (
+from tests.system.test_realtime import (
     FEATURE,
     SECRET,
     SERVER_1,
@@ -29,7 +29,7 @@ from tests.test_realtime import (
     signed_webhook,
     stream_url,
 )
-from tests.test_snapshots import RedisServer
+from tests.system.test_snapshots import RedisServer
 
 
 @pytest.fixture
@@ -195,67 +195,3 @@ def test_without_redis_each_replica_goes_on_alone(
         assert wait_for(lambda: metric(a, "edge_proxy_webhook_shared_replay_errors_total") == 1, 5)
         assert b.get("/proxy/health/readiness").status_code == 200
         assert "not hearing other replicas' changes" in a.log() or "change not announced" in a.log()
-
-
-# -- the pieces, without processes ------------------------------------------------------------------
-
-
-def test_redis_settings_route_snapshots_and_changes_and_are_masked() -> None:
-    from proxy.config.settings import Settings, masked_settings
-    from tests.inprocess import settings_for
-
-    both = settings_for(redis_url="redis://:hunter2@cache:6379/0")
-    assert both.snapshot_redis == both.shared_redis == "redis://:hunter2@cache:6379/0"
-    assert masked_settings(both)["redis_url"] == "redis://***@cache:6379/0"
-    to_disk = settings_for(redis_url="redis://cache:6379/0", snapshot_dir="/tmp/snapshots")
-    assert to_disk.snapshot_redis is None and to_disk.shared_redis == "redis://cache:6379/0"
-    legacy = settings_for(snapshot_redis_url="redis://cache:6379/1")
-    assert legacy.snapshot_redis == legacy.shared_redis == "redis://cache:6379/1"
-    assert settings_for().shared_redis is None
-    with pytest.raises(ValueError, match="redis_url: must be a redis://"):
-        Settings(environment_key_pairs=both.environment_key_pairs, redis_url="http://cache:6379")
-
-
-def test_peer_messages_are_checked_and_never_loop() -> None:
-    """A Fanout against a poller with no process or Redis: what each message makes it do."""
-    import asyncio
-
-    from proxy.area.publication import key_hash
-    from proxy.leader.fanout import Fanout, digest
-    from proxy.leader.poller import Poller
-    from tests.inprocess import settings_for
-
-    async def scenario() -> None:
-        settings = settings_for(redis_url="redis://127.0.0.1:1/0")
-        poller = Poller(settings, None, None)  # type: ignore[arg-type]  # neither is touched here
-        fanout = Fanout(settings, poller, "redis://127.0.0.1:1/0")
-        env = poller.environments["env_client_key_1"]
-        env.document, env.environment_id = b'{"id": 1}', 1
-        asked: list[str] = []
-        poller.refresh_now = lambda key, interval, trigger: asked.append(key) or True  # type: ignore[method-assign]
-
-        def peer(**message: Any) -> None:
-            fanout.receive(orjson.dumps({"v": 1, "from": "peer", **message}))
-
-        same = {"environment": key_hash("env_client_key_1"), "digest": digest(env.document)}
-        peer(kind="document", **same, updated_at_us=0)
-        assert asked == []  # we have it
-        peer(kind="document", environment=key_hash("env_client_key_1"), digest="0" * 16, updated_at_us=0)
-        assert asked == ["env_client_key_1"]  # a newer one: refresh
-        peer(kind="document", environment="not-ours", digest="0" * 16)
-        fanout.receive(b"garbage")
-        fanout.receive(orjson.dumps({"v": 1, "from": fanout.node, "kind": "webhook", "environment_ids": []}))
-        assert asked == ["env_client_key_1"]  # not ours, unreadable, our own
-        peer(kind="webhook", environment_ids=[1])
-        assert asked == ["env_client_key_1"] * 2
-        # the document we then fetch is the one the peer announced: not announced again
-        env.document = b'{"id": 1, "new": true}'
-        fanout.peer_digests["env_client_key_1"] = digest(env.document)
-        fanout.document_changed(env)
-        assert fanout.outbox.empty()
-        env.document = b'{"id": 1, "newer": true}'
-        fanout.document_changed(env)
-        assert orjson.loads(fanout.outbox.get_nowait())["kind"] == "document"
-        await fanout.client.aclose()
-
-    asyncio.run(scenario())

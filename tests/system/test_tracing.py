@@ -168,21 +168,3 @@ assert not [name for name in sys.modules if name.startswith("opentelemetry")], "
     env = {"PATH": "/usr/bin:/bin", "OTEL_SERVICE_NAME": "x"}  # a name alone does not turn traces on
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-
-
-@pytest.mark.parametrize(
-    ("environ", "on"),
-    [
-        ({}, False),
-        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}, True),
-        ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:4318/v1/traces"}, True),
-        ({"OTEL_TRACES_EXPORTER": "otlp"}, True),
-        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318", "OTEL_SDK_DISABLED": "true"}, False),
-        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318", "OTEL_TRACES_EXPORTER": "none"}, False),
-        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318", "OTEL_TRACES_EXPORTER": "zipkin"}, False),
-    ],
-)
-def test_which_otel_settings_turn_traces_on(environ: dict[str, str], on: bool) -> None:
-    from proxy.metrics.tracing import enabled
-
-    assert enabled(environ) is on
