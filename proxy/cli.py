@@ -19,7 +19,15 @@ from typing import Any
 from proxy import __version__
 from proxy.config.granian import GranianOptions, find_config_file, load_granian_options
 from proxy.config.logs import configure_logging
-from proxy.config.settings import ConfigError, Settings, default_config, load_settings, masked_options, masked_settings
+from proxy.config.settings import (
+    ConfigError,
+    Settings,
+    default_config,
+    load_settings,
+    mask_url,
+    masked_options,
+    masked_settings,
+)
 from proxy.metrics.directory import point_metrics_at
 
 DEMO_DIR = Path(__file__).parent / "demo"
@@ -137,7 +145,7 @@ def _health(args: argparse.Namespace) -> int:
     except urllib.error.HTTPError as exc:
         print(exc.read().decode(errors="replace"))
     except (urllib.error.URLError, OSError) as exc:
-        print(f"edge-proxy health: {args.url}: {exc}", file=sys.stderr)
+        print(f"edge-proxy health: {mask_url(args.url)}: {exc}", file=sys.stderr)
     return 1
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from proxy.area.processes import LEADER, WORKER, reap, register
 from proxy.area.publication import Publisher
 from proxy.config.logs import configure_logging
-from proxy.config.settings import Settings
+from proxy.config.settings import Settings, mask_urls_in
 from proxy.leader.analytics_forwarding import AnalyticsForwarder
 from proxy.leader.discovery import Discovery
 from proxy.leader.poller import Poller
@@ -93,7 +93,7 @@ async def _main(settings: Settings, area: Path) -> None:
     try:
         store = make_store(settings, report=False)  # the main process's preload reported on it
     except Exception as exc:  # e.g. the directory cannot be created: serve without snapshots, say why
-        log.error("snapshot store unavailable, serving without snapshots: %s", exc)
+        log.error("snapshot store unavailable, serving without snapshots: %s", mask_urls_in(str(exc)))
         store = None
     if store is not None:
         poller.snapshots = Snapshots(store)
