@@ -27,6 +27,7 @@ from proxy.config.settings import (
     mask_url,
     masked_options,
     masked_settings,
+    settings_summary,
 )
 from proxy.metrics.directory import point_metrics_at
 
@@ -101,7 +102,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"edge-proxy: cannot listen on {options.host}:{options.port}: {taken}", file=sys.stderr)
         return 2
     point_metrics_at(area.path / "metrics")
-    log.info("edge-proxy %s, settings: %s", __version__, json.dumps(masked_settings(settings)))
+    log.info("edge-proxy %s, %s", __version__, settings_summary(settings))
     log.info("granian: %s", json.dumps(masked_options(options.as_dict())))
     if args.demo:
         _print_demo_help(options.port)

@@ -388,6 +388,32 @@ def mask_key(key: str) -> str:
     return f"{prefix}{rest[:2]}…{rest[-2:]}"
 
 
+def secret_variables(environ: Mapping[str, str]) -> list[str]:
+    """The names in `environ` that pydantic-settings reads as settings (any case, aliases too), plus
+    Granian's key-file password: what `serve` removes before starting children, which get their settings
+    from the area."""
+    names = {"granian_ssl_keyfile_password"}
+    for name, field in Settings.model_fields.items():
+        names.add(name)
+        if isinstance(field.validation_alias, AliasChoices):
+            names.update(str(choice) for choice in field.validation_alias.choices)
+    return [variable for variable in environ if variable.lower() in names]
+
+
+SUMMARY_ITEMS = 3  # of a long list, the start-up log shows this many
+
+
+def settings_summary(settings: Settings) -> str:
+    """The start-up log's view of the settings: masked, each long list cut to its first items and a count
+    (10,000 key pairs printed whole made one line of ~1 MB)."""
+    data = masked_settings(settings)
+    for key, value in data.items():
+        if isinstance(value, list) and len(value) > SUMMARY_ITEMS:
+            data[key] = [*value[:SUMMARY_ITEMS], f"… and {len(value) - SUMMARY_ITEMS} more"]
+    shown = json.dumps(data, ensure_ascii=False)
+    return f"{len(settings.environment_key_pairs)} environment key pair(s), settings: {shown}"
+
+
 URL_SETTINGS = ("api_url", "snapshot_redis_url", "upstream_stream_url")  # each may carry credentials
 
 
