@@ -19,7 +19,16 @@ from typing import Any
 from proxy import __version__
 from proxy.config.granian import GranianOptions, find_config_file, load_granian_options
 from proxy.config.logs import configure_logging
-from proxy.config.settings import ConfigError, Settings, default_config, load_settings, masked_options, masked_settings
+from proxy.config.settings import (
+    ConfigError,
+    Settings,
+    default_config,
+    load_settings,
+    mask_url,
+    masked_options,
+    masked_settings,
+    settings_summary,
+)
 from proxy.metrics.directory import point_metrics_at
 
 DEMO_DIR = Path(__file__).parent / "demo"
@@ -93,7 +102,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"edge-proxy: cannot listen on {options.host}:{options.port}: {taken}", file=sys.stderr)
         return 2
     point_metrics_at(area.path / "metrics")
-    log.info("edge-proxy %s, settings: %s", __version__, json.dumps(masked_settings(settings)))
+    log.info("edge-proxy %s, %s", __version__, settings_summary(settings))
     log.info("granian: %s", json.dumps(masked_options(options.as_dict())))
     if args.demo:
         _print_demo_help(options.port)
@@ -137,7 +146,7 @@ def _health(args: argparse.Namespace) -> int:
     except urllib.error.HTTPError as exc:
         print(exc.read().decode(errors="replace"))
     except (urllib.error.URLError, OSError) as exc:
-        print(f"edge-proxy health: {args.url}: {exc}", file=sys.stderr)
+        print(f"edge-proxy health: {mask_url(args.url)}: {exc}", file=sys.stderr)
     return 1
 
 

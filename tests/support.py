@@ -14,13 +14,16 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import httpx
+from packaging.requirements import Requirement
 
 from tests.fake_upstream import FakeFlagsmith
 
@@ -325,3 +328,82 @@ class ClientLoop:
             if self.pause:
                 time.sleep(self.pause)
         connection.close()
+
+
+def python_for(user: list[str]) -> str:
+    """A CPython 3.11 (the lock's) that the image's user can run whole, as the image's /usr/local one.
+
+    An interpreter under /root (pyenv) is not: that user cannot read its standard library, and Python then
+    silently falls back to another prefix.
+    """
+    probe = "import sys; print(sys.version_info[:2] == (3, 11), sys.base_prefix)"
+    for candidate in (sys._base_executable, "/usr/local/bin/python3.11", "/usr/bin/python3.11"):
+        if not Path(candidate).is_file():
+            continue
+        as_root = subprocess.run([candidate, "-c", probe], capture_output=True, text=True).stdout
+        as_user = subprocess.run(
+            ["setpriv", "--reuid", user[0], "--regid", user[1], "--clear-groups", candidate, "-c", probe],
+            capture_output=True,
+            text=True,
+        ).stdout
+        if as_root.startswith("True") and as_user == as_root:
+            return candidate
+    raise AssertionError("no CPython 3.11 that a non-root user can run (apt-get install python3.11-venv)")
+
+
+def runtime_distributions(name: str = "edge-proxy") -> list[metadata.Distribution]:
+    """The installed distributions `name` needs at run time (its requirements, recursively; no extras)."""
+    found: dict[str, metadata.Distribution] = {}
+    wanted = [name]
+    while wanted:
+        distribution = metadata.distribution(wanted.pop())
+        key = distribution.metadata["Name"].lower().replace("_", "-")
+        if key in found:
+            continue
+        found[key] = distribution
+        for spec in distribution.requires or []:
+            requirement = Requirement(spec)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                wanted.append(requirement.name)
+    return [distribution for key, distribution in found.items() if key != name]
+
+
+def _place(source: Path, target: Path) -> None:
+    """A hard link when everyone may read the file already (the same inode: nothing to change), else a
+    readable copy."""
+    if source.stat().st_mode & 0o004:
+        with contextlib.suppress(OSError):  # another filesystem: copied below
+            os.link(source, target)
+            return
+    shutil.copy2(source, target)
+    target.chmod(target.stat().st_mode | 0o444)
+
+
+@contextlib.contextmanager
+def world_readable_install(user: list[str]) -> Iterator[Path]:
+    """The proxy and its runtime dependencies in a temporary venv under /tmp that `user` can read, for
+    running it as that user from a checkout it cannot enter (`git clone` into `mktemp -d` is mode 0700).
+    Yields the venv's python (`python -m proxy` is `edge-proxy`); removed after. Files are hard-linked
+    from this venv when on the same filesystem (instant), copied otherwise."""
+    root = Path(tempfile.mkdtemp(prefix="edge-proxy-runtime-"))
+    try:
+        root.chmod(0o755)
+        subprocess.run([python_for(user), "-m", "venv", "--without-pip", str(root)], check=True, timeout=60)
+        version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+        site = root / "lib" / version / "site-packages"
+        for distribution in runtime_distributions():
+            for file in distribution.files or []:
+                if file.parts[0] == ".." or "__pycache__" in file.parts:  # scripts in bin/, bytecode
+                    continue
+                target = site / file
+                target.parent.mkdir(parents=True, exist_ok=True)
+                _place(Path(str(file.locate())), target)
+        for source in (ROOT / "proxy").rglob("*"):
+            if source.is_file() and "__pycache__" not in source.parts:
+                (site / source.relative_to(ROOT)).parent.mkdir(parents=True, exist_ok=True)
+                _place(source, site / source.relative_to(ROOT))
+        for folder, _, _ in os.walk(root):  # ours: readable whatever the umask
+            os.chmod(folder, 0o755)
+        yield root / "bin" / "python"
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

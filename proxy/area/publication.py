@@ -62,7 +62,7 @@ def area_path(base_dir: str, port: int) -> Path:
     return Path(base_dir) / f"edge-proxy.{port}"
 
 
-def _full_message(path: Path, free: int | None = None) -> str:
+def full_message(path: Path, free: int | None = None) -> str:
     room = f" ({free // 1024} KiB free)" if free is not None else ""
     return (
         f"shared-memory area {path} is full{room}: raise the size of its filesystem "
@@ -93,7 +93,7 @@ class Area:
             stats = os.statvfs(self.path)
             free = stats.f_bavail * stats.f_frsize
             if free < self.min_free_bytes:
-                raise AreaError(_full_message(self.path, free))
+                raise AreaError(full_message(self.path, free))
             with open(self.path / CONTROL, "wb") as control:
                 control.write(bytes(CONTROL_SIZE))
             with open(self.path / CONTROL, "r+b") as control:
@@ -109,7 +109,7 @@ class Area:
         except OSError as exc:
             self.remove()
             if exc.errno == errno.ENOSPC:
-                raise AreaError(_full_message(self.path)) from None
+                raise AreaError(full_message(self.path)) from None
             raise AreaError(f"cannot create shared-memory area {self.path}: {exc}") from None
 
     def _take_over_leftover(self) -> None:
@@ -231,7 +231,7 @@ class Publisher:
                 with contextlib.suppress(OSError):
                     path.unlink()
             if exc.errno == errno.ENOSPC:
-                raise AreaError(_full_message(self.path)) from None
+                raise AreaError(full_message(self.path)) from None
             raise AreaError(f"cannot publish to {self.path}: {exc}") from None
         self._words[_GENERATION] = generation
         self.generation = generation
@@ -249,7 +249,7 @@ class Publisher:
         stats = os.statvfs(self.path)
         free = stats.f_bavail * stats.f_frsize
         if needed > free:
-            raise AreaError(_full_message(self.path, free))
+            raise AreaError(full_message(self.path, free))
         if self.max_bytes is not None:
             used = sum(entry.stat().st_size for entry in self.path.glob("env-*.json"))
             if used + needed > self.max_bytes:

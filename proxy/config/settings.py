@@ -12,12 +12,13 @@ import json
 import logging
 import math
 import os
+import re
 from collections.abc import Mapping
 from contextvars import ContextVar
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 from pydantic import (
     AfterValidator,
@@ -295,7 +296,7 @@ class Settings(BaseSettings):
         value = value.strip()
         scheme = value.split(":", 1)[0].lower() if ":" in value else ""
         if scheme not in ("http", "https", "file"):
-            raise ValueError(f"must be an http://, https:// or file:// URL, not {value!r}")
+            raise ValueError(f"must be an http://, https:// or file:// URL, not {mask_url(value)!r}")
         if scheme == "file":
             directory = file_source_dir(value)
             if not directory.is_dir():
@@ -311,7 +312,7 @@ class Settings(BaseSettings):
             return None
         value = value.strip()
         if value.split(":", 1)[0].lower() not in ("http", "https"):
-            raise ValueError(f"must be an http:// or https:// URL, not {value!r}")
+            raise ValueError(f"must be an http:// or https:// URL, not {mask_url(value)!r}")
         return value.rstrip("/") + "/"
 
     @model_validator(mode="after")
@@ -461,6 +462,35 @@ def mask_key(key: str) -> str:
     return f"{prefix}{rest[:2]}…{rest[-2:]}"
 
 
+def secret_variables(environ: Mapping[str, str]) -> list[str]:
+    """The names in `environ` that pydantic-settings reads as settings (any case, aliases too), plus
+    Granian's key-file password: what `serve` removes before starting children, which get their settings
+    from the area."""
+    names = {"granian_ssl_keyfile_password"}
+    for name, field in Settings.model_fields.items():
+        names.add(name)
+        if isinstance(field.validation_alias, AliasChoices):
+            names.update(str(choice) for choice in field.validation_alias.choices)
+    return [variable for variable in environ if variable.lower() in names]
+
+
+SUMMARY_ITEMS = 3  # of a long list, the start-up log shows this many
+
+
+def settings_summary(settings: Settings) -> str:
+    """The start-up log's view of the settings: masked, each long list cut to its first items and a count
+    (10,000 key pairs printed whole made one line of ~1 MB)."""
+    data = masked_settings(settings)
+    for key, value in data.items():
+        if isinstance(value, list) and len(value) > SUMMARY_ITEMS:
+            data[key] = [*value[:SUMMARY_ITEMS], f"… and {len(value) - SUMMARY_ITEMS} more"]
+    shown = json.dumps(data, ensure_ascii=False)
+    return f"{len(settings.environment_key_pairs)} environment key pair(s), settings: {shown}"
+
+
+URL_SETTINGS = ("api_url", "snapshot_redis_url", "redis_url", "upstream_stream_url")  # each may carry credentials
+
+
 def masked_settings(settings: Settings) -> dict[str, Any]:
     data = settings.model_dump(mode="json")
     data["environment_key_pairs"] = [
@@ -471,21 +501,48 @@ def masked_settings(settings: Settings) -> dict[str, Any]:
         data["proxy_key"] = mask_key(data["proxy_key"])
     if (data.get("webhook") or {}).get("secret"):
         data["webhook"]["secret"] = "***"
-    data["api_url"] = mask_url(data["api_url"])
-    for name in ("snapshot_redis_url", "redis_url"):
-        if data.get(name):
-            data[name] = mask_url(data[name])
+    for key in URL_SETTINGS:
+        if data.get(key):
+            data[key] = mask_url(data[key])
     if data.get("status_token"):
         data["status_token"] = "***"
     return data
 
 
+# Query or fragment parameters whose value is a credential, by any name a client library uses
+# (`password`, `sentinel_password`, `access_token`, `api_key`, `X-Amz-Signature`, `auth`…): over-masking
+# a harmless one costs nothing, printing a secret cannot be undone.
+_SECRET_PARAMETER = re.compile(r"pass|pwd|token|secret|key|auth|sig|credential", re.IGNORECASE)
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]*[^\s'\"<>.,;:)]")
+
+
 def mask_url(url: str) -> str:
-    """`https://user:secret@host/...` → `https://***@host/...`: credentials never printed."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
+    """A URL safe to show: user-info (`user:pw@`, `:pw@`, `token@`) → `***@`, and the value of every
+    credential-like query or fragment parameter → `***`. What carries no credential is left as written."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # not parseable (e.g. an unclosed IPv6 bracket): show none of it
+        return "***"
+    netloc = "***@" + parts.netloc.rsplit("@", 1)[1] if "@" in parts.netloc else parts.netloc
+    masked = parts._replace(
+        netloc=netloc, query=_mask_parameters(parts.query), fragment=_mask_parameters(parts.fragment)
+    )
+    return url if masked == parts else urlunsplit(masked)
+
+
+def _mask_parameters(text: str) -> str:
+    if "=" not in text:
+        return text
+    pieces = []
+    for piece in text.split("&"):
+        name, equals, _ = piece.partition("=")
+        pieces.append(f"{name}=***" if equals and _SECRET_PARAMETER.search(unquote_plus(name)) else piece)
+    return "&".join(pieces)
+
+
+def mask_urls_in(text: str) -> str:
+    """`text` (an exception's message, say) with every URL in it masked by `mask_url`."""
+    return _URL_IN_TEXT.sub(lambda match: mask_url(match.group()), text)
 
 
 SECRET_GRANIAN_OPTIONS = ("ssl_keyfile_password",)

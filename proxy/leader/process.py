@@ -11,8 +11,9 @@ from pathlib import Path
 
 from proxy.area.processes import LEADER, WORKER, reap, register
 from proxy.area.publication import Publisher
+from proxy.area.settings_file import read_settings
 from proxy.config.logs import configure_logging
-from proxy.config.settings import Settings
+from proxy.config.settings import Settings, mask_urls_in
 from proxy.leader.analytics_forwarding import AnalyticsForwarder
 from proxy.leader.discovery import Discovery
 from proxy.leader.fanout import Fanout
@@ -68,10 +69,11 @@ async def _reap_dead_processes(area: Path, stop: asyncio.Event) -> None:
             await asyncio.wait_for(stop.wait(), timeout=REAP_INTERVAL)
 
 
-def run_leader(settings: Settings, area: str) -> None:
+def run_leader(area: str) -> None:
     # Ctrl-C reaches the whole process group: the main process shuts us down with SIGTERM instead,
     # otherwise the watchdog would see us die and restart us during shutdown.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    settings = read_settings(Path(area))
     configure_logging(settings.logging)
     try:
         import uvloop
@@ -95,7 +97,7 @@ async def _main(settings: Settings, area: Path) -> None:
     try:
         store = make_store(settings, report=False)  # the main process's preload reported on it
     except Exception as exc:  # e.g. the directory cannot be created: serve without snapshots, say why
-        log.error("snapshot store unavailable, serving without snapshots: %s", exc)
+        log.error("snapshot store unavailable, serving without snapshots: %s", mask_urls_in(str(exc)))
         store = None
     if store is not None:
         poller.snapshots = Snapshots(store)

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import orjson
 
-from proxy.config.settings import Settings, mask_key
+from proxy.config.settings import Settings, mask_key, mask_urls_in
 from proxy.http.webhook import REFRESH_FOLDER, SEEN_FOLDER
 from proxy.leader.poller import Poller
 from proxy.leader.upstream import upstream_client
@@ -140,7 +140,7 @@ class UpstreamStreams:
             except asyncio.CancelledError:
                 raise
             except (httpx.HTTPError, OSError) as exc:
-                problem = f"{type(exc).__name__}: {exc}"
+                problem = f"{type(exc).__name__}: {mask_urls_in(str(exc))}"
             if problem is not None:
                 failures += 1
                 # logged once per streak; polling goes on meanwhile, so nothing is lost but latency

@@ -44,7 +44,7 @@ from typing import Any, Protocol
 import orjson
 
 from proxy.area.publication import key_hash
-from proxy.config.settings import Settings, mask_key, mask_url
+from proxy.config.settings import Settings, mask_key, mask_url, mask_urls_in
 from proxy.leader.private_files import open_private, prepare_directory, write_private
 from proxy.metrics import prometheus as metrics
 
@@ -327,9 +327,14 @@ class Snapshots:
         return self.store.save(snapshot.client_key, encode(snapshot, server_keys[0]), keep)
 
     def _failed(self, action: str, client_key: str, exc: Exception) -> None:
-        self.last_error = f"{action} failed: {type(exc).__name__}: {exc}"
+        text = mask_urls_in(str(exc))
+        self.last_error = f"{action} failed: {type(exc).__name__}: {text}"
         log.error(
-            "snapshot store %s: %s of environment %s failed: %s", self.store.location, action, mask_key(client_key), exc
+            "snapshot store %s: %s of environment %s failed: %s",
+            self.store.location,
+            action,
+            mask_key(client_key),
+            text,
         )
 
     def adopt(self, previous: dict[str, Any] | None) -> None:
@@ -370,7 +375,7 @@ def preload(settings: Settings, area: Path) -> None:
     try:
         snapshots = Snapshots(make_store(settings))  # type: ignore[arg-type]
     except Exception as exc:
-        log.error("snapshot store unavailable, starting without snapshots: %s", exc)
+        log.error("snapshot store unavailable, starting without snapshots: %s", mask_urls_in(str(exc)))
         return
     documents: dict[str, bytes] = {}
     entries: dict[str, ManifestEntry] = {}

@@ -19,7 +19,7 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 import orjson
 
-from proxy.config.settings import Settings, file_source_dir, mask_key, mask_url
+from proxy.config.settings import Settings, file_source_dir, mask_key, mask_url, mask_urls_in
 from proxy.evaluation.mapping import DocumentError, validate_document
 from proxy.leader.upstream import upstream_client
 from proxy.metrics import tracing
@@ -146,7 +146,7 @@ class HttpSource:
         except httpx.TimeoutException:
             return FetchFailed("upstream timed out", "timeout")
         except httpx.HTTPError as exc:
-            return FetchFailed(f"upstream request failed: {type(exc).__name__}: {exc}", "network")
+            return FetchFailed(f"upstream request failed: {type(exc).__name__}: {mask_urls_in(str(exc))}", "network")
         except orjson.JSONDecodeError as exc:
             return FetchFailed(f"upstream sent invalid JSON: {exc}", "invalid_json")
         except DocumentTooLarge:

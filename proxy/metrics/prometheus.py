@@ -277,7 +277,7 @@ def render() -> bytes:
     if folder:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # untyped in prometheus-client
-        with archive_lock(Path(folder), exclusive=False):  # the leader may be archiving a dead process's files
+        with archive_lock(Path(folder)):  # the leader may be archiving a dead process's files
             collected = generate_latest(registry)
         return collected + generate_latest(extra)
     return generate_latest() + generate_latest(extra)

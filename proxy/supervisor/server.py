@@ -1,6 +1,7 @@
 """`edge-proxy serve`: the main process. Embeds Granian, owns the shared-memory area, supervises the leader.
 
-Start-up order: the area is created (cleaning up a SIGKILLed predecessor's), Granian's `on_startup` hook
+Start-up order: the area is created (cleaning up a SIGKILLed predecessor's) and the validated settings are
+written into it (0600; the leader and the workers read them there), Granian's `on_startup` hook
 spawns the leader (a `spawn`-context process) and its watchdog thread, then Granian starts the workers,
 which attach to the area by path. Shutdown: Granian drains and stops the workers, `on_shutdown` stops the
 leader, counts not yet forwarded upstream are kept in `snapshot_dir` when it is set (`pending_counts.py`),
@@ -14,6 +15,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -21,16 +23,17 @@ from pathlib import Path
 from typing import Any
 
 from proxy.area import buckets
-from proxy.area.publication import Area, Heartbeat
+from proxy.area.publication import Area, AreaError, Heartbeat
+from proxy.area.settings_file import write_settings
 from proxy.config.granian import GranianOptions
 from proxy.config.logs import logging_config
-from proxy.config.settings import Settings
+from proxy.config.settings import Settings, secret_variables
 from proxy.http.status import WORKERS_ENV
 from proxy.leader.process import drain_seconds, run_leader
 from proxy.leader.snapshots import preload as preload_snapshots
 from proxy.supervisor.pending_counts import keep as keep_pending
 from proxy.supervisor.pending_counts import restore as restore_pending
-from proxy.worker.factory import AREA_ENV, SETTINGS_ENV, encode_settings
+from proxy.worker.factory import AREA_ENV
 
 log = logging.getLogger("proxy.server")
 
@@ -73,9 +76,7 @@ class LeaderSupervisor:
         self._thread.start()
 
     def _spawn(self) -> None:
-        process = self.context.Process(
-            target=run_leader, args=(self.settings, str(self.area)), name="edge-proxy-leader"
-        )
+        process = self.context.Process(target=run_leader, args=(str(self.area),), name="edge-proxy-leader")
         self._last_beat = self._heartbeat.read() if self._heartbeat is not None else 0  # the previous leader's
         process.start()
         self.process = process
@@ -251,8 +252,17 @@ def serve(settings: Settings, options: GranianOptions, area: Area) -> int:
     """Serve until SIGINT/SIGTERM; `area` is already created and the metrics directory pointed into it."""
     from granian import Granian
 
+    try:
+        write_settings(area.path, settings)
+    except AreaError as exc:
+        area.remove()
+        print(f"edge-proxy: {exc}", file=sys.stderr)
+        return 2
+    # The settings' environment overrides (keys, tokens, secrets) were read once; the leader and the workers
+    # must not carry them in their environment (Linux also caps one variable at 128 KiB).
+    for name in secret_variables(os.environ):
+        del os.environ[name]
     os.environ[AREA_ENV] = str(area.path)
-    os.environ[SETTINGS_ENV] = encode_settings(settings)
     os.environ[WORKERS_ENV] = str(options.workers)
     raise_open_files_limit(options, settings)
     preload_snapshots(settings, area.path)  # before the workers' first load: a cold start serves at once

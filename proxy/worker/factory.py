@@ -1,8 +1,8 @@
 """The application factory each Granian worker calls (`proxy.worker.factory:create_app`).
 
-Workers get the validated settings and the shared-memory area's path from environment variables set by
-`edge-proxy serve`, so nothing depends on inheriting memory from the main process (Granian spawns
-workers on Python 3.14).
+Workers get the shared-memory area's path from an environment variable set by `edge-proxy serve`, and the
+validated settings from the area's private settings file (`proxy/area/settings_file.py`), so nothing depends on
+inheriting memory from the main process (Granian spawns workers on Python 3.14).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from blacksheep import Application
 
 from proxy.area.processes import WORKER, register
 from proxy.area.publication import Subscriber
+from proxy.area.settings_file import read_settings
 from proxy.config.logs import configure_logging
 from proxy.config.settings import Settings
 from proxy.http.app import build_app
@@ -28,30 +29,19 @@ from proxy.metrics import tracing
 from proxy.metrics.environments import EnvironmentCollector
 from proxy.worker.store import Follower, Store
 
-SETTINGS_ENV = "EDGE_PROXY_SETTINGS"
 AREA_ENV = "EDGE_PROXY_AREA"
 
 log = logging.getLogger("proxy.worker")
-
-
-def encode_settings(settings: Settings) -> str:
-    """The validated settings as JSON, for the workers' environment (readable, no pickle)."""
-    return settings.model_dump_json()
-
-
-def decode_settings(value: str) -> Settings:
-    # model_validate_json checks the values again but reads no environment variable or file: the workers
-    # serve exactly what the main process validated.
-    return Settings.model_validate_json(value)
 
 
 def create_app() -> Application:
     # States are built in a thread; a shorter GIL switch interval (default 5 ms) lets the serving loop
     # in more often while a large document is being built.
     sys.setswitchinterval(0.001)
-    settings = decode_settings(os.environ[SETTINGS_ENV])
+    area = Path(os.environ[AREA_ENV])
+    settings = read_settings(area)
     configure_logging(settings.logging)
-    return create_worker_app(settings, Path(os.environ[AREA_ENV]))
+    return create_worker_app(settings, area)
 
 
 def create_worker_app(settings: Settings, area: Path) -> Application:

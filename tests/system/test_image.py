@@ -14,7 +14,6 @@ import shlex
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +25,7 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 
 from tests.fake_upstream import FakeFlagsmith
-from tests.support import KEYS, ROOT, conformance_documents, free_port, wait_for
+from tests.support import KEYS, ROOT, conformance_documents, free_port, python_for, wait_for
 
 
 def instructions(dockerfile: str) -> list[list[tuple[str, str]]]:
@@ -65,27 +64,6 @@ def test_the_lock_pins_every_runtime_dependency_within_its_range() -> None:
 
 def image_user() -> list[str]:
     return str(final_stage()["USER"]).split(":")
-
-
-def python_for(user: list[str]) -> str:
-    """A CPython 3.11 (the lock's) that the image's user can run whole, as the image's /usr/local one.
-
-    An interpreter under /root (pyenv) is not: that user cannot read its standard library, and Python then
-    silently falls back to another prefix.
-    """
-    probe = "import sys; print(sys.version_info[:2] == (3, 11), sys.base_prefix)"
-    for candidate in (sys._base_executable, "/usr/local/bin/python3.11", "/usr/bin/python3.11"):
-        if not Path(candidate).is_file():
-            continue
-        as_root = subprocess.run([candidate, "-c", probe], capture_output=True, text=True).stdout
-        as_user = subprocess.run(
-            ["setpriv", "--reuid", user[0], "--regid", user[1], "--clear-groups", candidate, "-c", probe],
-            capture_output=True,
-            text=True,
-        ).stdout
-        if as_root.startswith("True") and as_user == as_root:
-            return candidate
-    raise AssertionError("no CPython 3.11 that a non-root user can run (apt-get install python3.11-venv)")
 
 
 @pytest.fixture(scope="module")

@@ -5,15 +5,18 @@
 
 from __future__ import annotations
 
+import fcntl
 import http.client
 import itertools
 import json
+import logging
 import math
 import os
 import re
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -26,7 +29,7 @@ from prometheus_client import multiprocess
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.area.processes import archive
+from proxy.area.processes import ARCHIVE_LOCK, DEAD, archive, reap
 from proxy.metrics import prometheus as metrics
 from tests.fake_upstream import FakeFlagsmith
 from tests.support import ROOT, ProxyProcess, conformance_documents, proxy_config, wait_for
@@ -233,13 +236,53 @@ def test_archiving_a_dead_process_keeps_every_total(tmp_path: Path) -> None:
         histogram.write_value(mmap_key("h", "h_sum", [], [], "a histogram"), count / 10, 0.0)
         histogram.close()
     before = _collected(tmp_path)
-    archive(tmp_path, 101)
+    assert archive(tmp_path, [101])
     assert _collected(tmp_path) == before
-    archive(tmp_path, 102)
+    assert archive(tmp_path, [102])
     assert _collected(tmp_path) == before
     names = sorted(p.name for p in tmp_path.glob("*.db"))
     assert names == ["counter_103.db", "counter_archive.db", "histogram_103.db", "histogram_archive.db"]
     assert ("c_total", (("route", "/x"),), 12.0) in before  # summed over all three processes
+
+
+def test_the_leader_never_waits_for_the_archive_lock(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    area, folder = tmp_path, tmp_path / "metrics"
+    folder.mkdir()
+    (area / "processes").mkdir()
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a worker that died: its pid is free
+    (area / "processes" / str(gone.pid)).write_text("worker 1")
+    counter = MmapedDict(str(folder / f"counter_{gone.pid}.db"))
+    counter.write_value(mmap_key("c", "c_total", [], [], "a counter"), 7.0, 0.0)
+    counter.close()
+    before = _collected(folder)
+    # A scrape in progress, as an endless flood of overlapping scrapes looks to an exclusive flock
+    scrape = os.open(folder / ARCHIVE_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(scrape, fcntl.LOCK_SH)
+    try:
+        found: list[list[str]] = []
+        leader = threading.Thread(target=lambda: found.append(reap(area, folder)), daemon=True)
+        leader.start()
+        leader.join(2)
+        assert not leader.is_alive(), "the leader's reap waited for the archive lock"
+        assert found == [["worker"]]  # counted the round it is found dead
+        assert (folder / f"counter_{gone.pid}.db").exists() and not (folder / "counter_archive.db").exists()
+        assert _collected(folder) == before
+        # starved for two minutes: said (once a period), and still not counted again
+        marker = area / "processes" / f"{gone.pid}{DEAD}"
+        long_ago = time.time() - 120
+        os.utime(marker, (long_ago, long_ago))
+        with caplog.at_level(logging.WARNING, "proxy.leader"):
+            assert reap(area, folder) == []
+            assert reap(area, folder) == []
+        starved = [r.getMessage() for r in caplog.records if "waited" in r.getMessage()]
+        assert len(starved) == 1 and "1 dead process(es) have waited 120s for the archive lock" in starved[0]
+    finally:
+        os.close(scrape)
+    assert reap(area, folder) == []  # the lock is free: archived now, not counted again
+    assert not (folder / f"counter_{gone.pid}.db").exists() and (folder / "counter_archive.db").exists()
+    assert not list((area / "processes").iterdir())
+    assert _collected(folder) == before
 
 
 def test_observe_buckets_are_inclusive_and_flush_moves_deltas() -> None:

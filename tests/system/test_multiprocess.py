@@ -23,7 +23,16 @@ import pytest
 
 from proxy.leader.process import HEARTBEAT_EVERY
 from tests.fake_upstream import FakeFlagsmith
-from tests.support import EDGE_PROXY, ClientLoop, ProxyProcess, alive, conformance_documents, proxy_config, wait_for
+from tests.support import (
+    EDGE_PROXY,
+    KEYS,
+    ClientLoop,
+    ProxyProcess,
+    alive,
+    conformance_documents,
+    proxy_config,
+    wait_for,
+)
 
 CLIENT = {"X-Environment-Key": "env_client_key_1"}
 
@@ -364,3 +373,86 @@ def test_a_port_taken_by_another_program_is_one_line_and_exit_2(
     )
     assert "Traceback" not in result.stderr and "panicked" not in result.stderr
     assert not (Path("/dev/shm") / f"edge-proxy.{port}").exists()  # the area it created is gone again
+
+
+def tiny_document(number: int, client_key: str) -> dict[str, object]:
+    return {
+        "id": number,
+        "api_key": client_key,
+        "name": f"environment {number}",
+        "updated_at": "2024-05-01T12:00:00.000000+00:00",
+        "project": {
+            "id": 1,
+            "name": "project",
+            "organisation": {"id": 1, "name": "org", "feature_analytics": False, "persist_trait_data": True},
+            "hide_disabled_flags": False,
+            "segments": [],
+        },
+        "feature_states": [
+            {
+                "feature": {"id": 1, "name": "banner", "type": "STANDARD"},
+                "enabled": True,
+                "django_id": number + 1,
+                "feature_state_value": f"value {number}",
+                "multivariate_feature_state_values": [],
+            }
+        ],
+        "identity_overrides": [],
+    }
+
+
+def many_pairs(folder: Path, count: int) -> dict[str, str]:
+    """`count` server key → client key pairs, each with its document file in `folder` (a file source)."""
+    folder.mkdir(parents=True)
+    pairs = {f"ser.many_server_key_{n:05d}": f"many_client_key_{n:05d}" for n in range(count)}
+    for number, (server_key, client_key) in enumerate(pairs.items()):
+        (folder / f"{server_key}.json").write_text(json.dumps(tiny_document(number, client_key)))
+    return pairs
+
+
+@pytest.mark.timeout(300)
+def test_ten_thousand_key_pairs_start_serve_and_log_one_short_line(
+    tmp_path: Path, start_proxy: Callable[..., ProxyProcess]
+) -> None:
+    # ~870 KiB of settings: as one environment variable (past Linux's 128 KiB per string) no leader started
+    pairs = many_pairs(tmp_path / "documents", 10_000)
+    config = proxy_config(f"file://{tmp_path / 'documents'}", api_poll_frequency_seconds=3600)
+    config["environment_key_pairs"] = [{"server_side_key": s, "client_side_key": c} for s, c in pairs.items()]
+    proxy = start_proxy(config)
+    proxy.wait_live(timeout=60)
+    numbers = (0, 4_321, 9_999)
+    flags = lambda number: proxy.get("/api/v1/flags/", headers={"X-Environment-Key": f"many_client_key_{number:05d}"})  # noqa: E731
+    # polled gently: health lists every environment (~0.1 s of the one worker's time with 10,000 of them)
+    assert wait_for(lambda: all(flags(number).status_code == 200 for number in numbers), 150, 1.0), proxy.log()[-3000:]
+    for number in numbers:
+        assert flags(number).json()[0]["feature_state_value"] == f"value {number}"
+    assert wait_for(lambda: proxy.status_of("/proxy/health/readiness") == 200, 30, 1.0)
+    lines = [line for line in proxy.log().splitlines() if "settings" in line and "edge-proxy" in line]
+    assert len(lines) == 1 and len(lines[0]) < 2_000, lines[0][:3_000]
+    assert "10000 environment key pair" in lines[0]
+    assert not re.search(r"many_(server|client)_key_\d{5}", proxy.log())  # masked, where shown at all
+
+
+def environ_of(pid: int) -> str:
+    return (Path("/proc") / str(pid) / "environ").read_bytes().replace(b"\0", b"\n").decode(errors="replace")
+
+
+def test_no_child_process_has_the_settings_or_a_secret_in_its_environment(
+    upstream: FakeFlagsmith, start_proxy: Callable[..., ProxyProcess]
+) -> None:
+    # a secret given as an environment override is the main process's own; its children never get it
+    proxy = start_proxy(proxy_config(upstream.api_url), workers=2, env={"STATUS_TOKEN": "status-token-4711"})
+    proxy.wait_ready()
+    leader = proxy.leader_pid()
+    workers = proxy.worker_pids()
+    assert leader is not None and len(workers) == 2
+    leader_environ = environ_of(leader)
+    assert "status-token-4711" not in leader_environ and "STATUS_TOKEN" not in leader_environ
+    for pid in (leader, *workers):
+        environ = environ_of(pid)
+        assert "EDGE_PROXY_SETTINGS" not in environ
+        for server_key, client_key in KEYS.items():
+            assert server_key not in environ and client_key not in environ, (pid, environ)
+    settings_file = proxy.area / "settings.json"
+    assert settings_file.stat().st_mode & 0o777 == 0o600
+    assert proxy.get("/proxy/status", headers={"Authorization": "Bearer status-token-4711"}).status_code == 200

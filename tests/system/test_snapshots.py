@@ -36,7 +36,7 @@ from proxy.leader.snapshots import (
     encode,
 )
 from tests.fake_upstream import FakeFlagsmith
-from tests.support import KEYS, ProxyProcess, conformance_documents, free_port, proxy_config, wait_for
+from tests.support import EDGE_PROXY, KEYS, ProxyProcess, conformance_documents, free_port, proxy_config, wait_for
 
 CLIENT_1 = {"X-Environment-Key": "env_client_key_1"}
 SERVER_1 = {"X-Environment-Key": "ser.env_server_key_1"}
@@ -48,8 +48,9 @@ SERVE_WITHIN = 2.0  # seconds from start to serving from a snapshot (the issue's
 class RedisServer:
     """`redis-server` on a free 127.0.0.1 port, no persistence, in its own directory; stopped by pid."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, password: str | None = None) -> None:
         self.port = free_port()
+        self.password = password
         self.url = f"redis://127.0.0.1:{self.port}/0"
         workdir.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
@@ -65,13 +66,14 @@ class RedisServer:
                 "no",
                 "--dir",
                 str(workdir),
+                *(["--requirepass", password] if password else []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         import redis
 
-        client = redis.Redis(port=self.port)
+        client = redis.Redis(port=self.port, password=password)
         assert wait_for(lambda: self._pings(client), 10), "redis-server did not start"
         client.close()
 
@@ -90,12 +92,16 @@ class RedisServer:
             self.process.wait(5)
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+def needs_redis_server() -> None:
     if shutil.which("redis-server") is None:
         pytest.skip(
             "redis-server is not installed (make test installs it with apt-get: `apt-get install redis-server`)"
         )
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    needs_redis_server()
     server = RedisServer(tmp_path / "redis")
     yield server
     server.stop()
@@ -121,7 +127,7 @@ def stored_count(kind: str, tmp_path: Path, redis_server: RedisServer | None) ->
         return len(list((tmp_path / "snapshots").glob("*.snapshot")))
     import redis
 
-    client = redis.Redis(port=redis_server.port)  # type: ignore[union-attr]
+    client = redis.Redis(port=redis_server.port, password=redis_server.password)  # type: ignore[union-attr]
     try:
         return len(client.keys("edge-proxy:snapshot:*"))
     finally:
@@ -724,3 +730,50 @@ def test_snapshot_settings_are_checked(overrides: dict[str, Any], message: str) 
         Settings(environment_key_pairs=pairs, snapshot_redis_url="redis://:pw@h:1/0", status_token="t0ken")
     )
     assert masked["snapshot_redis_url"] == "redis://***@h:1/0" and masked["status_token"] == "***"
+
+
+REDIS_SECRET, API_SECRET, STREAM_SECRET = "redis-pw-4711", "api-pw-4712", "stream-pw-4713"
+
+
+@pytest.mark.parametrize("form", ["query", "user-info"])
+def test_no_url_credential_reaches_the_log_status_health_metrics_or_check_config(
+    tmp_path: Path, upstream: FakeFlagsmith, form: str
+) -> None:
+    """A password in the Redis URL (`?password=` or `user:pw@`), user-info in api_url and upstream_stream_url:
+    all used, none shown anywhere."""
+    needs_redis_server()
+    redis_server = RedisServer(tmp_path / "redis", password=REDIS_SECRET)
+    base = f"127.0.0.1:{redis_server.port}/0"
+    redis_url = (
+        f"redis://{base}?password={REDIS_SECRET}" if form == "query" else f"redis://default:{REDIS_SECRET}@{base}"
+    )
+    api_url = upstream.api_url.replace("http://", f"http://api-user:{API_SECRET}@")
+    stream_url = upstream.api_url.replace("http://", f"http://stream-user:{STREAM_SECRET}@").removesuffix("/api/v1")
+    config = proxy_config(api_url, **FAST, snapshot_redis_url=redis_url, upstream_stream_url=stream_url)
+    config["health_check"] = {"show_details": True}  # error texts included: they must be masked too
+    proxy = ProxyProcess(tmp_path / "proxy", config).start()
+    try:
+        proxy.wait_ready()
+        assert wait_for(lambda: stored_count("redis", tmp_path, redis_server) == 2, 10), proxy.log()  # the URL works
+        status = proxy.get("/proxy/status").json()["proxy"]["snapshot_store"]
+        masked = f"redis://{base}?password=***" if form == "query" else f"redis://***@{base}"
+        assert status["state"] == "ok" and status["location"] == masked
+        shown = {
+            "log": proxy.log(),
+            "status": proxy.get("/proxy/status").text,
+            "health": proxy.get("/proxy/health").text + proxy.get("/proxy/health/readiness").text,
+            "metrics": proxy.get("/metrics").text,
+            "check-config": subprocess.run(
+                [EDGE_PROXY, "check-config"], env=proxy.env, capture_output=True, text=True, timeout=60, check=True
+            ).stdout,
+        }
+    finally:
+        proxy.stop()
+        redis_server.stop()
+    shown["log"] = proxy.log()  # shutdown's lines too
+    for where, text in shown.items():
+        for secret in (REDIS_SECRET, API_SECRET, STREAM_SECRET):
+            assert secret not in text, f"{secret} in {where}:\n{text}"
+    printed = orjson.loads(shown["check-config"])["settings"]
+    assert printed["api_url"].startswith("http://***@127.0.0.1:")
+    assert printed["upstream_stream_url"].startswith("http://***@127.0.0.1:")

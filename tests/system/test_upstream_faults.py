@@ -18,7 +18,9 @@ from typing import Any
 import pytest
 
 from tests.fake_upstream import FakeFlagsmith
-from tests.support import EDGE_PROXY, ProxyProcess, free_port, proxy_config, wait_for
+from tests.support import EDGE_PROXY, ProxyProcess, free_port, proxy_config, wait_for, world_readable_install
+
+NOBODY = ["nobody", "nogroup"]
 
 ENV1 = {"X-Environment-Key": "env_client_key_1"}
 ENV2 = {"X-Environment-Key": "ser.env_server_key_2"}  # env2 hides disabled flags from client keys
@@ -202,44 +204,43 @@ def test_counts_survive_a_killed_leader_while_upstream_fails(
     assert wait_for(lambda: [r["body"] for r in upstream.analytics] == [{"banner_text": 4}], 15), proxy.log()
 
 
-def test_an_area_owned_by_another_user_is_one_line_and_exit_2(tmp_path: Path) -> None:
-    tmp_path = Path(tempfile.mkdtemp(prefix="edge-proxy-test-"))  # pytest's own folders are root-only
-    port = free_port()
-    shm = tmp_path / "shm"
-    shm.mkdir()
-    shm.chmod(0o777)
-    area = shm / f"edge-proxy.{port}"
-    area.mkdir(mode=0o700)  # root's; the proxy runs as nobody
-    (area / "lock").write_text("1")
-    config = tmp_path / "config.json"
-    config.write_text(
-        json.dumps(
-            {
-                "environment_key_pairs": [{"server_side_key": "ser.a_server_key", "client_side_key": "a_client"}],
-                "shared_memory_dir": str(shm),
-            }
-        )
-    )
-    config.chmod(0o644)
-    tmp_path.chmod(0o755)
-    result = subprocess.run(
-        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", EDGE_PROXY, "serve", "--port", str(port)],
-        # without coverage's subprocess hook: as nobody it could not write our coverage data (a traceback at exit)
-        env={
-            **{k: v for k, v in os.environ.items() if k != "COVERAGE_PROCESS_CONFIG"},
-            "CONFIG_PATH": str(config),
-            "HOME": "/tmp",
-        },
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd="/tmp",
-    )
+def test_an_area_owned_by_another_user_is_one_line_and_exit_2() -> None:
+    folder = Path(tempfile.mkdtemp(prefix="edge-proxy-test-"))  # pytest's own folders are root-only
+    try:
+        port = free_port()
+        shm = folder / "shm"
+        shm.mkdir()
+        shm.chmod(0o777)
+        area = shm / f"edge-proxy.{port}"
+        area.mkdir(mode=0o700)  # root's; the proxy runs as nobody
+        (area / "lock").write_text("1")
+        config = folder / "config.json"
+        pair = {"server_side_key": "ser.a_server_key", "client_side_key": "a_client"}
+        config.write_text(json.dumps({"environment_key_pairs": [pair], "shared_memory_dir": str(shm)}))
+        config.chmod(0o644)
+        folder.chmod(0o755)
+        # nobody cannot enter a checkout in a private folder (`git clone` into `mktemp -d`): it runs a copy
+        with world_readable_install(NOBODY) as python:
+            as_nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+            result = subprocess.run(
+                [*as_nobody, python, "-m", "proxy", "serve", "--port", str(port)],
+                # without coverage's subprocess hook: as nobody it could not write our coverage data
+                env={
+                    **{k: v for k, v in os.environ.items() if k != "COVERAGE_PROCESS_CONFIG"},
+                    "CONFIG_PATH": str(config),
+                    "HOME": "/tmp",
+                },
+                capture_output=True,
+                text=True,
+                timeout=60,
+                cwd="/tmp",
+            )
+    finally:
+        shutil.rmtree(folder)
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if "edge-proxy:" in line]
     assert len(errors) == 1 and "cannot be taken over (owned by uid 0" in errors[0], result.stderr
-    shutil.rmtree(tmp_path)
 
 
 def test_check_config_masks_every_secret(tmp_path: Path) -> None:

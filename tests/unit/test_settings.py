@@ -11,7 +11,17 @@ from typing import Any
 import pytest
 
 from proxy.config.granian import available_cpus, load_granian_options
-from proxy.config.settings import ConfigError, Settings, default_config, load_settings, mask_key
+from proxy.config.settings import (
+    ConfigError,
+    Settings,
+    default_config,
+    load_settings,
+    mask_key,
+    mask_url,
+    mask_urls_in,
+    secret_variables,
+    settings_summary,
+)
 from tests.support import EDGE_PROXY, EXAMPLES, ROOT
 
 PAIR = {"server_side_key": "ser.abc123", "client_side_key": "client123"}
@@ -130,6 +140,55 @@ def test_keys_are_masked() -> None:
     assert mask_key("ser.abcdefghij") == "ser.ab…ij"
     assert mask_key("client_abcdef") == "cl…ef"
     assert "abcdefghij" not in mask_key("ser.abcdefghij")
+
+
+@pytest.mark.parametrize(
+    ("url", "masked"),
+    [
+        ("redis://h:6379/0?password=pw", "redis://h:6379/0?password=***"),
+        ("redis://:pw@h:6379", "redis://***@h:6379"),
+        ("redis://user:pw@h/0", "redis://***@h/0"),
+        ("https://tok@h/api/v1", "https://***@h/api/v1"),
+        ("unix://:pw@/run/redis.sock?db=0", "unix://***@/run/redis.sock?db=0"),
+        (
+            "rediss://h/0?ssl_cert_reqs=none&Sentinel_Password=pw",
+            "rediss://h/0?ssl_cert_reqs=none&Sentinel_Password=***",
+        ),
+        ("https://h/x?PWD=pw&Token=pw&access_token=pw", "https://h/x?PWD=***&Token=***&access_token=***"),
+        ("https://h/x?api%5Fkey=pw&client_secret=pw&auth=pw", "https://h/x?api%5Fkey=***&client_secret=***&auth=***"),
+        ("https://h/x?X-Amz-Signature=pw&X-Amz-Date=1", "https://h/x?X-Amz-Signature=***&X-Amz-Date=1"),
+        ("https://h/cb#access_token=pw&state=1", "https://h/cb#access_token=***&state=1"),
+        ("https://h/api/v1", "https://h/api/v1"),
+        ("file:///srv/documents", "file:///srv/documents"),
+        ("http://[::1", "***"),
+    ],
+)
+def test_every_credential_a_url_can_carry_is_masked(url: str, masked: str) -> None:
+    assert mask_url(url) == masked
+    assert mask_urls_in(f"Error connecting to {url}. Refused") == f"Error connecting to {masked}. Refused"
+
+
+def test_a_rejected_url_is_masked_in_the_config_error(tmp_path: Path) -> None:
+    write(tmp_path, {"environment_key_pairs": [PAIR], "api_url": "ftp://user:pw-4711@h/x"})
+    with pytest.raises(ConfigError) as error:
+        load_settings(tmp_path / "config.json")
+    assert "pw-4711" not in str(error.value) and "ftp://***@h/x" in str(error.value)
+
+
+def test_the_environment_variables_read_as_settings_are_found_in_any_case() -> None:
+    environ = {"Status_Token": "t", "API_POLL_FREQUENCY": "5", "webhook": "{}", "GRANIAN_SSL_KEYFILE_PASSWORD": "p"}
+    environ |= {"CONFIG_PATH": "/c.json", "HOME": "/root", "GRANIAN_WORKERS": "2"}
+    assert sorted(secret_variables(environ)) == sorted(
+        ["Status_Token", "API_POLL_FREQUENCY", "webhook", "GRANIAN_SSL_KEYFILE_PASSWORD"]
+    )
+
+
+def test_the_start_up_summary_cuts_long_lists() -> None:
+    pairs = [{"server_side_key": f"ser.server_{n:04d}", "client_side_key": f"client_{n:04d}"} for n in range(1000)]
+    summary = settings_summary(Settings(environment_key_pairs=pairs, allow_origins=["https://a", "https://b"]))
+    assert summary.startswith("1000 environment key pair(s), settings: ") and len(summary) < 2000
+    assert "… and 997 more" in summary and '["https://a", "https://b"]' in summary
+    assert "server_0999" not in summary and "client_0000" not in summary
 
 
 def run_cli(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
