@@ -42,8 +42,8 @@ from proxy.http.status import authorized, status_body
 from proxy.http.stream import StreamHub, client_key_of
 from proxy.http.webhook import WebhookReceiver
 from proxy.metrics import prometheus as metrics
-from proxy.worker.environment import EnvironmentState
 from proxy.worker.identity_responses import IdentityResponses
+from proxy.worker.served import Served
 from proxy.worker.store import Store
 
 log = logging.getLogger("proxy.app")
@@ -145,21 +145,20 @@ class ProxyApp:
     # -- flags -----------------------------------------------------------------------------------
     async def flags(self, request: Request) -> Response:
         kind, state = self.store.resolve(request.get_first_header(b"x-environment-key"))
-        view = state.views[kind]
         query = raw_query(request)
         feature = query_param(query, "feature") if query else None
         if feature:
-            body = view.single.get(feature)
+            body = state.flag(kind, feature)
             if body is None:
                 raise NotFound(f"feature '{feature}' not found")
             return self._ok(request, body, state, "flags")
-        return self._ok(request, view.flags, state, "flags")
+        return self._ok(request, state.flags(kind), state, "flags")
 
     # -- identities ------------------------------------------------------------------------------
     async def identities_get(self, request: Request) -> Response:
         kind, state = self.store.resolve(request.get_first_header(b"x-environment-key"))
         identifier = parse_identity_query(raw_query(request))
-        return self._identity(request, kind, state, identifier, [], {})
+        return await self._identity(request, kind, state, identifier, [], {})
 
     async def identities_post(self, request: Request) -> Response:
         key = request.get_first_header(b"x-environment-key")
@@ -168,21 +167,22 @@ class ProxyApp:
         identifier, echo, traits = parse_identity_body(raw, request.get_first_header(b"content-type"))
         # Resolve again: a new state may have been swapped in while the body was read.
         kind, state = self.store.resolve(key)
-        return self._identity(request, kind, state, identifier, echo, traits)
+        return await self._identity(request, kind, state, identifier, echo, traits)
 
-    def _identity(
+    async def _identity(
         self,
         request: Request,
         kind: KeyKind,
-        state: EnvironmentState,
+        state: Served,
         identifier: str,
         echo: list[dict[str, Any]],
         traits: dict[str, Any],
     ) -> Response:
+        await state.ready_for_identities()
         body = self.identities.body(kind, state, identifier, echo, traits, accepts_gzip(request))
         return self._ok(request, body, state, "identities")
 
-    def _ok(self, request: Request, body: Body, state: EnvironmentState, resource: str) -> Response:
+    def _ok(self, request: Request, body: Body, state: Served, resource: str) -> Response:
         # Usage reporting (with a proxy_key) counts successful answers per environment and resource.
         if self.usage is not None:
             self.usage.increment(state.client_key, resource)
@@ -195,7 +195,7 @@ class ProxyApp:
         raw = await self.body_reader.read(request)
         _, state = self.store.resolve(key)
         # Only features the environment has are counted: invented names cannot grow buffers.
-        counts, ignored = parse_analytics_body(raw, state.features)
+        counts, ignored = parse_analytics_body(raw, state.feature_names)
         self.store.counters.analytics.record(state.client_key, counts)
         if ignored:
             metrics.analytics_ignored[0] += ignored
@@ -218,7 +218,7 @@ class ProxyApp:
                 return self._not_modified(state, validators)
         elif state.last_modified is not None:
             since = request.get_first_header(b"if-modified-since")
-            if since is not None and not_modified(since, state):
+            if since is not None and not_modified(since, state.last_modified):
                 return self._not_modified(state, validators)
         response = self._ok(request, state.document, state, "environment-document")
         for name, value in validators:
@@ -226,7 +226,7 @@ class ProxyApp:
         return response
 
     @staticmethod
-    def _not_modified(state: EnvironmentState, validators: list[tuple[bytes, bytes]]) -> Response:
+    def _not_modified(state: Served, validators: list[tuple[bytes, bytes]]) -> Response:
         # a 304 carries what the 200 would have: its validators and Vary
         vary = [(b"vary", b"Accept-Encoding")] if state.document.gzip is not None else []
         return Response(304, validators + vary, None)

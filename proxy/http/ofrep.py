@@ -37,8 +37,8 @@ from proxy.evaluation.engine import FlagResult
 from proxy.http.errors import PayloadTooLarge, ProxyError, RequestInvalid
 from proxy.http.identity_request import MAX_TRAIT_STRING
 from proxy.http.responses import JSON, accepts_gzip, negotiated
-from proxy.worker.environment import EnvironmentState
 from proxy.worker.identity_responses import traits_key
+from proxy.worker.served import Served
 from proxy.worker.store import Store
 
 # Far above any real evaluation context; bounds what one request can make the worker hash and keep.
@@ -257,7 +257,7 @@ class OfrepRoutes:
         self._count(state, identifier)
         return Response(200, headers, Content(JSON, data))
 
-    async def _evaluate(self, request: Request, gzip_wanted: bool) -> tuple[EnvironmentState, Evaluation, str | None]:
+    async def _evaluate(self, request: Request, gzip_wanted: bool) -> tuple[Served, Evaluation, str | None]:
         key = request_key(request)
         try:
             self.store.resolve(key)  # 401/503 before reading a body
@@ -269,13 +269,14 @@ class OfrepRoutes:
             raise _invalid(f"context too large: {error.message}") from None
         except ProxyError as error:
             raise OfrepError(error.status, "GENERAL", error.message) from None
+        await state.ready_for_identities()
         try:
             return state, self._cached(state, kind, identifier, traits, gzip_wanted), identifier
         except RequestInvalid as error:  # a trait value flag-engine cannot evaluate
             raise _invalid(str(error.errors[0]["msg"])) from None
 
     def _cached(
-        self, state: EnvironmentState, kind: KeyKind, identifier: str | None, traits: dict[str, Any], gzip_wanted: bool
+        self, state: Served, kind: KeyKind, identifier: str | None, traits: dict[str, Any], gzip_wanted: bool
     ) -> Evaluation:
         cache = self.store.cache
         # Keyed like identity responses, traits sorted because a context is a map (names are unique, so
@@ -293,7 +294,7 @@ class OfrepRoutes:
             cache.put(state.client_key, cache_key, evaluation)
         return evaluation
 
-    def _count(self, state: EnvironmentState, identifier: str | None) -> None:
+    def _count(self, state: Served, identifier: str | None) -> None:
         # Usage reporting knows Flagsmith's resources: an OFREP answer is an identity's or the environment's flags.
         if self.usage is not None:
             self.usage.increment(state.client_key, "identities" if identifier else "flags")

@@ -12,7 +12,7 @@ from email.utils import parsedate_to_datetime
 from blacksheep import Content, Request, Response
 
 from proxy.area.bodies import GZIP_MIN_BYTES, Body
-from proxy.worker.environment import EnvironmentState
+from proxy.worker.served import Served
 
 JSON = b"application/json"
 DOCUMENT_UPDATED_AT = b"x-flagsmith-document-updated-at"
@@ -84,7 +84,7 @@ def negotiated(request: Request, body: Body, headers: list[tuple[bytes, bytes]])
     return data
 
 
-def send(request: Request, body: Body, state: EnvironmentState) -> Response:
+def send(request: Request, body: Body, state: Served) -> Response:
     """200 with `body`, gzip when asked and worth it, and the document's timestamp header."""
     headers: list[tuple[bytes, bytes]] = []
     data = negotiated(request, body, headers)
@@ -110,10 +110,13 @@ def none_match(header: bytes, etag: bytes) -> bool:
     return any(tag == opaque for tag in _ENTITY_TAG.findall(header))
 
 
-def not_modified(since: bytes, state: EnvironmentState) -> bool:
-    """Does an `If-Modified-Since` value cover the state's document? (An unparsable date does not.)"""
+def not_modified(since: bytes, last_modified: bytes) -> bool:
+    """Does an `If-Modified-Since` value cover a document last modified at `last_modified`? (An unparsable
+    date does not.) A client usually echoes the Last-Modified it got: equal bytes need no parsing."""
+    if since == last_modified:
+        return True
     try:
         when = parsedate_to_datetime(since.decode("latin-1"))
     except (TypeError, ValueError):
         return False
-    return state.updated_at is not None and when.tzinfo is not None and state.updated_at.replace(microsecond=0) <= when
+    return when.tzinfo is not None and parsedate_to_datetime(last_modified.decode("latin-1")) <= when

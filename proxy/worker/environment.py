@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -126,6 +127,22 @@ class EnvironmentState:
         log.warning("environment %s: identities are evaluated by flag-engine (%s)", masked, detail)
         metrics.EVALUATOR_FALLBACKS.labels(reason=reason, scope="environment").inc()
         return None
+
+    # -- what the HTTP layer reads (the seam `proxy/worker/served.py` names) ---------------------------
+    def flags(self, kind: KeyKind) -> Body:
+        """`GET /api/v1/flags/` as `kind` sees it."""
+        return self.views[kind].flags
+
+    def flag(self, kind: KeyKind, name: str) -> Body | None:
+        """`GET /api/v1/flags/?feature=name` as `kind` sees it; None: not there (or hidden from `kind`)."""
+        return self.views[kind].single.get(name)
+
+    @property
+    def feature_names(self) -> Collection[str]:
+        return self.features.keys()
+
+    async def ready_for_identities(self) -> None:
+        """The evaluator is built with the state: nothing to wait for."""
 
     def identity_body(
         self, kind: KeyKind, identifier: str, echo: list[dict[str, Any]], traits: dict[str, Any]

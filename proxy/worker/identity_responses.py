@@ -12,8 +12,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from proxy.area.bodies import GZIP_MIN_BYTES, Body, KeyKind
-from proxy.worker.environment import EnvironmentState
 from proxy.worker.response_cache import ResponseCache
+from proxy.worker.served import Served
 
 TraitsKey = tuple[tuple[str, type, Any], ...]
 
@@ -36,7 +36,7 @@ class IdentityResponses:
     def body(
         self,
         kind: KeyKind,
-        state: EnvironmentState,
+        state: Served,
         identifier: str,
         echo: list[dict[str, Any]],
         traits: dict[str, Any],

@@ -28,6 +28,7 @@ from proxy.worker.counters import WorkerCounters
 from proxy.worker.environment import EnvironmentState
 from proxy.worker.keys import KeyIndex, ServerKeys
 from proxy.worker.response_cache import ResponseCache
+from proxy.worker.served import Served
 
 log = logging.getLogger("proxy.worker")
 
@@ -56,7 +57,7 @@ class Store:
         self.area: Path | None = None  # the shared-memory area, once the worker follows it (webhook hand-over)
         self.stop_streams: Callable[[], None] = lambda: None  # set by build_app: ends the streams at shutdown
 
-    def resolve(self, key: bytes | None) -> tuple[KeyKind, EnvironmentState]:
+    def resolve(self, key: bytes | None) -> tuple[KeyKind, Served]:
         """The state a key's request is served from: 401 for an unknown key, 503 before its first document."""
         kind, client_key = self.keys.lookup(key)
         state = self.states.get(client_key)
