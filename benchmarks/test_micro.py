@@ -22,7 +22,7 @@ from proxy.area.bodies import KeyKind
 from proxy.area.manifest import ManifestEntry
 from proxy.area.publication import Area, Publisher, Subscriber
 from proxy.config.settings import Settings
-from proxy.http.app import route_of
+from proxy.http.routes import route_of
 from proxy.metrics import prometheus as metrics
 from proxy.worker.environment import EnvironmentState
 from proxy.worker.store import Store
@@ -51,7 +51,7 @@ def test_flags_lookup(benchmark: Any, store: Store) -> None:
 
     def lookup() -> bytes:
         kind, state = store.resolve(key)
-        return state.views[kind].flags.plain
+        return state.flags(kind).plain
 
     assert benchmark(lookup).startswith(b"[")
 
@@ -163,13 +163,12 @@ def discarding_tracer(ratio: float = 1.0) -> Any:
 
 @pytest.mark.parametrize("controls", list(EDGE_CONTROLS))
 def test_middleware_edge_controls(benchmark: Any, controls: str, tmp_path: Path) -> None:
-    """`ProxyApp.middleware` around a handler that answers at once, for `GET /api/v1/flags/` with a client
-    key: the middleware's whole cost (metrics and CORS lookup included) with the edge controls off and on.
-    Rate limits use the shared, locked bucket tables of a real area."""
-    from blacksheep import Request, Response
-
-    from proxy.http.app import ProxyApp
+    """`HotRoutes.serve` (the one wrapper of both request paths) around a handler that answers at once, for
+    `GET /api/v1/flags/` with a client key: the wrapper's whole cost (metrics and CORS lookup included) with
+    the edge controls off and on. Rate limits use the shared, locked bucket tables of a real area."""
     from proxy.http.edge_controls import EdgeControls
+    from proxy.http.exchange import Call, Reply
+    from proxy.http.hot import HotRoutes
     from proxy.supervisor.server import create_bucket_tables
 
     settings = Settings(
@@ -182,29 +181,31 @@ def test_middleware_edge_controls(benchmark: Any, controls: str, tmp_path: Path)
         create_bucket_tables(settings, area.path)
         store = Store(settings)
         store.area = area.path
-        app = ProxyApp(settings, store)
+        app = HotRoutes(settings, store)
         headers = [(b"host", b"127.0.0.1"), (b"x-environment-key", b"env_client_key_1"), (b"accept", b"*/*")]
         if controls == "tracing":
             app.controls = EdgeControls(settings, lambda: area.path, tracer=discarding_tracer())
             headers.append((b"traceparent", b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"))
         elif controls == "tracing-1%":
             app.controls = EdgeControls(settings, lambda: area.path, tracer=discarding_tracer(0.01))
-        request = Request("GET", b"/api/v1/flags/", headers)
-        request.scope = {"client": ("127.0.0.1", 50000), "headers": headers}  # type: ignore[assignment]
-        answer = Response(200, None, None)
 
-        async def handler(_: Request) -> Response:
-            return answer
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b""}
 
-        def call() -> Response:
+        request = Call("GET", b"/api/v1/flags/", b"", headers, receive, "", ("127.0.0.1", 50000))
+
+        async def handler(_: Call) -> Reply:
+            return Reply(200, [], None)
+
+        def call() -> Reply:
             # the coroutine never suspends: drive it by hand, no event loop in the measurement
-            coroutine = app.middleware(request, handler)
+            coroutine = app.serve(request, "/api/v1/flags/", handler)
             try:
                 coroutine.send(None)
             except StopIteration as done:
-                result: Response = done.value
+                result: Reply = done.value
                 return result
-            raise AssertionError("the middleware suspended")
+            raise AssertionError("the wrapper suspended")
 
         assert call().status == 200
         benchmark.pedantic(call, rounds=200, iterations=200, warmup_rounds=5)

@@ -1,8 +1,8 @@
 """Shared fixtures: the fake upstream, and real `edge-proxy serve` processes (always stopped).
 
 The helpers live in `tests/support.py`; import them from there. Tests live in tiers, one folder each, and
-carry the tier's marker: `unit` (in-process, milliseconds: pieces and routes through BlackSheep's test
-client), `differential` (in-process against an oracle: flag-engine, the SDK's mapper), `system` (real
+carry the tier's marker: `unit` (in-process, milliseconds: pieces and routes through raw ASGI calls,
+tests/asgi.py), `differential` (in-process against an oracle: flag-engine, the SDK's mapper), `system` (real
 processes, for what only processes show). `make check` runs all but `system`; `make test` runs everything.
 """
 

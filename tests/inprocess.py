@@ -1,9 +1,10 @@
-"""The in-process tier: the real BlackSheep app and Store, no processes, no sockets.
+"""The in-process tier: the real application and Store, no processes, no sockets.
 
 `InProcessProxy` builds a worker's `Store` with states from documents (as `Follower` would from a
-publication), the app from `proxy.http.app.build_app`, and sends requests through BlackSheep's `TestClient`
-on its own event loop, so a route test costs well under a millisecond. Processes, publication, Granian
-and failures stay in the real-process tier (`tests/support.py` `ProxyProcess`).
+publication), the application a worker serves from `proxy.http.app.build_asgi` (the fast path in front of
+BlackSheep unless `server.fast_path` is off), and sends raw ASGI calls (tests/asgi.py) on its own event loop,
+so a route test costs well under a millisecond. Processes, publication, Granian and failures stay in the
+real-process tier (`tests/support.py` `ProxyProcess`).
 """
 
 from __future__ import annotations
@@ -16,14 +17,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from blacksheep import Content
-from blacksheep.testing import TestClient
 
 from proxy.area.manifest import Location, Manifest, ManifestEntry
 from proxy.config.settings import Settings
-from proxy.http.app import build_app
+from proxy.http.app import build_asgi
 from proxy.worker.environment import EnvironmentState
 from proxy.worker.store import Store, build_states
+from tests.asgi import call
 from tests.support import KEYS
 
 
@@ -58,10 +58,9 @@ class InProcessProxy:
         client_keys = {pair.server_side_key: pair.client_side_key for pair in settings.environment_key_pairs}
         published = {client_keys[server]: orjson.dumps(document) for server, document in documents.items()}
         self.publish(published)
-        self.app = build_app(settings, self.store)
+        self.asgi, self.app = build_asgi(settings, self.store)
         self.loop = asyncio.new_event_loop()
         self.loop.run_until_complete(self.app.start())
-        self.client = TestClient(self.app)
 
     def publish(self, documents: dict[str, bytes], last_success: float | None = None) -> None:
         """Swap in a new generation, as a worker's Follower does after a publication."""
@@ -91,23 +90,19 @@ class InProcessProxy:
         content_type: str | None = "application/json",
     ) -> Answer:
         """`content_type` None: a body with no Content-Type header."""
-        # TestClient adds browser-like defaults (Accept-Encoding: gzip, deflate): ask for identity unless told
+        # Ask for no encoding unless told (BlackSheep's TestClient, used here before, sent gzip by default).
         sent = {"accept-encoding": "identity", **{name.lower(): value for name, value in (headers or {}).items()}}
-        content = None
         if body is not None:
-            content = Content((content_type or "application/octet-stream").encode(), body)
             if content_type is not None:
                 sent.setdefault("content-type", content_type)
             sent.setdefault("content-length", str(len(body)))
-        send = getattr(self.client, method.lower())  # TestClient.get, .post, .options, ...
-        call = send(path, headers=sent, content=content) if content is not None else send(path, headers=sent)
-        response = self.loop.run_until_complete(call)
-        raw = self.loop.run_until_complete(response.read()) or b""
+        pairs = [(name.encode(), value.encode()) for name, value in sent.items()]
+        answer = self.loop.run_until_complete(call(self.asgi, method, path.encode(), pairs, body or b""))
         names: dict[str, str] = {}
-        for name, value in response.headers:
+        for name, value in answer.headers:
             key = name.decode().lower()
             names[key] = f"{names[key]}, {value.decode()}" if key in names else value.decode()
-        return Answer(response.status, names, raw)
+        return Answer(answer.status, names, answer.body)
 
     def get(self, path: str, headers: dict[str, str] | None = None) -> Answer:
         return self.request("GET", path, headers)

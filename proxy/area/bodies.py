@@ -7,7 +7,7 @@ bytes and, when worth it, the same bytes gzip-compressed, so the request path ne
 from __future__ import annotations
 
 import gzip
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import IntEnum
 
 # Bodies smaller than this are sent uncompressed, as the Python proxy does.
@@ -27,6 +27,10 @@ class Body:
     @classmethod
     def of(cls, data: bytes) -> Body:
         return cls(data, compress(data) if len(data) >= GZIP_MIN_BYTES else None)
+
+    def compressed(self) -> Body:
+        """The same body with its gzip copy (a subclass keeps its other fields)."""
+        return replace(self, gzip=compress(self.plain))
 
     def size(self) -> int:
         """Bytes held (a subclass holding more says so: the response cache counts this)."""

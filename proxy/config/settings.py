@@ -124,6 +124,9 @@ class LoggingSettings(_Frozen):
 class ServerSettings(_Frozen):
     host: str = "0.0.0.0"
     port: int = Field(default=8000, ge=1, le=65535)
+    # The hot routes served straight from ASGI (proxy/http/fast_path.py); false: every request through
+    # BlackSheep, the same answers more slowly (for comparison).
+    fast_path: bool = True
     # Python-proxy keys with no Granian equivalent: accepted, warned about at start.
     reload: bool = False
     proxy_headers: bool = False

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from blacksheep import Content, Request, Response
 
+from proxy.http.exchange import Headers
 from proxy.http.responses import DOCUMENT_UPDATED_AT
 
 PREFLIGHT_METHODS = b"DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT"
+EXPOSED = DOCUMENT_UPDATED_AT + b", etag"
 
 
 class Cors:
@@ -35,13 +37,24 @@ class Cors:
                 response.add_header(b"access-control-allow-headers", requested)
         return response
 
-    def add_headers(self, response: Response, origin: bytes) -> None:
-        if not self.allowed(origin) or response.has_header(b"access-control-allow-origin"):
+    def add_headers(self, headers: Headers, origin: bytes) -> None:
+        """Add CORS headers for `origin` to an answer's header list (a Reply's, or a BlackSheep Response's
+        `headers.values`): the one place both request paths get them from."""
+        if not self.allowed(origin):
             return
+        vary = None
+        for name, value in headers:
+            if name == b"access-control-allow-origin":  # a preflight answer has its own
+                return
+            if name == b"vary" and vary is None:
+                vary = value
+        if vary is not None:  # as BlackSheep's set_header: every Vary removed, the merged one goes last
+            headers[:] = [header for header in headers if header[0] != b"vary"]
         # Echo the origin (never `*` with credentials), let browser SDKs read the document timestamp.
-        response.add_header(b"access-control-allow-origin", origin)
-        response.add_header(b"access-control-allow-credentials", b"true")
         # ETag: browser OFREP providers poll the bulk endpoint with If-None-Match.
-        response.add_header(b"access-control-expose-headers", DOCUMENT_UPDATED_AT + b", etag")
-        vary = response.get_first_header(b"vary")
-        response.set_header(b"vary", vary + b", Origin" if vary else b"Origin")
+        headers += (
+            (b"access-control-allow-origin", origin),
+            (b"access-control-allow-credentials", b"true"),
+            (b"access-control-expose-headers", EXPOSED),
+            (b"vary", vary + b", Origin" if vary else b"Origin"),
+        )

@@ -1,4 +1,4 @@
-"""One error hierarchy, one place that renders it (`ProxyApp.middleware` in app.py).
+"""One error hierarchy, one place that renders it (`error_reply`, for both the fast path and BlackSheep).
 
 Application errors are `{"status": ..., "message": ...}` (the Rust proxy's shape); request validation keeps
 the captured FastAPI shape `{"detail": [{"type", "loc", "msg", "input"}]}` (`RequestInvalid`). Every body
@@ -8,9 +8,14 @@ orjson's depth limit, say) is replaced by a note rather than turning a 422 into 
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import orjson
+
+from proxy.http.exchange import Reply
+
+log = logging.getLogger("proxy.app")
 
 # Inputs longer than this are not echoed whole in a 422 (a client must not make us send megabytes back).
 MAX_ECHO_BYTES = 64 * 1024
@@ -52,6 +57,16 @@ class RequestTimeout(ProxyError):
 class PayloadTooLarge(ProxyError):
     status = 413
     code = "payload_too_large"
+
+
+class ClientDisconnected(ProxyError):
+    """The client went away mid-body: its mistake, not ours. Counted (as nginx's 499), never a traceback."""
+
+    status = 499
+    code = "client_closed_request"
+
+    def __init__(self) -> None:
+        super().__init__("client disconnected")
 
 
 class ServiceUnavailable(ProxyError):
@@ -108,3 +123,14 @@ class TraitsUnevaluable(RequestInvalid):
                 }
             ]
         )
+
+
+def error_reply(error: Exception, method: str, path: bytes) -> Reply:
+    """The one place an exception becomes an answer: a ProxyError's own status and body, else a logged 500."""
+    if isinstance(error, ProxyError):
+        if isinstance(error, ClientDisconnected):
+            log.debug("client disconnected before sending the whole body: %s", path.decode(errors="replace"))
+        # A client that could not send its body in time gets the connection closed too.
+        return Reply(error.status, [(b"connection", b"close")] if error.status == 408 else [], error.body())
+    log.exception("unexpected error serving %s %s", method, path.decode(errors="replace"), exc_info=error)
+    return Reply(500, [], INTERNAL_ERROR_BODY)

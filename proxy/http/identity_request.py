@@ -33,14 +33,17 @@ Identity = tuple[str, list[dict[str, Any]], dict[str, Any]]
 
 def is_json_content_type(content_type: bytes | None) -> bool:
     """Missing, `application/json` or `application/*+json` (parameters ignored), as the Python proxy."""
-    if not content_type:
+    if not content_type or content_type == b"application/json":
         return True
     media = content_type.split(b";", 1)[0].strip().lower()
     return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
 
 
 def parse_identity_body(raw: bytes, content_type: bytes | None) -> Identity:
-    """Body → (identifier, traits as echoed, traits for evaluation). Raises RequestInvalid."""
+    """Body → (identifier, traits as echoed, traits for evaluation). Raises RequestInvalid.
+
+    One pass over a valid body; the first thing out of the ordinary sends it to `_validated`, which
+    walks it again collecting every error, as pydantic reports them."""
     if not is_json_content_type(content_type):
         text = raw.decode("utf-8", "replace")
         raise RequestInvalid(
@@ -59,6 +62,38 @@ def parse_identity_body(raw: bytes, content_type: bytes | None) -> Identity:
         raise RequestInvalid(
             [_error("json_invalid", ["body", exc.pos], "JSON decode error", {}, {"error": exc.msg})]
         ) from None
+    if type(data) is dict:
+        identifier = data.get("identifier")
+        traits = data.get("traits", [])
+        if (
+            type(identifier) is str
+            and len(identifier) <= MAX_IDENTIFIER
+            and type(traits) is list
+            and len(traits) <= MAX_TRAITS
+        ):
+            echo: list[dict[str, Any]] = []
+            evaluated: dict[str, Any] = {}
+            for trait in traits:
+                if type(trait) is not dict:
+                    break
+                key = trait.get("trait_key")
+                value = trait.get("trait_value")
+                if type(key) is not str:
+                    break
+                if type(value) is str:
+                    if len(value) > MAX_TRAIT_STRING:
+                        break
+                elif type(value) is list or type(value) is dict:
+                    break
+                echo.append({"trait_key": key, "trait_value": value})
+                evaluated[key] = value
+            else:
+                return identifier, echo, evaluated
+    return _validated(data)
+
+
+def _validated(data: Any) -> Identity:
+    """Every error in a parsed body (it has at least one, or the caller found none and it returns)."""
     if not isinstance(data, dict):
         raise RequestInvalid(
             [

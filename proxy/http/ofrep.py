@@ -20,26 +20,23 @@ single-flag body, and kept in the worker's identity LRU, so both endpoints and r
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Hashable
 from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
 
 import orjson
-from blacksheep import Content, Request, Response
 
-from proxy.area.bodies import GZIP_MIN_BYTES, Body, KeyKind, compress
-from proxy.area.mailboxes import CountsBuffer
+from proxy.area.bodies import Body, KeyKind
 from proxy.evaluation.engine import FlagResult
 from proxy.http.errors import PayloadTooLarge, ProxyError, RequestInvalid
+from proxy.http.exchange import Call, Headers, Reply
+from proxy.http.identities import IdentityPipeline, Parsed, traits_key
 from proxy.http.identity_request import MAX_TRAIT_STRING
-from proxy.http.responses import JSON, accepts_gzip, negotiated
-from proxy.worker.identity_responses import traits_key
+from proxy.http.responses import accepts_gzip, negotiated
+from proxy.worker.response_cache import key_cost
 from proxy.worker.served import Served
-from proxy.worker.store import Store
 
 # Far above any real evaluation context; bounds what one request can make the worker hash and keep.
 MAX_CONTEXT_ENTRIES = 1000
@@ -47,24 +44,24 @@ MAX_CONTEXT_ENTRIES = 1000
 # and `transient`, which asks Flagsmith not to store the identity: the proxy never stores one anyway).
 NOT_TRAITS = ("targetingKey", "traits", "transient")
 SCALARS = (str, bool, int, float, type(None))
-SINGLE_OVERHEAD = 33 + 56  # a bytes object's header and a 2-tuple (sys.getsizeof)
+SINGLE_OVERHEAD = 33 + 56 + 100  # a bytes object's header, a 2-tuple, the dict slot (sys.getsizeof)
 REASONS = {"STATIC": "STATIC", "DEFAULT": "STATIC", "TARGETING_MATCH": "TARGETING_MATCH", "SPLIT": "SPLIT"}
 
 
-class OfrepError(Exception):
+class OfrepError(ProxyError):
     """An OFREP error answer: `{"key"?, "errorCode", "errorDetails"}` with its HTTP status."""
 
-    def __init__(self, status: int, code: str, details: str) -> None:
+    def __init__(self, status: int, code: str, details: str, key: str | None = None) -> None:
         super().__init__(details)
         self.status = status
         self.code = code
-        self.details = details
+        self.key = key
 
-    def response(self, key: str | None) -> Response:
-        body: dict[str, Any] = {"errorCode": self.code, "errorDetails": self.details}
-        if key is not None:
-            body = {"key": key, **body}
-        return Response(self.status, None, Content(JSON, orjson.dumps(body)))
+    def body(self) -> bytes:
+        body: dict[str, Any] = {"errorCode": self.code, "errorDetails": self.message}
+        if self.key is not None:
+            body = {"key": self.key, **body}
+        return orjson.dumps(body)
 
 
 def _invalid(details: str) -> OfrepError:
@@ -74,15 +71,15 @@ def _invalid(details: str) -> OfrepError:
 # -- request: key and context --------------------------------------------------------------------
 
 
-def request_key(request: Request) -> bytes | None:
+def request_key(call: Call) -> bytes | None:
     """The environment key: `X-Environment-Key`, `Authorization: Bearer <key>`, or the spec's `X-API-Key`."""
-    key = request.get_first_header(b"x-environment-key")
+    key = call.header(b"x-environment-key")
     if key:
         return key
-    auth = request.get_first_header(b"authorization")
+    auth = call.header(b"authorization")
     if auth and auth[:7].lower() == b"bearer ":
         return auth[7:].strip()
-    return request.get_first_header(b"x-api-key")
+    return call.header(b"x-api-key")
 
 
 def parse_context(raw: bytes) -> tuple[str | None, dict[str, Any]]:
@@ -194,23 +191,26 @@ class Evaluation(Body):
 
     etag: bytes
     single: dict[str, tuple[int, bytes]]
+    identified: bool  # evaluated for an identity (usage counts it as one), not the environment
+    held: int  # bytes `etag` and `single` hold, counted once when encoded
 
     def size(self) -> int:
-        # the bodies, plus each single answer (bytes and tuple headers) and the dict itself
-        singles = sum(len(data) + SINGLE_OVERHEAD for _, data in self.single.values())
-        return Body.size(self) + len(self.etag) + singles + sys.getsizeof(self.single)
+        return Body.size(self) + self.held
 
 
-def encode_evaluation(results: list[FlagResult], kind: KeyKind) -> Evaluation:
+def encode_evaluation(results: list[FlagResult], kind: KeyKind, identified: bool = True) -> Evaluation:
     single: dict[str, tuple[int, bytes]] = {}
+    held = 0
     for result in results:
         status, entry = flag_entry(result, kind)
         # A copy: orjson's output keeps its 4 KB growth buffer (measured), 20 times what an answer needs.
-        single[result.feature["name"]] = (status, bytes(memoryview(orjson.dumps(entry))))
+        data = bytes(memoryview(orjson.dumps(entry)))
+        single[result.feature["name"]] = (status, data)
+        held += len(data) + SINGLE_OVERHEAD
     plain = b'{"flags":[' + b",".join(data for _, data in single.values()) + b"]}"
     # A hash of the body: every worker (and a restarted proxy) gives the same context the same tag.
     etag = b'"' + hashlib.blake2b(plain, digest_size=12).hexdigest().encode() + b'"'
-    return Evaluation(plain, None, etag, single)
+    return Evaluation(plain, None, etag, single, identified, held + len(etag) + 64)
 
 
 def etag_matches(if_none_match: bytes, etag: bytes) -> bool:
@@ -224,77 +224,67 @@ def etag_matches(if_none_match: bytes, etag: bytes) -> bool:
 # -- routes --------------------------------------------------------------------------------------
 
 
-class OfrepRoutes:
-    """The two OFREP handlers, on one worker's Store and identity LRU."""
+class Context(Parsed):
+    """An OFREP context: keyed like identity answers but with traits sorted (a context is a map), and
+    tagged so these stay apart from /api/v1/identities/ bodies."""
 
-    def __init__(self, store: Store, read_body: Callable[[Request], Awaitable[bytes]]) -> None:
-        self.store = store
-        self.read_body = read_body
-        self.usage: CountsBuffer | None = store.counters.usage
+    __slots__ = ("traits",)
 
-    async def flag(self, request: Request) -> Response:
-        key = request.route_values.get("key") or ""
-        try:
-            state, evaluation, identifier = await self._evaluate(request, False)
-        except OfrepError as error:
-            return error.response(key)
-        found = evaluation.single.get(key)
-        if found is None:  # unknown, or hidden from this key (server-only, or disabled with hide_disabled_flags)
-            return OfrepError(404, "FLAG_NOT_FOUND", f"flag '{key}' was not found").response(key)
-        self._count(state, identifier)
-        return Response(found[0], None, Content(JSON, found[1]))
+    def __init__(self, kind: KeyKind, identifier: str | None, traits: dict[str, Any], size: int) -> None:
+        self.identifier = identifier
+        self.traits = traits
+        # names are unique, so only names are compared
+        self.key: Hashable = ("ofrep", kind, identifier, traits_key(sorted(traits.items(), key=itemgetter(0))))
+        self.key_bytes = key_cost(size, len(traits))
 
-    async def flags(self, request: Request) -> Response:
+    def encode(self, state: Served, kind: KeyKind) -> Body:
         try:
-            state, evaluation, identifier = await self._evaluate(request, accepts_gzip(request))
-        except OfrepError as error:
-            return error.response(None)
-        headers = [(b"etag", evaluation.etag)]
-        if_none_match = request.get_first_header(b"if-none-match")
-        if if_none_match is not None and etag_matches(if_none_match, evaluation.etag):
-            return Response(304, headers, None)
-        data = negotiated(request, evaluation, headers)
-        self._count(state, identifier)
-        return Response(200, headers, Content(JSON, data))
-
-    async def _evaluate(self, request: Request, gzip_wanted: bool) -> tuple[Served, Evaluation, str | None]:
-        key = request_key(request)
-        try:
-            self.store.resolve(key)  # 401/503 before reading a body
-            raw = await self.read_body(request)
-            identifier, traits = parse_context(raw)
-            # Resolve again: a new state may have been swapped in while the body was read.
-            kind, state = self.store.resolve(key)
-        except PayloadTooLarge as error:
-            raise _invalid(f"context too large: {error.message}") from None
-        except ProxyError as error:
-            raise OfrepError(error.status, "GENERAL", error.message) from None
-        await state.ready_for_identities()
-        try:
-            return state, self._cached(state, kind, identifier, traits, gzip_wanted), identifier
+            results = state.identity_results(kind, self.identifier, self.traits)
         except RequestInvalid as error:  # a trait value flag-engine cannot evaluate
             raise _invalid(str(error.errors[0]["msg"])) from None
+        return encode_evaluation(results, kind, self.identifier is not None)
 
-    def _cached(
-        self, state: Served, kind: KeyKind, identifier: str | None, traits: dict[str, Any], gzip_wanted: bool
-    ) -> Evaluation:
-        cache = self.store.cache
-        # Keyed like identity responses, traits sorted because a context is a map (names are unique, so
-        # only names are compared); the "ofrep" tag keeps these apart from /api/v1/identities/ bodies.
-        cache_key = ("ofrep", kind, identifier, traits_key(sorted(traits.items(), key=itemgetter(0))))
-        cached = cache.get(state.client_key, cache_key) if cache is not None else None
-        evaluation = cached if isinstance(cached, Evaluation) else None
-        changed = evaluation is None
-        if evaluation is None:
-            evaluation = encode_evaluation(state.identity_results(kind, identifier, traits), kind)
-        if gzip_wanted and evaluation.gzip is None and len(evaluation.plain) >= GZIP_MIN_BYTES:
-            evaluation = dataclasses.replace(evaluation, gzip=compress(evaluation.plain))
-            changed = True
-        if changed and cache is not None:
-            cache.put(state.client_key, cache_key, evaluation)
-        return evaluation
 
-    def _count(self, state: Served, identifier: str | None) -> None:
-        # Usage reporting knows Flagsmith's resources: an OFREP answer is an identity's or the environment's flags.
-        if self.usage is not None:
-            self.usage.increment(state.client_key, "identities" if identifier else "flags")
+def parse(kind: KeyKind, raw: bytes, call: Call) -> Parsed:
+    identifier, traits = parse_context(raw)
+    return Context(kind, identifier, traits, len(raw))
+
+
+class OfrepRoutes:
+    """The two OFREP handlers, on the shared identity pipeline (proxy/http/identities.py)."""
+
+    def __init__(self, identities: IdentityPipeline) -> None:
+        self.identities = identities
+
+    async def flag(self, call: Call) -> Reply:
+        key = call.route_value
+        state, evaluation = await self._evaluate(call, False, key)
+        found = evaluation.single.get(key)
+        if found is None:  # unknown, or hidden from this key (server-only, or disabled with hide_disabled_flags)
+            raise OfrepError(404, "FLAG_NOT_FOUND", f"flag '{key}' was not found", key)
+        self.identities.count(state, "identities" if evaluation.identified else "flags")
+        return Reply(found[0], [], found[1])
+
+    async def flags(self, call: Call) -> Reply:
+        accept = call.header(b"accept-encoding")
+        state, evaluation = await self._evaluate(call, accepts_gzip(accept), None)
+        headers: Headers = [(b"etag", evaluation.etag)]
+        if_none_match = call.header(b"if-none-match")
+        if if_none_match is not None and etag_matches(if_none_match, evaluation.etag):
+            return Reply(304, headers, None)
+        data = negotiated(accept, evaluation, headers)
+        self.identities.count(state, "identities" if evaluation.identified else "flags")
+        return Reply(200, headers, data)
+
+    async def _evaluate(self, call: Call, gzip_wanted: bool, flag: str | None) -> tuple[Served, Evaluation]:
+        try:
+            state, body = await self.identities.post(call, request_key(call), "ofrep", parse, gzip_wanted)
+        except OfrepError as error:
+            error.key = flag
+            raise
+        except PayloadTooLarge as error:
+            raise OfrepError(400, "INVALID_CONTEXT", f"context too large: {error.message}", flag) from None
+        except ProxyError as error:
+            raise OfrepError(error.status, "GENERAL", error.message, flag) from None
+        assert isinstance(body, Evaluation)  # the "ofrep" tag keeps other bodies out of these keys
+        return state, body

@@ -1,7 +1,7 @@
-"""Building responses from pre-encoded bodies: JSON responses, gzip negotiation, conditional GET.
+"""Answers from pre-encoded bodies: gzip negotiation, `Vary`, the document timestamp, conditional GET.
 
-Plain functions on bytes, no state: the routes (`proxy/http/app.py`, `proxy/http/ofrep.py`) call them on the
-request path, so each one is a handful of header operations at most.
+Plain functions on bytes, no state and no framework: both request paths call them (proxy/http/hot.py), so
+each one is a handful of header operations at most.
 """
 
 from __future__ import annotations
@@ -9,12 +9,10 @@ from __future__ import annotations
 import re
 from email.utils import parsedate_to_datetime
 
-from blacksheep import Content, Request, Response
-
 from proxy.area.bodies import GZIP_MIN_BYTES, Body
+from proxy.http.exchange import Headers, Reply
 from proxy.worker.served import Served
 
-JSON = b"application/json"
 DOCUMENT_UPDATED_AT = b"x-flagsmith-document-updated-at"
 
 
@@ -25,8 +23,8 @@ _GZIP_VERDICTS_MAX = 512
 _QVALUE = re.compile(r"0(\.[0-9]{0,3})?|1(\.0{0,3})?")  # RFC 9110 §12.4.2
 
 
-def accepts_gzip(request: Request) -> bool:
-    accept = request.get_first_header(b"accept-encoding")
+def accepts_gzip(accept: bytes | None) -> bool:
+    """Does an Accept-Encoding value take gzip?"""
     if accept is None:
         return False
     verdict = _GZIP_VERDICTS.get(accept)
@@ -69,33 +67,29 @@ def _weight(parameters: str) -> float | None:
     return weight
 
 
-def json_response(status: int, data: bytes) -> Response:
-    return Response(status, None, Content(JSON, data))
-
-
-def negotiated(request: Request, body: Body, headers: list[tuple[bytes, bytes]]) -> bytes:
+def negotiated(accept: bytes | None, body: Body, headers: Headers) -> bytes:
     """The bytes to send for `body`: gzip when asked and worth it; adds Vary/Content-Encoding to `headers`."""
     data = body.plain
     if len(data) >= GZIP_MIN_BYTES:
         headers.append((b"vary", b"Accept-Encoding"))
-        if body.gzip is not None and accepts_gzip(request):
+        if body.gzip is not None and accepts_gzip(accept):
             data = body.gzip
             headers.append((b"content-encoding", b"gzip"))
     return data
 
 
-def send(request: Request, body: Body, state: Served) -> Response:
+def send(accept: bytes | None, body: Body, state: Served) -> Reply:
     """200 with `body`, gzip when asked and worth it, and the document's timestamp header."""
-    headers: list[tuple[bytes, bytes]] = []
-    data = negotiated(request, body, headers)
+    headers: Headers = []
+    data = negotiated(accept, body, headers)
     if state.updated_at_header is not None:
         headers.append((DOCUMENT_UPDATED_AT, state.updated_at_header))
-    return Response(200, headers, Content(JSON, data))
+    return Reply(200, headers, data)
 
 
-def gzip_chosen(request: Request, body: Body) -> bool:
-    """Is `body` sent gzip-encoded to this request? (What `negotiated` decides.)"""
-    return body.gzip is not None and accepts_gzip(request)
+def gzip_chosen(accept: bytes | None, body: Body) -> bool:
+    """Is `body` sent gzip-encoded to a request with this Accept-Encoding? (What `negotiated` decides.)"""
+    return body.gzip is not None and accepts_gzip(accept)
 
 
 _ENTITY_TAG = re.compile(rb'(?:W/)?"([^"]*)"')

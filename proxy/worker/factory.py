@@ -14,15 +14,14 @@ import os
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
-
-from blacksheep import Application
+from typing import Any
 
 from proxy.area.processes import WORKER, register
 from proxy.area.publication import Subscriber
 from proxy.area.settings_file import read_settings
 from proxy.config.logs import configure_logging
 from proxy.config.settings import Settings
-from proxy.http.app import build_app
+from proxy.http.app import build_asgi
 from proxy.http.stream import end_streams_on_shutdown_signal
 from proxy.metrics import prometheus as metrics
 from proxy.metrics import tracing
@@ -34,7 +33,7 @@ AREA_ENV = "EDGE_PROXY_AREA"
 log = logging.getLogger("proxy.worker")
 
 
-def create_app() -> Application:
+def create_app() -> Any:
     # States are built in a thread; a shorter GIL switch interval (default 5 ms) lets the serving loop
     # in more often while a large document is being built.
     sys.setswitchinterval(0.001)
@@ -44,9 +43,10 @@ def create_app() -> Application:
     return create_worker_app(settings, area)
 
 
-def create_worker_app(settings: Settings, area: Path) -> Application:
+def create_worker_app(settings: Settings, area: Path) -> Any:
+    """The ASGI application: the fast path in front of BlackSheep (proxy/http/app.py `build_asgi`)."""
     store = Store(settings)
-    app = build_app(settings, store)
+    served, app = build_asgi(settings, store)
     metrics.scrape_collectors[:] = [EnvironmentCollector(store)]  # one worker, one store
     end_streams_on_shutdown_signal(store.stop_streams)
 
@@ -70,4 +70,4 @@ def create_worker_app(settings: Settings, area: Path) -> Application:
             subscriber.close()
             tracing.shutdown()  # export the spans still buffered
 
-    return app
+    return served

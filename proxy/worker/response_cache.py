@@ -1,17 +1,29 @@
 """Per-worker LRU of encoded identity responses, bounded in entries and in bytes.
 
 Keys start with the environment's client key, so when one environment changes only its entries are
-dropped (`drop_environment`, run by the background loader, never on the request path).
+dropped (`drop_environment`, run by the background loader, never on the request path). What an entry
+costs is given by whoever puts it, from lengths and counts (`key_cost`): no object walks per request.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import sys
 from collections import OrderedDict
 from collections.abc import Hashable
+from dataclasses import replace
 
 from proxy.area.bodies import Body
+
+# OrderedDict node, the Body object, the (client key, key) tuple, the key tuple and its hash slot (measured)
+ENTRY_OVERHEAD = 300
+# One trait in a parsed key: its (name, type, value) tuple and the name's and value's object headers. The
+# characters themselves are counted by the caller (at most the request's length).
+TRAIT_OVERHEAD = 170
+
+
+def key_cost(characters: int, traits: int) -> int:
+    """What a key's Python objects hold: `characters` of text (the identifier, trait names and values: at
+    most the length of the request they were parsed from) and `traits` trait tuples."""
+    return characters + traits * TRAIT_OVERHEAD
 
 
 class ResponseCache:
@@ -23,6 +35,8 @@ class ResponseCache:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.size_bytes = 0
+        # Answers served from the cache and answers evaluated, counted by the caller once per request
+        # (a request may look under two keys).
         self.hits = 0
         self.misses = 0
         self.evictions = 0  # pushed out by the entry or byte bound (not by an environment change)
@@ -34,26 +48,31 @@ class ResponseCache:
         full_key = (client_key, key)
         entry = self._data.get(full_key)
         if entry is None:
-            self.misses += 1
             return None
         self._data.move_to_end(full_key)
-        self.hits += 1
         return entry[0]
 
-    def put(self, client_key: str, key: Hashable, body: Body) -> None:
+    def put(
+        self, client_key: str, key: Hashable, body: Body, key_bytes: int | None = None, exact: bool = False
+    ) -> None:
+        """Keep `body` under `key`; `key_bytes`: what the key holds beyond the entry's fixed overhead (the
+        request pipeline knows it from the request's length; without it, estimated from the key's shape).
+        `exact`: the body's bytes were made at their size (a join, a copy), so they need no copy here."""
         full_key = (client_key, key)
-        # orjson's output keeps its growth buffer (a 57 KB body held 260 KB): keep an exact-size copy.
-        body = dataclasses.replace(body, plain=bytes(memoryview(body.plain)))  # keeps a subclass's fields
-        cost = _cost(full_key, body)
+        if not exact:
+            # orjson's output keeps its growth buffer (measured: a 2 KB body held 8 KB): keep an exact copy.
+            body = replace(body, plain=bytes(memoryview(body.plain)))
+        cost = body.size() + (_shape_cost(key) if key_bytes is None else key_bytes) + ENTRY_OVERHEAD
         if cost > self.max_bytes:
             return
-        old = self._data.pop(full_key, None)
+        data = self._data
+        old = data.pop(full_key, None)
         if old is not None:
             self.size_bytes -= old[1]
-        self._data[full_key] = (body, cost)
+        data[full_key] = (body, cost)
         self.size_bytes += cost
-        while len(self._data) > self.max_entries or self.size_bytes > self.max_bytes:
-            _, (_, evicted_cost) = self._data.popitem(last=False)
+        while len(data) > self.max_entries or self.size_bytes > self.max_bytes:
+            _, (_, evicted_cost) = data.popitem(last=False)
             self.size_bytes -= evicted_cost
             self.evictions += 1
 
@@ -68,29 +87,8 @@ class ResponseCache:
         self.size_bytes = 0
 
 
-def _cost(full_key: tuple[str, Hashable], body: Body) -> int:
-    """What an entry really holds: the bodies, the key (identifier and every trait as Python objects, which
-    is several times the bytes they take in the body: measured 3.8x with 1,300 short traits) and the
-    dict/OrderedDict entry overhead."""
-    return body.size() + _key_cost(full_key[1]) + ENTRY_OVERHEAD
-
-
-ENTRY_OVERHEAD = 300  # OrderedDict node, Body object, the key tuple and its hash slot (bytes, measured)
-
-
-getsizeof = sys.getsizeof
-
-
-def _key_cost(key: Hashable) -> int:
-    # (kind, identifier, ((trait key, type, value), ...)): sizes of the objects themselves, not estimates
-    if not isinstance(key, tuple):
-        return sys.getsizeof(key)
-    cost = sys.getsizeof(key)
-    for part in key:
-        if isinstance(part, tuple):
-            cost += sys.getsizeof(part)
-            for trait in part:  # (trait key, its value's type, value): the type object is shared, not counted
-                cost += getsizeof(trait) + getsizeof(trait[0]) + getsizeof(trait[-1])
-        else:
-            cost += sys.getsizeof(part)
-    return cost
+def _shape_cost(key: Hashable) -> int:
+    """A parsed key's cost from its shape: (..., identifier, traits) → identifier length, trait count."""
+    if isinstance(key, tuple) and len(key) >= 2 and isinstance(key[-1], tuple) and isinstance(key[-2], str):
+        return key_cost(len(key[-2]), len(key[-1]))
+    return 0

@@ -48,7 +48,9 @@ class Served(Protocol):
 
     def identity_body(
         self, kind: KeyKind, identifier: str, echo: list[dict[str, Any]], traits: dict[str, Any]
-    ) -> bytes: ...
+    ) -> bytes:
+        """The encoded identity response, its bytes allocated at their size (it is cached as it is)."""
+
     def identity_results(
         self, kind: KeyKind, identifier: str | None, traits: dict[str, Any] | None = None
     ) -> list[FlagResult]: ...

@@ -1,7 +1,7 @@
 """A worker's view of the environments: current states and the leader's status for them, swapped per generation.
 
 The key index is `proxy/worker/keys.py`, the identity LRU `proxy/worker/response_cache.py` (its policy
-`proxy/worker/identity_responses.py`), what the worker counts `proxy/worker/counters.py`; the Store holds one of each.
+`proxy/http/identities.py`), what the worker counts `proxy/worker/counters.py`; the Store holds one of each.
 
 The request path only reads `Store.resolve` and the state it returns. `Follower` runs as a background
 task per worker: it notices a new generation (one memory read), builds the changed environments' states

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from proxy.worker.identity_responses import traits_key
+from proxy.http.identities import traits_key
 
 
 def test_traits_key_tells_apart_what_evaluation_tells_apart() -> None:
