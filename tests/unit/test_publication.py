@@ -255,3 +255,34 @@ def test_a_leader_resumes_from_an_earlier_leaders_manifest(area: Area) -> None:
         assert publisher.publish({}, manifest.environments, manifest.discovered_at) == 42
     republished = orjson.loads((area.path / "manifest.json").read_bytes())
     assert republished == as_written_now(OLD_MANIFEST, 42)  # the document kept, nothing rewritten
+
+
+def test_a_worker_keeps_its_states_out_of_the_cyclic_collectors_sight(area: Area) -> None:
+    import gc
+
+    import orjson
+
+    from proxy.config.settings import Settings
+    from proxy.worker.environment import EnvironmentState
+    from proxy.worker.store import Follower, Store
+    from tests.support import conformance_documents
+
+    document = orjson.dumps(conformance_documents()["ser.env_server_key_1"])
+    # a state, once dropped, leaves no cyclic garbage: frozen states are still freed by reference counting
+    gc.collect()
+    dropped = EnvironmentState("env_client_key_1", document)
+    del dropped
+    assert gc.collect() == 0
+    settings = Settings(
+        environment_key_pairs=[{"server_side_key": "ser.env_server_key_1", "client_side_key": "env_client_key_1"}]
+    )
+    store = Store(settings)
+    try:
+        with Publisher(area.path) as publisher, Subscriber(area.path) as subscriber:
+            publisher.publish({"env_client_key_1": document}, {"env_client_key_1": entry("env_client_key_1")})
+            Follower(store, subscriber).load_now()
+            compiled = store.states["env_client_key_1"].compiled
+            assert compiled is not None
+            assert not any(tracked is compiled for tracked in gc.get_objects())  # frozen: not walked
+    finally:
+        gc.unfreeze()
