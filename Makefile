@@ -67,7 +67,7 @@ wrk: $(VENV)/.installed-test
 	command -v wrk >/dev/null || (apt-get install -y wrk || sudo apt-get install -y wrk)
 	$(BIN)/python -m benchmarks.wrk_run
 
-## Issue 8's table: the proxy (default and heavy profile) vs the fixed-bytes Granian + BlackSheep ceiling.
+## The proxy (default and heavy profile) as a share of the server's floor (raw ASGI, BlackSheep, RSGI fixed bytes).
 wrk-table: $(VENV)/.installed-test
 	command -v wrk >/dev/null || (apt-get install -y wrk || sudo apt-get install -y wrk)
 	$(BIN)/python -m benchmarks.wrk_run --table --duration 10 --rounds 3

@@ -1,10 +1,17 @@
-"""The fixed-bytes ceiling: Granian + BlackSheep with the proxy's own server options, doing no work.
+"""The floors: Granian with the proxy's own server options, serving fixed bytes and doing no other work.
 
-Every GET answers the same pre-built bytes; every POST reads its body first (as the proxy must) and then
-answers the same bytes. What the proxy reaches against this, in the same run on the same core, is the
-share of the framework's throughput its own code leaves.
+Three applications answer every GET with the same pre-built bytes, and every POST the same after reading
+the whole body (as the proxy must):
 
-    .venv/bin/python -m benchmarks.ceiling --port 8100 [--body-bytes 2200]
+* `raw`: a bare ASGI callable, the floor any ASGI application can reach on this server (the proxy's fast
+  path is measured against it);
+* `blacksheep`: the same through BlackSheep, the framework the proxy's other routes run on;
+* `rsgi`: Granian's own RSGI interface, for context only (the proxy speaks ASGI).
+
+What the proxy reaches against the raw floor, in the same run on the same core, is the share of the server's
+throughput its own code leaves.
+
+    .venv/bin/python -m benchmarks.ceiling --port 8100 [--app raw|blacksheep|rsgi] [--body-bytes 2200]
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from blacksheep.server.routing import Router
 
 BODY_ENV = "CEILING_BODY_BYTES"
 JSON = b"application/json"
+APPS = {"raw": "create_raw_app", "blacksheep": "create_app", "rsgi": "create_rsgi_app"}
 
 
 def fixed_body() -> bytes:
@@ -49,7 +57,12 @@ def raw_floor() -> Any:
     return app
 
 
+def create_raw_app() -> Any:
+    return raw_floor()
+
+
 def create_app() -> Application:
+    """The same fixed bytes through BlackSheep."""
     body = fixed_body()
 
     # Real annotations (not strings): BlackSheep would otherwise wrap the handlers in an extra layer.
@@ -68,8 +81,26 @@ def create_app() -> Application:
     return Application(router=router, show_error_details=False)
 
 
+class RsgiFloor:
+    """The fixed bytes through Granian's RSGI interface (context: what the server itself costs)."""
+
+    def __init__(self) -> None:
+        self.body = fixed_body()
+        self.headers = [("content-type", JSON.decode())]
+
+    async def __rsgi__(self, scope: Any, protocol: Any) -> None:
+        if scope.method == "POST":
+            await protocol()  # the whole body
+        protocol.response_bytes(200, self.headers, self.body)
+
+
+def create_rsgi_app() -> RsgiFloor:
+    return RsgiFloor()
+
+
 def main() -> None:
     from granian import Granian
+    from granian.constants import Interfaces
 
     from proxy.config.granian import load_granian_options
     from proxy.config.settings import Settings
@@ -77,13 +108,17 @@ def main() -> None:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--app", choices=list(APPS), default="blacksheep")
     parser.add_argument("--body-bytes", type=int, default=2200)
     args = parser.parse_args()
     os.environ[BODY_ENV] = str(args.body_bytes)
     # The proxy's defaults (granian.toml) with one worker, so only the application differs.
     options = load_granian_options(None, {}, {"host": "127.0.0.1", "port": args.port, "workers": 1}, {})
     settings = Settings(environment_key_pairs=[{"server_side_key": "ser.unused", "client_side_key": "unused"}])
-    Granian("benchmarks.ceiling:create_app", **granian_kwargs(options, settings)).serve()
+    kwargs = granian_kwargs(options, settings)
+    if args.app == "rsgi":
+        kwargs["interface"] = Interfaces.RSGI
+    Granian(f"benchmarks.ceiling:{APPS[args.app]}", **kwargs).serve()
 
 
 if __name__ == "__main__":

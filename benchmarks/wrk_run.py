@@ -9,9 +9,10 @@ With one worker the proxy is pinned to CPU 1 and wrk to CPU 0 (`taskset`), as in
 The `swap` scenario measures GET /api/v1/flags/ latency while a ~1 MB document changes upstream every
 second (each change is rebuilt by every worker), against the same run without changes.
 
-`--table` runs issue 8's comparison instead (benchmarks/wrk_table.py): the proxy (default and heavy
-profile) and the fixed-bytes Granian + BlackSheep ceiling side by side, interleaved, one pinned worker
-each, and appends it to benchmarks/results/ceiling.md:
+`--table` runs the comparison with the server's own floor instead (benchmarks/wrk_table.py): the proxy
+(default and heavy profile) beside the fixed-bytes floors (a raw ASGI callable, BlackSheep, Granian's RSGI),
+interleaved, one pinned worker each, each scenario as a share of the raw-ASGI floor of the same method, and
+appends it to benchmarks/results/ceiling.md (`--scenarios` picks rows):
 
     .venv/bin/python -m benchmarks.wrk_run --table [--duration 10] [--rounds 3] [--connections 64]
 """
@@ -155,7 +156,7 @@ def main() -> int:
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=[*SCENARIOS, "swap"])
     parser.add_argument("--swap", action="store_true", help="also run the swap-latency scenario")
     parser.add_argument("--output", default=None, help="default: results/wrk.md (results/ceiling.md with --table)")
-    parser.add_argument("--table", action="store_true", help="issue 8's table: proxy vs the fixed-bytes ceiling")
+    parser.add_argument("--table", action="store_true", help="the proxy as a share of the server's floor")
     parser.add_argument("--rounds", type=int, default=3, help="--table: interleaved rounds (medians are reported)")
     parser.add_argument("--warmup", type=int, default=2, help="--table: seconds of warm-up per target and scenario")
     args = parser.parse_args()

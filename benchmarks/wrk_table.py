@@ -1,11 +1,14 @@
-"""Issue 8's table in one invocation: the proxy against the fixed-bytes ceiling, side by side.
+"""The proxy against the server's own floor, side by side, in one invocation.
 
-Three servers run at once, each one Granian worker pinned to CPU 1 (wrk on CPU 0): the proxy serving the
-conformance environment, the proxy serving the heavy profile (benchmarks/documents.py), and the ceiling
-(benchmarks/ceiling.py). Only one is loaded at a time. Each round runs every row against its proxy and
-against the ceiling with the same wrk command, alternating which goes first, so drift on a shared
-machine hits both sides; medians over the rounds are reported. CPU time is read from /proc for every
-process of the loaded server, which gives requests per CPU-second alongside req/s.
+Five servers run at once, each one Granian worker pinned to CPU 1 (wrk on CPU 0): the proxy serving the
+conformance environment, the proxy serving the heavy profile (benchmarks/documents.py), and the fixed-bytes
+floors (benchmarks/ceiling.py): a raw ASGI callable, the same through BlackSheep, and Granian's RSGI interface
+(context: the proxy speaks ASGI). Only one is loaded at a time. Each round runs every row against its proxy
+and against the raw-ASGI floor with the same wrk command, alternating which goes first, so drift on a shared
+machine hits both sides; the share of the floor is the proxy's median req/s over the floor's for the same
+method and request. Each round also runs a GET and a POST against every floor. Medians over the rounds are
+reported; CPU time is read from /proc for every process of the loaded server, which gives requests per
+CPU-second alongside req/s and p50/p99.
 
 Started by `benchmarks/wrk_run.py --table` (see there for the options).
 """
@@ -28,6 +31,7 @@ from typing import Any
 
 import httpx
 
+from benchmarks.ceiling import APPS
 from benchmarks.documents import heavy_document
 from benchmarks.wrk_run import SCENARIOS, run_wrk
 from tests.fake_upstream import FakeFlagsmith
@@ -45,6 +49,8 @@ ROWS = [
     ("heavy profile, POST identities, random", "heavy", "post_identity_random", None),
     ("OFREP one flag, random targetingKey + 3 traits", "default", "ofrep_flag_random", None),
 ]
+# The floors' own table: one GET and one POST (the wrk commands of these scenarios) against each floor.
+FLOOR_ROWS = [("GET", "flags"), ("POST", "post_identity_random")]
 # Flagsmith/edge-proxy-rs README "Performance" (1 CPU, 512 MB RAM, 50 features; tool and body not stated),
 # as collected in ../shared/conformance/peer_benchmarks.json. Not measured here: for scale only.
 RUST_README = {"flags": 10_075, "identities": 14_110}
@@ -80,11 +86,11 @@ class Target:
             subprocess.run(["taskset", "-a", "-p", "-c", SERVER_CPU, str(pid)], capture_output=True, check=False)
 
 
-def start_ceiling(tmp: Path) -> tuple[subprocess.Popen[bytes], Target]:
+def start_floor(tmp: Path, app: str) -> tuple[subprocess.Popen[bytes], Target]:
     port = free_port()
-    log = open(tmp / "ceiling.log", "ab")  # noqa: SIM115 (closed with the process)
+    log = open(tmp / f"floor-{app}.log", "ab")  # noqa: SIM115 (closed with the process)
     process = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.ceiling", "--port", str(port)],
+        [sys.executable, "-m", "benchmarks.ceiling", "--port", str(port), "--app", app],
         cwd=tmp,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         stdout=log,
@@ -101,8 +107,8 @@ def start_ceiling(tmp: Path) -> tuple[subprocess.Popen[bytes], Target]:
 
     if not wait_for(up, 30, 0.1):
         process.kill()
-        raise RuntimeError(f"the ceiling app did not start: {(tmp / 'ceiling.log').read_text()}")
-    return process, Target("ceiling", url, process.pid)
+        raise RuntimeError(f"the {app} floor did not start: {(tmp / f'floor-{app}.log').read_text()}")
+    return process, Target(app, url, process.pid)
 
 
 def measure(target: Target, row: str, scenario: str, args: argparse.Namespace, warm: bool) -> None:
@@ -140,15 +146,15 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, float]:
     }
 
 
-def table_lines(proxies: dict[str, Target], ceiling: Target) -> list[str]:
+def table_lines(proxies: dict[str, Target], floor: Target, rows: list[tuple[str, str, str, str | None]]) -> list[str]:
     lines = [
-        "| scenario | proxy req/s | p50 | p99 | req/CPU-s | ceiling req/s | p50 | p99 | req/CPU-s "
-        "| proxy / ceiling | Rust proxy README |",
+        "| scenario | proxy req/s | p50 | p99 | req/CPU-s | raw ASGI floor req/s | p50 | p99 | req/CPU-s "
+        "| share of the floor | Rust proxy README |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for label, profile, _, rust in ROWS:
+    for label, profile, _, rust in rows:
         ours = summary(proxies[profile].runs[label])
-        top = summary(ceiling.runs[label])
+        top = summary(floor.runs[label])
         errors = f" ({ours['non2xx'] + top['non2xx']:.0f} non-2xx!)" if ours["non2xx"] or top["non2xx"] else ""
         lines.append(
             f"| {label}{errors} | {ours['rps']:,.0f} | {ours['p50']:.2f} ms | {ours['p99']:.2f} ms "
@@ -156,6 +162,24 @@ def table_lines(proxies: dict[str, Target], ceiling: Target) -> list[str]:
             f"| {top['per_cpu']:,.0f} | {ours['rps'] / top['rps']:.0%} "
             f"| {f'{RUST_README[rust]:,}' if rust else '–'} |"
         )
+    return lines
+
+
+def floor_lines(floors: dict[str, Target]) -> list[str]:
+    """The floors side by side: fixed bytes from a raw ASGI callable, BlackSheep and RSGI."""
+    lines = [
+        "| floor (fixed 2,200 bytes) | GET req/s | p50 | p99 | req/CPU-s | POST req/s | p50 | p99 | req/CPU-s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, target in floors.items():
+        cells = []
+        for method, _ in FLOOR_ROWS:
+            got = summary(target.runs[method])
+            cells.append(
+                f"{got['rps']:,.0f} | {got['p50']:.2f} ms | {got['p99']:.2f} ms | {got['per_cpu']:,.0f}"
+                + (f" ({got['non2xx']:.0f} non-2xx!)" if got["non2xx"] else "")
+            )
+        lines.append(f"| {name} | {' | '.join(cells)} |")
     return lines
 
 
@@ -181,21 +205,23 @@ def header(args: argparse.Namespace) -> str:
         f"Command: `{' '.join([Path(sys.executable).name, *sys.argv])}`.\n"
         f"Method: wrk -t1 -c{args.connections} -d{args.duration}s --latency pinned to CPU {WRK_CPU}; each server "
         f"one Granian worker, all its processes pinned to CPU {SERVER_CPU}; {args.rounds} interleaved round(s), "
-        f"medians of req/s and latency, req/CPU-s over all rounds (server CPU time from /proc). The ceiling is "
-        f"benchmarks/ceiling.py (fixed 2,200-byte body; POST reads the body first). Rust proxy: its README's "
-        f"figures (1 CPU, 50 features), not measured here.\n\n"
+        f"medians of req/s and latency, req/CPU-s over all rounds (server CPU time from /proc). The floors are "
+        f"benchmarks/ceiling.py (fixed 2,200-byte body; POST reads the body first); the share is the proxy's "
+        f"req/s over the raw-ASGI floor's for the same wrk command. Rust proxy: its README's figures (1 CPU, "
+        f"50 features), not measured here.\n\n"
     )
 
 
 def run_table(args: argparse.Namespace, output: Path) -> int:
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"edge-proxy-wrk-table-{os.getpid()}"
     tmp.mkdir(parents=True, exist_ok=True)
+    rows = [row for row in ROWS if row[2] in args.scenarios]
     upstreams = {
         "default": FakeFlagsmith(conformance_documents()).start(),
         "heavy": FakeFlagsmith({**conformance_documents(), "ser.env_server_key_1": heavy_document()}).start(),
     }
     started: list[ProxyProcess] = []
-    ceiling_process = None
+    floor_processes: list[subprocess.Popen[bytes]] = []
     try:
         proxies = {}
         for profile, upstream in upstreams.items():
@@ -203,26 +229,33 @@ def run_table(args: argparse.Namespace, output: Path) -> int:
             started.append(proxy)
             proxy.wait_ready()
             proxies[profile] = Target(f"proxy ({profile})", proxy.url, proxy.pid)
-        ceiling_process, ceiling = start_ceiling(tmp)
-        for target in [*proxies.values(), ceiling]:
+        floors = {}
+        for app in APPS:
+            process, floors[app] = start_floor(tmp, app)
+            floor_processes.append(process)
+        for target in [*proxies.values(), *floors.values()]:
             target.pin()
         time.sleep(1)  # let start-up work (first polls, state builds) settle
         for round_number in range(args.rounds):
-            for label, profile, scenario, _ in ROWS:
-                pair = [proxies[profile], ceiling]
+            for label, profile, scenario, _ in rows:
+                pair = [proxies[profile], floors["raw"]]
                 if round_number % 2:
                     pair.reverse()
                 for target in pair:
                     measure(target, label, scenario, args, warm=round_number == 0)
                 print(f"round {round_number + 1}/{args.rounds}: {label} done", flush=True)
-        lines = table_lines(proxies, ceiling)
+            for method, scenario in FLOOR_ROWS:
+                for target in floors.values():
+                    measure(target, method, scenario, args, warm=round_number == 0)
+            print(f"round {round_number + 1}/{args.rounds}: floors done", flush=True)
+        lines = [*table_lines(proxies, floors["raw"], rows), "", *floor_lines(floors)]
     finally:
-        if ceiling_process is not None:
-            ceiling_process.send_signal(signal.SIGTERM)
+        for process in floor_processes:
+            process.send_signal(signal.SIGTERM)
             try:
-                ceiling_process.wait(30)
+                process.wait(30)
             except subprocess.TimeoutExpired:
-                ceiling_process.kill()
+                process.kill()
         for proxy in started:
             proxy.stop()
         for upstream in upstreams.values():
