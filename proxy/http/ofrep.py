@@ -198,13 +198,34 @@ class Evaluation(Body):
         return Body.size(self) + self.held
 
 
+# Per key kind (client keys are not told segment names): id(result) → (the result, its single-flag answer).
+# Most results are the compiled evaluator's, built once per state and shared by every identity that lands
+# on them, so each is encoded once, not per request. Holding the result keeps its id from being reused; the
+# bound keeps one-off results (flag-engine's) and dropped states' from accumulating.
+_ENCODED: tuple[dict[int, tuple[FlagResult, int, bytes]], ...] = ({}, {})
+MAX_ENCODED = 20_000
+
+
+def encoded_entry(result: FlagResult, kind: KeyKind) -> tuple[int, bytes]:
+    """One result's single-flag answer as `kind` may see it: (HTTP status, body)."""
+    encoded = _ENCODED[kind]
+    found = encoded.get(id(result))
+    if found is not None and found[0] is result:
+        return found[1], found[2]
+    status, entry = flag_entry(result, kind)
+    # A copy: orjson's output keeps its 4 KB growth buffer (measured), 20 times what an answer needs.
+    data = bytes(memoryview(orjson.dumps(entry)))
+    if len(encoded) >= MAX_ENCODED:
+        encoded.clear()
+    encoded[id(result)] = (result, status, data)
+    return status, data
+
+
 def encode_evaluation(results: list[FlagResult], kind: KeyKind, identified: bool = True) -> Evaluation:
     single: dict[str, tuple[int, bytes]] = {}
     held = 0
     for result in results:
-        status, entry = flag_entry(result, kind)
-        # A copy: orjson's output keeps its 4 KB growth buffer (measured), 20 times what an answer needs.
-        data = bytes(memoryview(orjson.dumps(entry)))
+        status, data = encoded_entry(result, kind)
         single[result.feature["name"]] = (status, data)
         held += len(data) + SINGLE_OVERHEAD
     plain = b'{"flags":[' + b",".join(data for _, data in single.values()) + b"]}"

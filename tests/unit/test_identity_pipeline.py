@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
+from proxy.area.bodies import KeyKind
 from proxy.http import identities, ofrep
 from proxy.worker.response_cache import ENTRY_OVERHEAD, key_cost
 from tests.inprocess import InProcessProxy, settings_for
@@ -98,3 +99,15 @@ def test_raw_entries_are_bounded_counted_and_dropped_with_their_environment() ->
         assert len(cache) == 0 and cache.size_bytes == 0  # env 1 changed: its entries, raw ones too, are gone
     finally:
         app.close()
+
+
+def test_ofrep_answers_are_encoded_once_per_result(proxy: InProcessProxy) -> None:
+    """The compiled evaluator's results are shared by every identity landing on them: each is encoded once."""
+    state = proxy.state("env_client_key_1")
+    first = ofrep.encode_evaluation(state.identity_results(KeyKind.CLIENT, "someone", {"age": 30}), KeyKind.CLIENT)
+    second = ofrep.encode_evaluation(
+        state.identity_results(KeyKind.CLIENT, "someone-else", {"age": 31}), KeyKind.CLIENT
+    )
+    shared = [name for name in first.single if first.single[name][1] is second.single[name][1]]
+    assert len(shared) >= len(first.single) - 3  # all but the multivariate picks
+    assert first.plain == b'{"flags":[' + b",".join(data for _, data in first.single.values()) + b"]}"
