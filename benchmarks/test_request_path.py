@@ -85,8 +85,10 @@ def batch(loop: asyncio.AbstractEventLoop, app: Asgi, scenario: str) -> Callable
 @pytest.fixture(scope="module")
 def proxies() -> Iterator[dict[str, InProcessProxy]]:
     heavy = {**conformance_documents(), "ser.env_server_key_1": heavy_document()}
+    blacksheep = settings_for(server={"fast_path": False})
     apps = {
-        "default": InProcessProxy(settings_for(), conformance_documents()),
+        "default": InProcessProxy(settings_for(), conformance_documents()),  # the fast path in front
+        "blacksheep": InProcessProxy(blacksheep, conformance_documents()),  # every request through BlackSheep
         "heavy": InProcessProxy(settings_for(), heavy),
     }
     yield apps
@@ -95,7 +97,12 @@ def proxies() -> Iterator[dict[str, InProcessProxy]]:
 
 
 @pytest.mark.parametrize(
-    ("profile", "scenario"), [*(("default", name) for name in SCENARIOS), ("heavy", "post_identity_random")]
+    ("profile", "scenario"),
+    [
+        *(("default", name) for name in SCENARIOS),
+        *(("blacksheep", name) for name in SCENARIOS),
+        ("heavy", "post_identity_random"),
+    ],
 )
 def test_proxy(
     benchmark: Any, loop: asyncio.AbstractEventLoop, proxies: dict[str, InProcessProxy], profile: str, scenario: str
