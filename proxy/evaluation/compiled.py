@@ -65,7 +65,10 @@ class KindPlan:
     """What one key kind evaluates: only the features it may see, in document order."""
 
     template: tuple[Outcome | None, ...]  # outcomes no identity changes; None where a ladder decides
-    ladders: tuple[Ladder, ...]
+    ladders: tuple[Ladder, ...]  # the one deciding the most features first
+    # Per rung of the first ladder: the template with that rung's fixed outcomes already in place, so a
+    # request copies one of these instead of writing them one by one (the heavy profile: 45 of 50 features).
+    bases: tuple[tuple[Outcome | None, ...], ...]
     position: dict[str, int]  # feature name → index
     hide_disabled: bool
 
@@ -174,7 +177,9 @@ class CompiledEnvironment:
             )
             for order, per_rung in rungs.items()
         )
-        return KindPlan(tuple(template), ladders, {name: i for i, name in enumerate(names)}, hide_disabled)
+        ladders = tuple(sorted(ladders, key=lambda ladder: -sum(len(fixed) for fixed, _ in ladder.rungs)))
+        bases = tuple(_applied(template, fixed) for fixed, _ in ladders[0].rungs) if ladders else ()
+        return KindPlan(tuple(template), ladders, bases, {name: i for i, name in enumerate(names)}, hide_disabled)
 
     # -- evaluating ------------------------------------------------------------------------------
 
@@ -199,7 +204,7 @@ class CompiledEnvironment:
         key = f"{self.environment_key}_{identifier}"
         key_bytes = key.encode()
         facts = self.facts(identifier, key, key_bytes, traits)
-        outcomes: list[Any] = list(plan.template)
+        outcomes: list[Any] | None = None
         predicates = self.predicates
         matched: list[bool | None] = [None] * len(predicates)
         for ladder in plan.ladders:
@@ -213,11 +218,16 @@ class CompiledEnvironment:
                     rung = step
                     break
             fixed, splits = ladder.rungs[rung]
-            for index, chosen in fixed:
-                outcomes[index] = chosen
+            if outcomes is None:  # the first ladder: its fixed outcomes are in its rung's base
+                outcomes = list(plan.bases[rung])
+            else:
+                for index, chosen in fixed:
+                    outcomes[index] = chosen
             if splits:
                 for index, split in splits:
                     outcomes[index] = split.pick(key_bytes)
+        if outcomes is None:  # no ladder: nothing an identity changes
+            outcomes = list(plan.template)
         demoted: frozenset[str] = frozenset()
         if (overrides := self._overrides_of(identifier)) is not None:
             if _override_applies(facts, identifier):
@@ -269,6 +279,13 @@ class CompiledEnvironment:
         if not demoted:
             return [o.result for o in outcomes]
         return [replace(o.result, reason="DEFAULT") if o.fallback and o.name in demoted else o.result for o in outcomes]
+
+
+def _applied(template: list[Outcome | None], fixed: tuple[tuple[int, Outcome], ...]) -> tuple[Outcome | None, ...]:
+    base = list(template)
+    for index, chosen in fixed:
+        base[index] = chosen
+    return tuple(base)
 
 
 def _priority(override: dict[str, Any]) -> float:
