@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any
 
@@ -45,6 +45,7 @@ MAX_CONTEXT_ENTRIES = 1000
 NOT_TRAITS = ("targetingKey", "traits", "transient")
 SCALARS = (str, bool, int, float, type(None))
 SINGLE_OVERHEAD = 33 + 56 + 100  # a bytes object's header, a 2-tuple, the dict slot (sys.getsizeof)
+ETAG_BYTES = 33 + 26 + 64 + 64  # the tag (a bytes object), its list cell, the single dict's own header
 REASONS = {"STATIC": "STATIC", "DEFAULT": "STATIC", "TARGETING_MATCH": "TARGETING_MATCH", "SPLIT": "SPLIT"}
 
 
@@ -189,49 +190,62 @@ def one_value(value: Any) -> Any:
 class Evaluation(Body):
     """One context's encoded answers: `plain`/`gzip` is the bulk body; `single` each flag's answer."""
 
-    etag: bytes
     single: dict[str, tuple[int, bytes]]
     identified: bool  # evaluated for an identity (usage counts it as one), not the environment
-    held: int  # bytes `etag` and `single` hold, counted once when encoded
+    held: int  # bytes `single` holds (and the tag's), counted once when encoded
+    # the bulk answer's ETag, computed on first use (a single-flag answer never needs it): one cell, shared
+    # by the gzip-upgraded copy
+    tag: list[bytes] = field(default_factory=list, compare=False, repr=False)
+
+    @property
+    def etag(self) -> bytes:
+        """A hash of the bulk body: every worker (and a restarted proxy) gives the same context the same tag."""
+        tag = self.tag
+        if not tag:
+            tag.append(b'"' + hashlib.blake2b(self.plain, digest_size=12).hexdigest().encode() + b'"')
+        return tag[0]
 
     def size(self) -> int:
         return Body.size(self) + self.held
 
 
-# Per key kind (client keys are not told segment names): id(result) → (the result, its single-flag answer).
-# Most results are the compiled evaluator's, built once per state and shared by every identity that lands
-# on them, so each is encoded once, not per request. Holding the result keeps its id from being reused; the
-# bound keeps one-off results (flag-engine's) and dropped states' from accumulating.
-_ENCODED: tuple[dict[int, tuple[FlagResult, int, bytes]], ...] = ({}, {})
+# Per key kind (client keys are not told segment names): id(result) → (the result, its flag's name, its
+# single-flag answer (HTTP status, body), the bytes that answer holds). Most results are the compiled
+# evaluator's, built once per state and shared by every identity that lands on them, so each is encoded once,
+# not per request. Holding the result keeps its id from being reused; the bound keeps one-off results
+# (flag-engine's) and dropped states' from accumulating.
+Encoded = tuple[FlagResult, str, tuple[int, bytes], int]
+_ENCODED: tuple[dict[int, Encoded], ...] = ({}, {})
 MAX_ENCODED = 20_000
 
 
-def encoded_entry(result: FlagResult, kind: KeyKind) -> tuple[int, bytes]:
-    """One result's single-flag answer as `kind` may see it: (HTTP status, body)."""
+def encoded_entry(result: FlagResult, kind: KeyKind) -> Encoded:
+    """One result's single-flag answer as `kind` may see it, encoded (or found encoded)."""
     encoded = _ENCODED[kind]
     found = encoded.get(id(result))
     if found is not None and found[0] is result:
-        return found[1], found[2]
+        return found
     status, entry = flag_entry(result, kind)
     # A copy: orjson's output keeps its 4 KB growth buffer (measured), 20 times what an answer needs.
     data = bytes(memoryview(orjson.dumps(entry)))
     if len(encoded) >= MAX_ENCODED:
         encoded.clear()
-    encoded[id(result)] = (result, status, data)
-    return status, data
+    found = encoded[id(result)] = (result, result.feature["name"], (status, data), len(data) + SINGLE_OVERHEAD)
+    return found
 
 
 def encode_evaluation(results: list[FlagResult], kind: KeyKind, identified: bool = True) -> Evaluation:
+    encoded = _ENCODED[kind]
     single: dict[str, tuple[int, bytes]] = {}
-    held = 0
+    held = ETAG_BYTES
     for result in results:
-        status, data = encoded_entry(result, kind)
-        single[result.feature["name"]] = (status, data)
-        held += len(data) + SINGLE_OVERHEAD
-    plain = b'{"flags":[' + b",".join(data for _, data in single.values()) + b"]}"
-    # A hash of the body: every worker (and a restarted proxy) gives the same context the same tag.
-    etag = b'"' + hashlib.blake2b(plain, digest_size=12).hexdigest().encode() + b'"'
-    return Evaluation(plain, None, etag, single, identified, held + len(etag) + 64)
+        found = encoded.get(id(result))
+        if found is None or found[0] is not result:
+            found = encoded_entry(result, kind)
+        single[found[1]] = found[2]
+        held += found[3]
+    plain = b'{"flags":[' + b",".join([answer[1] for answer in single.values()]) + b"]}"
+    return Evaluation(plain, None, single, identified, held)
 
 
 def etag_matches(if_none_match: bytes, etag: bytes) -> bool:
