@@ -28,7 +28,7 @@ from proxy.http.fast_path import FastPath
 from proxy.http.health import check_health
 from proxy.http.hot import HotHandler, HotRoutes
 from proxy.http.raw_request import raw_path, raw_query
-from proxy.http.routes import HOT, ROUTES, route_of
+from proxy.http.routes import HOT, ROUTES, methods_of, route_of
 from proxy.http.status import authorized, status_body
 from proxy.http.stream import StreamHub
 from proxy.http.webhook import WebhookReceiver
@@ -202,15 +202,16 @@ def _build(settings: Settings, store: Store) -> tuple[Application, HotRoutes]:
     router = Router()
     # BlackSheep matches a route with or without its trailing slash: one registration serves both.
     for path, (_, methods) in ROUTES.items():
-        for method, name in methods.items():
-            if name in HOT:
-                handler = routes.hot_route(path, routes.hot.handlers[name])
-            else:
-                handler = routes.route(path, getattr(routes, name))
-            handler = _plain(handler, name)
+        handlers: dict[str, Handler] = {}
+        for method, name in methods_of(methods).items():  # HEAD wherever GET, as the fast path serves it
+            handler = handlers.get(name)
+            if handler is None:
+                if name in HOT:
+                    handler = routes.hot_route(path, routes.hot.handlers[name])
+                else:
+                    handler = routes.route(path, getattr(routes, name))
+                handler = handlers[name] = _plain(handler, name)
             router.add(method, path, handler)
-            if method == "GET":
-                router.add("HEAD", path, handler)
     router.fallback = _plain(routes.route(None, routes.fallback), "fallback")
     app = Application(router=router, show_error_details=False)
     store.stop_streams = routes.realtime.close_all
