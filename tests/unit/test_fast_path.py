@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 import pytest
 
+from proxy.config.settings import ServerSettings
 from proxy.http.app import build_asgi
 from proxy.http.fast_path import FastPath
 from tests.asgi import DISCONNECT, STALL, Sent, call
@@ -296,3 +297,16 @@ def test_the_edge_controls_answer_alike_on_both_paths(controls: dict[str, Any]) 
     finally:
         fast.close()
         slow.close()
+
+
+def test_a_path_in_other_letters_is_controlled_like_its_route() -> None:
+    """BlackSheep matches routes whatever their letters' case; the controls go by the route it matched (before,
+    by the path's exact bytes: `/API/v1/Flags/` was open to every address when `access.public` was set)."""
+    settings = settings_for(access={"public": ["10.0.0.0/8"]})
+    for fast_path in (True, False):
+        app = InProcessProxy(settings.model_copy(update={"server": ServerSettings(fast_path=fast_path)}), documents())
+        try:
+            for path in ("/api/v1/flags/", "/API/v1/Flags/", "/Api/V1/Identities?identifier=x"):
+                assert app.get(path, {"X-Environment-Key": "env_client_key_1"}).status == 403, (fast_path, path)
+        finally:
+            app.close()
