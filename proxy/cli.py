@@ -88,7 +88,8 @@ def _load(args: argparse.Namespace) -> tuple[Settings, GranianOptions]:
 def _serve(args: argparse.Namespace) -> int:
     settings, options = _load(args)
     configure_logging(settings.logging)
-    from proxy.area.publication import Area, AreaError, area_path
+    from proxy.area.names import METRICS, area_path
+    from proxy.area.publication import Area, AreaError
 
     area = Area(area_path(settings.shared_memory_dir, options.port))
     try:
@@ -101,7 +102,7 @@ def _serve(args: argparse.Namespace) -> int:
         area.remove()
         print(f"edge-proxy: cannot listen on {options.host}:{options.port}: {taken}", file=sys.stderr)
         return 2
-    point_metrics_at(area.path / "metrics")
+    point_metrics_at(area.path / METRICS)
     log.info("edge-proxy %s, %s", __version__, settings_summary(settings))
     log.info("granian: %s", json.dumps(masked_options(options.as_dict())))
     if args.demo:

@@ -30,6 +30,8 @@ import struct
 import time
 from pathlib import Path
 
+from proxy.area.names import buckets_file, temporary
+
 MAGIC = 0x45445042_4B545331  # "EDPBKTS1"
 HEADER = struct.Struct("<QQ16s")  # magic, sets, hashing key
 HEADER_SIZE = 64
@@ -40,13 +42,13 @@ INDEX_MAX = 65_536  # names whose fingerprint and set a worker remembers (cleare
 
 
 def table_path(area: Path, limit: str) -> Path:
-    return area / f"buckets-{limit}"
+    return area / buckets_file(limit)
 
 
 def create(path: Path, entries: int) -> None:
     """A new, empty table of about `entries` buckets (rounded up to whole sets), replacing any old one."""
     sets = max(1, -(-entries // WAYS))
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temporary(path)
     with open(tmp, "wb") as out:
         out.write(HEADER.pack(MAGIC, sets, secrets.token_bytes(16)).ljust(HEADER_SIZE, b"\0"))
         out.truncate(HEADER_SIZE + sets * SET.size)  # sparse zeros: every slot empty

@@ -21,14 +21,12 @@ from typing import Any
 
 import orjson
 
+from proxy.area.names import HANDED_OVER_GLOB, PENDING, handed_over, temporary
+
 log = logging.getLogger("proxy.handover")
 
 MAX_SUM = 2**53  # exact in every JSON reader, far above any real count
 MAX_NAMES = 100_000  # per buffer, across environments
-# The hand-over folders in the area, one per kind of count.
-ANALYTICS_FOLDER = "analytics"
-USAGE_FOLDER = "usage"
-PENDING = "pending.json"  # the leader's not-yet-forwarded remainder, in the same folder
 
 Counts = defaultdict[str, Counter[str]]
 
@@ -75,10 +73,10 @@ class CountsBuffer:
             folder = area / self.folder
             folder.mkdir(exist_ok=True)
             self._sequence += 1
-            name = f"{os.getpid()}-{self._sequence}.json"
-            tmp = folder / f".{name}.tmp"
+            path = folder / handed_over(os.getpid(), self._sequence)
+            tmp = temporary(path)
             tmp.write_bytes(orjson.dumps(counts))
-            os.rename(tmp, folder / name)
+            os.rename(tmp, path)
         except (OSError, TypeError) as exc:
             log.error("could not hand %s counts over to the leader, dropped: %s", self.folder, exc)
 
@@ -100,7 +98,7 @@ class Inbox:
         self._read = []
         if not self.directory.is_dir():
             return total
-        paths = sorted(self.directory.glob("[0-9]*.json"))
+        paths = sorted(self.directory.glob(HANDED_OVER_GLOB))
         pending = self.directory / PENDING
         if pending.exists():
             paths.append(pending)
@@ -121,7 +119,7 @@ class Inbox:
         pending = self.directory / PENDING
         if remainder:
             self.directory.mkdir(exist_ok=True)
-            tmp = self.directory / f".{PENDING}.tmp"
+            tmp = temporary(pending)
             tmp.write_bytes(orjson.dumps(remainder))
             os.rename(tmp, pending)
         for path in self._read:

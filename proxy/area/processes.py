@@ -25,12 +25,11 @@ from pathlib import Path
 from prometheus_client import multiprocess
 from prometheus_client.mmap_dict import MmapedDict
 
-FOLDER = "processes"
+from proxy.area.names import ARCHIVE_LOCK, DEAD, PROCESSES, temporary
+
 ARCHIVED_TYPES = ("counter", "histogram", "summary")  # per-process files named <type>_<pid>.db
-ARCHIVE_LOCK = ".archive.lock"  # not *.db: prometheus-client's collector reads every *.db in the folder
 WORKER = "worker"
 LEADER = "leader"
-DEAD = ".dead"  # `<pid>.dead`: a dead process whose counters are not archived yet
 ARCHIVE_WARN_AFTER = 60.0  # seconds dead processes' files may wait for the archive lock before we say so
 
 log = logging.getLogger("proxy.leader")
@@ -59,10 +58,10 @@ def _alive(pid: int, started: str) -> bool:
 
 
 def register(area: Path, role: str) -> None:
-    folder = area / FOLDER
+    folder = area / PROCESSES
     folder.mkdir(exist_ok=True)
     pid = os.getpid()
-    tmp = folder / f".{pid}.tmp"
+    tmp = temporary(folder / str(pid))
     tmp.write_text(f"{role} {_start_time(pid) or ''}")
     os.rename(tmp, folder / str(pid))
 
@@ -70,7 +69,7 @@ def register(area: Path, role: str) -> None:
 def reap(area: Path, metrics_dir: Path) -> list[str]:
     """Forget the registered processes that are gone: drop their live gauges, fold their counters into the
     archive when its lock is free; their roles, one per process, the round each is found dead."""
-    folder = area / FOLDER
+    folder = area / PROCESSES
     if not folder.is_dir():
         return []
     gone: list[str] = []

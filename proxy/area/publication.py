@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import mmap
 import os
 import shutil
@@ -38,28 +37,18 @@ from pathlib import Path
 from typing import Any, Self
 
 from proxy.area.manifest import Location, Manifest, ManifestEntry
+from proxy.area.names import CONTROL, DOCUMENTS_GLOB, LOCK, MANIFEST, METRICS, document_file, temporary
+from proxy.area.names import key_hash as key_hash
 
 CONTROL_SIZE = 4096
 MAGIC = 0x45445052_4F585931  # "EDPROXY1"
 _MAGIC, _GENERATION, _HEARTBEAT = 0, 1, 2
-MANIFEST = "manifest.json"
-CONTROL = "control"
-LOCK = "lock"
 # Refuse to start when the area has less room than this: a few documents must fit.
 MIN_FREE_BYTES = 4 * 1024 * 1024
 
 
 class AreaError(Exception):
     """The area cannot be created or written (too small, in use, not writable); the message says why."""
-
-
-def key_hash(client_key: str) -> str:
-    # File names must not reveal keys.
-    return hashlib.sha256(client_key.encode()).hexdigest()[:16]
-
-
-def area_path(base_dir: str, port: int) -> Path:
-    return Path(base_dir) / f"edge-proxy.{port}"
 
 
 def full_message(path: Path, free: int | None = None) -> str:
@@ -102,7 +91,7 @@ class Area:
                 words[_MAGIC] = MAGIC
                 words.release()
                 mm.close()
-            (self.path / "metrics").mkdir()
+            (self.path / METRICS).mkdir()
         except AreaError:
             self.remove()
             raise
@@ -183,7 +172,7 @@ class Publisher:
             self._current_files = {location.file for location in self._published.values()}
         # A killed leader may have left older documents and half-written temporaries: the next
         # publication removes the documents (readers may still be on them now), the temporaries go now.
-        self._previous_files = {p.name for p in self.path.glob("env-*.json")} - self._current_files
+        self._previous_files = {p.name for p in self.path.glob(DOCUMENTS_GLOB)} - self._current_files
         for tmp in self.path.glob(".*.tmp"):
             with contextlib.suppress(OSError):
                 tmp.unlink()
@@ -215,7 +204,7 @@ class Publisher:
         written: list[Path] = []
         try:
             for client_key, data in documents.items():
-                name = f"env-{key_hash(client_key)}-{generation}.json"
+                name = document_file(client_key, generation)
                 _write_atomic(self.path / name, data)
                 written.append(self.path / name)
                 published[client_key] = Location(name, len(data), zlib.crc32(data))
@@ -251,7 +240,7 @@ class Publisher:
         if needed > free:
             raise AreaError(full_message(self.path, free))
         if self.max_bytes is not None:
-            used = sum(entry.stat().st_size for entry in self.path.glob("env-*.json"))
+            used = sum(entry.stat().st_size for entry in self.path.glob(DOCUMENTS_GLOB))
             if used + needed > self.max_bytes:
                 raise AreaError(
                     f"shared-memory area {self.path} would exceed shared_memory_max_bytes "
@@ -272,7 +261,7 @@ class Publisher:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temporary(path)
     try:
         with open(tmp, "wb") as out:
             out.write(data)

@@ -13,19 +13,18 @@ import errno
 import os
 from pathlib import Path
 
+from proxy.area.names import SETTINGS, temporary
 from proxy.area.publication import AreaError, full_message
 from proxy.config.settings import Settings
 
-SETTINGS = "settings.json"
-
 
 def write_settings(area: Path, settings: Settings) -> None:
-    temporary = area / (SETTINGS + ".tmp")
+    tmp = temporary(area / SETTINGS)
     try:
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # the umask can only narrow it
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # the umask can only narrow it
         with os.fdopen(fd, "wb") as out:
             out.write(settings.model_dump_json().encode())
-        os.replace(temporary, area / SETTINGS)
+        os.replace(tmp, area / SETTINGS)
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             raise AreaError(full_message(area)) from None

@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 
 from proxy.area.manifest import ManifestEntry
+from proxy.area.names import generation_of
 from proxy.config.settings import Settings, mask_key
 from proxy.worker.store import Store
 
@@ -48,16 +49,6 @@ def authorized(settings: Settings, authorization: bytes | None) -> bool:
     return authorization is not None and hmac.compare_digest(authorization, expected)
 
 
-def _generation_of(file: str | None) -> int | None:
-    # published files are named env-<key hash>-<generation>.json
-    if not file:
-        return None
-    try:
-        return int(file.rsplit("-", 1)[1].removesuffix(".json"))
-    except (IndexError, ValueError):
-        return None
-
-
 def _environment(entry: ManifestEntry, build_error: str | None, details: bool) -> dict[str, Any]:
     error = None
     if entry.error_kind or build_error:
@@ -78,7 +69,7 @@ def _environment(entry: ManifestEntry, build_error: str | None, details: bool) -
         "source": entry.source if location is not None else None,
         "snapshot_saved_at": _iso(entry.snapshot_saved_at),
         "size": location.length if location is not None else None,
-        "generation": _generation_of(location.file if location is not None else None),
+        "generation": generation_of(location.file if location is not None else None),
     }
 
 

@@ -31,14 +31,13 @@ from typing import Any
 import orjson
 from blacksheep import Content, Request, Response
 
+from proxy.area.names import REFRESH, WEBHOOKS_SEEN, handed_over, temporary
 from proxy.config.settings import WebhookSettings
 from proxy.http.errors import BadRequest, NotFound, ServiceUnavailable, Unauthorized
 from proxy.metrics import prometheus as metrics
 
 log = logging.getLogger("proxy.webhook")
 
-REFRESH_FOLDER = "refresh"
-SEEN_FOLDER = "webhooks-seen"
 SIGNATURE_HEADER = b"x-flagsmith-signature"
 
 
@@ -167,7 +166,7 @@ class WebhookReceiver:
         return Response(202, None, Content(b"application/json", orjson.dumps(answer)))
 
     def _first_sighting(self, area: Path, signature: bytes) -> bool:
-        folder = area / SEEN_FOLDER
+        folder = area / WEBHOOKS_SEEN
         folder.mkdir(exist_ok=True)
         try:
             fd = os.open(folder / signature[:64].decode("ascii", "replace"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -177,11 +176,11 @@ class WebhookReceiver:
         return True
 
     def _request_refresh(self, area: Path, ids: list[int], event_type: str) -> None:
-        folder = area / REFRESH_FOLDER
+        folder = area / REFRESH
         folder.mkdir(exist_ok=True)
         self._sequence += 1
-        name = f"{os.getpid()}-{self._sequence}.json"
-        tmp = folder / f".{name}.tmp"
+        path = folder / handed_over(os.getpid(), self._sequence)
+        tmp = temporary(path)
         tmp.write_bytes(orjson.dumps({"environment_ids": ids, "event_type": event_type[:64], "at": time.time()}))
-        os.rename(tmp, folder / name)
+        os.rename(tmp, path)
         log.info("webhook %s: refresh requested for %s", event_type[:64], ids or "every environment")

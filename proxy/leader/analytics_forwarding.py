@@ -13,7 +13,8 @@ from pathlib import Path
 import httpx
 import orjson
 
-from proxy.area.mailboxes import ANALYTICS_FOLDER, Inbox
+from proxy.area.mailboxes import Inbox
+from proxy.area.names import ANALYTICS
 from proxy.config.settings import Settings, mask_key
 from proxy.leader.upstream import flush_every, upstream_client
 from proxy.metrics import prometheus as metrics
@@ -25,7 +26,7 @@ class AnalyticsForwarder:
     """Every interval, collect and forward; what failed is retried next time."""
 
     def __init__(self, settings: Settings, area: Path, server_key_of: Callable[[str], str | None]) -> None:
-        self.inbox = Inbox(area, ANALYTICS_FOLDER)
+        self.inbox = Inbox(area, ANALYTICS)
         self.interval = settings.analytics_flush_interval_seconds
         self.server_key_of = server_key_of  # the leader knows discovered environments too
         self.url = None if settings.api_url.lower().startswith("file:") else settings.api_url + "/analytics/flags/"

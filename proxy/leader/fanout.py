@@ -32,7 +32,7 @@ from typing import Any
 
 import orjson
 
-from proxy.area.publication import key_hash
+from proxy.area.names import key_hash
 from proxy.config.settings import Settings, mask_key, mask_url
 from proxy.leader.poller import Environment, Poller
 from proxy.leader.refresh import keys_for

@@ -9,6 +9,7 @@ import os
 import signal
 from pathlib import Path
 
+from proxy.area.names import METRICS
 from proxy.area.processes import LEADER, WORKER, reap, register
 from proxy.area.publication import Publisher
 from proxy.area.settings_file import read_settings
@@ -60,7 +61,7 @@ async def _beat(publisher: Publisher, stop: asyncio.Event) -> None:
 async def _reap_dead_processes(area: Path, stop: asyncio.Event) -> None:
     while not stop.is_set():
         try:
-            for role in reap(area, area / "metrics"):
+            for role in reap(area, area / METRICS):
                 if role == WORKER:
                     metrics.WORKER_RESTARTS.inc()
         except Exception:  # tidying metrics must never stop the leader

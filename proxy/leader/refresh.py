@@ -17,8 +17,8 @@ from typing import Any
 import httpx
 import orjson
 
+from proxy.area.names import HANDED_OVER_GLOB, REFRESH, WEBHOOKS_SEEN
 from proxy.config.settings import Settings, mask_key, mask_urls_in
-from proxy.http.webhook import REFRESH_FOLDER, SEEN_FOLDER
 from proxy.leader.poller import Poller
 from proxy.leader.upstream import upstream_client
 from proxy.metrics import prometheus as metrics
@@ -44,8 +44,8 @@ class WebhookRefreshes:
 
     def __init__(self, settings: Settings, area: Path, poller: Poller) -> None:
         self.settings = settings
-        self.folder = area / REFRESH_FOLDER
-        self.seen = area / SEEN_FOLDER
+        self.folder = area / REFRESH
+        self.seen = area / WEBHOOKS_SEEN
         self.poller = poller
         # told of every webhook request (proxy/leader/fanout.py: the other replicas refresh too)
         self.on_request: Callable[[list[int]], None] | None = None
@@ -66,7 +66,7 @@ class WebhookRefreshes:
     def take(self) -> None:
         if not self.folder.is_dir():
             return
-        for path in sorted(self.folder.glob("[0-9]*.json")):
+        for path in sorted(self.folder.glob(HANDED_OVER_GLOB)):
             try:
                 request: Any = orjson.loads(path.read_bytes())
                 ids = (request.get("environment_ids") or []) if isinstance(request, dict) else []

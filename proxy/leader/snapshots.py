@@ -43,7 +43,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from proxy.area.publication import key_hash
+from proxy.area.names import key_hash
 from proxy.config.settings import Settings, mask_key, mask_url, mask_urls_in
 from proxy.leader.private_files import open_private, prepare_directory, write_private
 from proxy.metrics import prometheus as metrics

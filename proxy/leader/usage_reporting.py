@@ -24,14 +24,14 @@ from typing import Any
 import httpx
 import orjson
 
-from proxy.area.mailboxes import USAGE_FOLDER, Inbox
+from proxy.area.mailboxes import Inbox
+from proxy.area.names import BATCHES, USAGE, temporary
 from proxy.config.settings import Settings
 from proxy.leader.upstream import flush_every, upstream_client
 from proxy.metrics import prometheus as metrics
 
 log = logging.getLogger("proxy.leader")
 
-BATCHES = "batches.json"
 MAX_ROWS = 1000
 
 Batch = tuple[str, list[dict[str, Any]]]  # (idempotency key, rows)
@@ -55,7 +55,7 @@ def save_batches(path: Path, batches: list[Batch]) -> None:
             path.unlink()
         return
     path.parent.mkdir(exist_ok=True)
-    tmp = path.with_name(f".{BATCHES}.tmp")
+    tmp = temporary(path)
     tmp.write_bytes(orjson.dumps(batches))
     os.rename(tmp, path)
 
@@ -74,8 +74,8 @@ def new_batches(counts: Mapping[str, Mapping[str, int]]) -> list[Batch]:
 class UsageReporter:
     def __init__(self, settings: Settings, area: Path) -> None:
         assert settings.proxy_key is not None
-        self.inbox = Inbox(area, USAGE_FOLDER)
-        self.batches_path = area / USAGE_FOLDER / BATCHES
+        self.inbox = Inbox(area, USAGE)
+        self.batches_path = area / USAGE / BATCHES
         self.url = settings.api_url + "/proxy/usage/"
         self.interval = settings.usage_flush_interval_seconds
         self.proxy_key = settings.proxy_key

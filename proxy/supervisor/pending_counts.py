@@ -32,11 +32,12 @@ from typing import Any
 
 import orjson
 
-from proxy.area.mailboxes import ANALYTICS_FOLDER, MAX_NAMES, PENDING, USAGE_FOLDER, Counts, Inbox, add
+from proxy.area.mailboxes import MAX_NAMES, Counts, Inbox, add
+from proxy.area.names import ANALYTICS, BATCHES, PENDING, USAGE
 from proxy.config.settings import Settings
 from proxy.leader.private_files import prepare_directory, write_private
 from proxy.leader.snapshots import OWN_FILES, PENDING_PREFIX
-from proxy.leader.usage_reporting import BATCHES, Batch, load_batches, new_batches, save_batches
+from proxy.leader.usage_reporting import Batch, load_batches, new_batches, save_batches
 
 log = logging.getLogger("proxy.pending")
 
@@ -62,10 +63,10 @@ def _analytics_total(counts: Mapping[str, Mapping[str, int]]) -> int:
 
 def keep(settings: Settings, area: Path) -> None:
     """At exit, the leader stopped: move what was not forwarded out of the area (or say what is lost)."""
-    analytics_inbox = Inbox(area, ANALYTICS_FOLDER)
+    analytics_inbox = Inbox(area, ANALYTICS)
     analytics = analytics_inbox.take()
-    usage_inbox = Inbox(area, USAGE_FOLDER)
-    usage = load_batches(area / USAGE_FOLDER / BATCHES) + new_batches(usage_inbox.take())
+    usage_inbox = Inbox(area, USAGE)
+    usage = load_batches(area / USAGE / BATCHES) + new_batches(usage_inbox.take())
     if not analytics and not usage:
         return
     counts, rows = _analytics_total(analytics), _usage_rows(usage)
@@ -102,7 +103,7 @@ def keep(settings: Settings, area: Path) -> None:
     analytics_inbox.settle({})
     usage_inbox.settle({})
     with contextlib.suppress(FileNotFoundError):
-        (area / USAGE_FOLDER / BATCHES).unlink()
+        (area / USAGE / BATCHES).unlink()
     log.info(
         "%d analytics count(s) and %d usage row(s) not forwarded upstream kept in %s for the next start",
         counts,
@@ -149,10 +150,10 @@ def restore(settings: Settings, area: Path) -> None:
             MAX_ROWS,
         )
     if analytics:
-        (area / ANALYTICS_FOLDER).mkdir(exist_ok=True)
-        (area / ANALYTICS_FOLDER / PENDING).write_bytes(orjson.dumps(analytics))
+        (area / ANALYTICS).mkdir(exist_ok=True)
+        (area / ANALYTICS / PENDING).write_bytes(orjson.dumps(analytics))
     if usage:
-        save_batches(area / USAGE_FOLDER / BATCHES, load_batches(area / USAGE_FOLDER / BATCHES) + usage)
+        save_batches(area / USAGE / BATCHES, load_batches(area / USAGE / BATCHES) + usage)
     log.info(
         "restored %d analytics count(s) and %d usage row(s) kept at a previous exit (%d file(s))",
         _analytics_total(analytics),

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from proxy.area.mailboxes import ANALYTICS_FOLDER, USAGE_FOLDER, CountsBuffer
+from proxy.area.mailboxes import CountsBuffer
+from proxy.area.names import ANALYTICS, USAGE
 from proxy.evaluation import safe_regex
 from proxy.metrics import prometheus as metrics
 from proxy.worker.response_cache import ResponseCache
@@ -18,8 +19,8 @@ from proxy.worker.response_cache import ResponseCache
 class WorkerCounters:
     def __init__(self, cache: ResponseCache | None, usage: bool) -> None:
         self.cache = cache
-        self.analytics = CountsBuffer(ANALYTICS_FOLDER)
-        self.usage = CountsBuffer(USAGE_FOLDER) if usage else None
+        self.analytics = CountsBuffer(ANALYTICS)
+        self.usage = CountsBuffer(USAGE) if usage else None
 
     def flush_metrics(self, generation: int) -> None:
         """Into the multiprocess metrics: counts since the last flush, and this worker's gauges."""
