@@ -35,7 +35,7 @@ from proxy.http.webhook import WebhookReceiver
 from proxy.metrics import prometheus as metrics
 from proxy.worker.store import Store
 
-__all__ = ["ROUTES", "build_app", "build_asgi", "route_of"]
+__all__ = ["ROUTES", "build_app", "build_asgi", "build_worker", "route_of"]
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -83,7 +83,7 @@ class ProxyApp:
         self.controls = self.hot.controls
         self.pid = str(os.getpid()).encode()
         self.realtime = StreamHub(settings.realtime, store)
-        self.webhooks = WebhookReceiver(settings.webhook, lambda: store.area, settings.shared_redis)
+        self.webhooks = WebhookReceiver(settings.webhook, store.area, settings.shared_redis)
 
     async def read_body(self, request: Request) -> bytes:
         return await self.hot.body_reader.read(call_of(request))
@@ -197,7 +197,7 @@ def _plain(handler: Handler, name: str) -> Handler:
     return handler
 
 
-def _build(settings: Settings, store: Store) -> tuple[Application, HotRoutes]:
+def _build(settings: Settings, store: Store) -> tuple[Application, ProxyApp]:
     routes = ProxyApp(settings, store)
     router = Router()
     # BlackSheep matches a route with or without its trailing slash: one registration serves both.
@@ -214,8 +214,7 @@ def _build(settings: Settings, store: Store) -> tuple[Application, HotRoutes]:
             router.add(method, path, handler)
     router.fallback = _plain(routes.route(None, routes.fallback), "fallback")
     app = Application(router=router, show_error_details=False)
-    store.stop_streams = routes.realtime.close_all
-    return app, routes.hot
+    return app, routes
 
 
 def build_app(settings: Settings, store: Store) -> Application:
@@ -226,5 +225,11 @@ def build_app(settings: Settings, store: Store) -> Application:
 def build_asgi(settings: Settings, store: Store) -> tuple[Any, Application]:
     """(What a worker serves, the BlackSheep application inside it): the fast path in front of BlackSheep,
     or BlackSheep alone with `server.fast_path: false`."""
-    app, hot = _build(settings, store)
-    return (FastPath(hot, app) if settings.server.fast_path else app), app
+    served, app, _ = build_worker(settings, store)
+    return served, app
+
+
+def build_worker(settings: Settings, store: Store) -> tuple[Any, Application, Callable[[], None]]:
+    """`build_asgi`, and what ends the real-time streams (a worker's shutdown calls it)."""
+    app, routes = _build(settings, store)
+    return (FastPath(routes.hot, app) if settings.server.fast_path else app), app, routes.realtime.close_all

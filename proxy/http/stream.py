@@ -104,7 +104,7 @@ class StreamHub:
         self.streams: defaultdict[str, set[_Stream]] = defaultdict(set)
         self.count = 0
         self.closing = False
-        store.listeners.append(self.changed)
+        store.on_swap(self.changed)
 
     def changed(self, built: dict[str, EnvironmentState], gone: list[str]) -> None:
         """Called by `Store.apply` (on the event loop): wake the streams of every rebuilt environment."""

@@ -111,9 +111,7 @@ class SharedReplays:
 
 
 class WebhookReceiver:
-    def __init__(
-        self, settings: WebhookSettings, area: Callable[[], Path | None], shared_redis: str | None = None
-    ) -> None:
+    def __init__(self, settings: WebhookSettings, area: Path | None, shared_redis: str | None = None) -> None:
         self.settings = settings
         self.area = area
         self._sequence = 0
@@ -153,9 +151,9 @@ class WebhookReceiver:
         if sent_at is not None and abs(time.time() - sent_at.timestamp()) > window:
             metrics.WEBHOOKS.labels(outcome="replayed").inc()
             raise BadRequest(f"webhook data.timestamp is more than {window:g} s away (webhook.replay_window_seconds)")
-        area = self.area()
+        area = self.area
         if area is None:
-            raise ServiceUnavailable("not attached to the shared-memory area yet; retry")
+            raise ServiceUnavailable("no shared-memory area to hand the refresh to (an in-process app)")
         if not self._first_sighting(area, signature) or await self._seen_elsewhere(signature):
             metrics.WEBHOOKS.labels(outcome="replayed").inc()
             raise BadRequest("webhook already received (replayed)")

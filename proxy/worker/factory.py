@@ -21,7 +21,7 @@ from proxy.area.publication import Subscriber
 from proxy.area.settings_file import read_settings
 from proxy.config.logs import configure_logging
 from proxy.config.settings import Settings
-from proxy.http.app import build_asgi
+from proxy.http.app import build_worker
 from proxy.http.stream import end_streams_on_shutdown_signal
 from proxy.metrics import prometheus as metrics
 from proxy.metrics import tracing
@@ -44,11 +44,11 @@ def create_app() -> Any:
 
 
 def create_worker_app(settings: Settings, area: Path) -> Any:
-    """The ASGI application: the fast path in front of BlackSheep (proxy/http/app.py `build_asgi`)."""
-    store = Store(settings)
-    served, app = build_asgi(settings, store)
+    """The ASGI application: the fast path in front of BlackSheep (proxy/http/app.py `build_worker`)."""
+    store = Store(settings, area)
+    served, app, end_streams = build_worker(settings, store)
     metrics.scrape_collectors[:] = [EnvironmentCollector(store)]  # one worker, one store
-    end_streams_on_shutdown_signal(store.stop_streams)
+    end_streams_on_shutdown_signal(end_streams)
 
     @app.lifespan  # type: ignore[untyped-decorator]  # BlackSheep's lifespan decorator is untyped
     async def follow_publications() -> AsyncIterator[None]:
@@ -56,13 +56,12 @@ def create_worker_app(settings: Settings, area: Path) -> Any:
         subscriber = Subscriber(area)
         follower = Follower(store, subscriber)
         follower.load_now()
-        store.area = area
         task = asyncio.create_task(follower.run())
         log.debug("worker %d following %s at generation %d", os.getpid(), area, store.generation)
         try:
             yield
         finally:
-            store.stop_streams()
+            end_streams()
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task

@@ -36,9 +36,16 @@ log = logging.getLogger("proxy.worker")
 FOLLOW_INTERVAL = 0.05  # seconds between generation checks: propagation adds at most this
 
 
+Listener = Callable[[dict[str, EnvironmentState], list[str]], None]
+
+
 class Store:
-    def __init__(self, settings: Settings) -> None:
+    """One worker's environments. Built complete here; the one thing added later is who listens to swaps,
+    through `on_swap` (the real-time streams, registered while the app is built)."""
+
+    def __init__(self, settings: Settings, area: Path | None = None) -> None:
         self.settings = settings
+        self.area = area  # the shared-memory area the worker follows (None in the in-process tier)
         # client key → {server key: expiry}; configured pairs, then whatever the leader discovered
         self.static: dict[str, ServerKeys] = {
             pair.client_side_key: {pair.server_side_key: None} for pair in settings.environment_key_pairs
@@ -53,10 +60,11 @@ class Store:
         self.meta: dict[str, Any] = {}
         self.discovered = False  # with a proxy_key: has the leader synced the proxy config yet?
         self.counters = WorkerCounters(self.cache, usage=bool(settings.proxy_key))
-        # called after a swap with (rebuilt states, removed client keys): the real-time streams
-        self.listeners: list[Callable[[dict[str, EnvironmentState], list[str]], None]] = []
-        self.area: Path | None = None  # the shared-memory area, once the worker follows it (webhook hand-over)
-        self.stop_streams: Callable[[], None] = lambda: None  # set by build_app: ends the streams at shutdown
+        self._listeners: list[Listener] = []
+
+    def on_swap(self, listener: Listener) -> None:
+        """Call `listener(rebuilt states, removed client keys)` after every swap that changed a state."""
+        self._listeners.append(listener)
 
     def resolve(self, key: bytes | None) -> tuple[KeyKind, Served]:
         """The state a key's request is served from: 401 for an unknown key, 503 before its first document."""
@@ -86,7 +94,7 @@ class Store:
             if self.cache is not None:
                 for client_key in [*built, *gone]:
                     self.cache.drop_environment(client_key)
-            for listener in self.listeners:
+            for listener in self._listeners:
                 listener(built, gone)
         self.generation = manifest.generation
 
