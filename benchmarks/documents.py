@@ -149,3 +149,27 @@ def heavy_document(features: int = 50, segments: int = 15, rules: int = 5) -> di
         for s in range(segments)
     ]
     return document
+
+
+def small_environment(index: int) -> dict[str, Any]:
+    """About 7 KB, as a large organisation's typical environment: 10 features (one server-only), 2 segments,
+    one identity override; distinct `id`, `api_key` and name per `index` (client key `client_<index>`)."""
+    document = base_document()
+    states = document["feature_states"][:10]
+    kept = {state["feature"]["id"] for state in states}
+    segments = [
+        {**segment, "feature_states": [s for s in segment["feature_states"] if s["feature"]["id"] in kept]}
+        for segment in document["project"]["segments"]
+    ]
+    document["project"]["segments"] = [segment for segment in segments if segment["feature_states"]][:2]
+    document["project"]["server_key_only_feature_ids"] = [states[-1]["feature"]["id"]]
+    document["feature_states"] = states
+    document["identity_overrides"] = [
+        {
+            "identifier": f"override-user-{index}",
+            "identity_uuid": str(uuid.UUID(int=index + 1)),
+            "identity_features": [{**copy.deepcopy(states[0]), "enabled": not states[0]["enabled"]}],
+        }
+    ]
+    document.update(id=index + 1, api_key=f"client_{index}", name=f"Environment {index}")
+    return document

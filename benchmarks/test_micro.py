@@ -22,16 +22,18 @@ from proxy.area.bodies import KeyKind
 from proxy.area.manifest import ManifestEntry
 from proxy.area.publication import Area, Publisher, Subscriber
 from proxy.config.settings import Settings
+from proxy.evaluation.environment import answers_for
 from proxy.http.routes import route_of
 from proxy.metrics import prometheus as metrics
 from proxy.worker.environment import EnvironmentState
+from proxy.worker.evaluators import Evaluator
 from proxy.worker.store import Store
 
 TRAITS = {"plan": "premium", "age": 30, "country": "GB"}
 
 
 def state_of(document: dict[str, Any]) -> EnvironmentState:
-    return EnvironmentState(document["api_key"], orjson.dumps(document))
+    return EnvironmentState.of_document(document["api_key"], orjson.dumps(document))
 
 
 @pytest.fixture(scope="module")
@@ -78,16 +80,17 @@ def profile_state(request: pytest.FixtureRequest) -> EnvironmentState:
 def test_identity_body_random_identifier(benchmark: Any, profile_state: EnvironmentState, evaluator: str) -> None:
     """An uncached identity response (random identifier + 3 traits): compiled evaluator vs flag-engine."""
     state = profile_state
-    assert state.compiled is not None
+    built = Evaluator(state.client_key, state.document_bytes())
+    assert built.compiled is not None
     identifiers = iter(f"user-{i}" for i in range(10**9))
     echo = [{"trait_key": k, "trait_value": v} for k, v in HEAVY_TRAITS.items()]
 
     def compiled() -> bytes:
-        return state.identity_body(KeyKind.CLIENT, next(identifiers), echo, HEAVY_TRAITS)
+        return built.identity_body(KeyKind.CLIENT, next(identifiers), echo, HEAVY_TRAITS)
 
     def engine() -> bytes:
         identifier = next(identifiers)
-        flags = state._engine_flags(KeyKind.CLIENT, identifier, HEAVY_TRAITS)
+        flags = built._engine_flags(KeyKind.CLIENT, identifier, HEAVY_TRAITS)
         return orjson.dumps({"identifier": identifier, "traits": echo, "flags": flags})
 
     assert compiled()[-2:] == engine()[-2:] == b"]}"
@@ -249,7 +252,13 @@ def test_publish_one_megabyte(benchmark: Any, area: Area) -> None:
         benchmark(lambda: publisher.publish({"a": data}, dict(entries)))
 
 
-def test_build_state_one_megabyte(benchmark: Any) -> None:
-    """Worker-side cost of swapping in a 1 MB document (runs in a thread, off the event loop)."""
+def test_answers_one_megabyte(benchmark: Any) -> None:
+    """Leader-side cost of a new 1 MB document: its answers evaluated and encoded (in a thread)."""
     data = orjson.dumps(about_one_megabyte())
-    benchmark.pedantic(EnvironmentState, args=("k", data), rounds=10, iterations=1)
+    benchmark.pedantic(answers_for, args=(data,), rounds=10, iterations=1)
+
+
+def test_evaluator_one_megabyte(benchmark: Any) -> None:
+    """Worker-side cost of a 1 MB environment's first identity request: its evaluator (in a thread)."""
+    data = orjson.dumps(about_one_megabyte())
+    benchmark.pedantic(Evaluator, args=("k", data), rounds=10, iterations=1)

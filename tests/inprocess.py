@@ -1,10 +1,10 @@
 """The in-process tier: the real application and Store, no processes, no sockets.
 
 `InProcessProxy` builds a worker's `Store` with states from documents (as `Follower` would from a
-publication), the application a worker serves from `proxy.http.app.build_asgi` (the fast path in front of
-BlackSheep unless `server.fast_path` is off), and sends raw ASGI calls (tests/asgi.py) on its own event loop,
-so a route test costs well under a millisecond. Processes, publication, Granian and failures stay in the
-real-process tier (`tests/support.py` `ProxyProcess`).
+publication, their answers encoded here as the leader would), the application a worker serves from
+`proxy.http.app.build_asgi` (the fast path in front of BlackSheep unless `server.fast_path` is off), and sends
+raw ASGI calls (tests/asgi.py) on its own event loop, so a route test costs well under a millisecond.
+Processes, publication, Granian and failures stay in the real-process tier (`tests/support.py` `ProxyProcess`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from proxy.area.manifest import Location, Manifest, ManifestEntry
 from proxy.config.settings import Settings
 from proxy.http.app import build_asgi
 from proxy.worker.environment import EnvironmentState
-from proxy.worker.store import Store, build_states
+from proxy.worker.store import Store
 from tests.asgi import call
 from tests.support import KEYS
 
@@ -75,7 +75,8 @@ class InProcessProxy:
             )
             for pair in self.settings.environment_key_pairs
         }
-        built = build_states(documents, self.store.build_errors)
+        evaluators = self.store.evaluators
+        built = {key: EnvironmentState.of_document(key, data, evaluators) for key, data in documents.items()}
         self.store.apply(Manifest(self.store.generation + 1, entries), built)
 
     def state(self, client_key: str) -> EnvironmentState:

@@ -8,7 +8,9 @@ publisher fills in where each document is (`file`, `length`, `crc32`), workers (
      "environments": {"<client key>": {"server_keys": {"ser.x": null}, "name": "...", "environment_id": 1,
                                        "updated_at": "...",
                                        "last_success": 1.7e9, "last_error": null, "error_kind": null,
-                                       "file": "env-<hash>-7.json", "length": 123, "crc32": 456}},
+                                       "file": "env-<hash>-7.json", "length": 123, "crc32": 456,
+                                       "answers_file": "env-<hash>-7.answers", "answers_length": 789,
+                                       "answers_crc32": 1011}},
      "meta": {"discovered_at": 1.7e9}}
 
 Compatibility rule: fields are only ever added, each optional with a default, and readers ignore fields
@@ -69,6 +71,7 @@ class ManifestEntry:
     last_error: str | None = None
     error_kind: str | None = None  # a short category of last_error, safe to show without details
     location: Location | None = None  # None: nothing published for it yet
+    answers: Location | None = None  # the document's pre-encoded answers (None: workers encode them)
     # for /proxy/status and health (snapshots): where the document came from and the fetch state
     source: str | None = None  # "upstream", "file" or "snapshot"
     state: str | None = None  # "valid", "interrupted", "initializing"
@@ -99,11 +102,15 @@ class ManifestEntry:
                 data[name] = value
         if self.location is not None:
             data.update(file=self.location.file, length=self.location.length, crc32=self.location.crc32)
+        if self.answers is not None:
+            answers = self.answers
+            data.update(answers_file=answers.file, answers_length=answers.length, answers_crc32=answers.crc32)
         return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ManifestEntry:
         file = _str(data.get("file"))
+        answers = _str(data.get("answers_file"))
         return cls(
             server_keys=_server_keys(data.get("server_keys")),
             name=_str(data.get("name")),
@@ -113,6 +120,9 @@ class ManifestEntry:
             last_error=_str(data.get("last_error")),
             error_kind=_str(data.get("error_kind")),
             location=Location(file, _int(data.get("length")), _int(data.get("crc32"))) if file else None,
+            answers=Location(answers, _int(data.get("answers_length")), _int(data.get("answers_crc32")))
+            if answers
+            else None,
             source=_str(data.get("source")),
             state=_str(data.get("state")),
             state_since=_float(data.get("state_since")),

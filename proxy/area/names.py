@@ -6,6 +6,7 @@
       control                        4 KiB mmap: magic, generation, leader heartbeat (publication.py)
       manifest.json                  every environment's entry and where its document is (publication.py)
       env-<key hash>-<gen>.json      a published document, immutable (publication.py)
+      env-<key hash>-<gen>.answers   its pre-encoded environment-level answers, immutable (answers.py)
       metrics/                       prometheus-client's multiprocess files (metrics/directory.py)
         .archive.lock                shared by scrapes, exclusive while dead processes are folded (processes.py)
       processes/<pid>                role and start time of each process writing metrics (processes.py)
@@ -44,7 +45,8 @@ REFRESH = "refresh"
 WEBHOOKS_SEEN = "webhooks-seen"
 
 DOCUMENT_SUFFIX = ".json"
-DOCUMENTS_GLOB = "env-*.json"
+ANSWERS_SUFFIX = ".answers"
+PUBLISHED_GLOB = "env-*"  # every published file, documents and answers
 HANDED_OVER_GLOB = "[0-9]*.json"  # a worker's hand-over files (analytics, usage, refresh), not pending.json
 
 
@@ -59,6 +61,10 @@ def area_path(base_dir: str, port: int) -> Path:
 
 def document_file(client_key: str, generation: int) -> str:
     return f"env-{key_hash(client_key)}-{generation}{DOCUMENT_SUFFIX}"
+
+
+def answers_file(client_key: str, generation: int) -> str:
+    return f"env-{key_hash(client_key)}-{generation}{ANSWERS_SUFFIX}"
 
 
 def buckets_file(limit: str) -> str:

@@ -32,13 +32,23 @@ import shutil
 import time
 import zlib
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Self
 
 from proxy.area.manifest import Location, Manifest, ManifestEntry
-from proxy.area.names import CONTROL, DOCUMENTS_GLOB, LOCK, MANIFEST, METRICS, document_file, temporary
+from proxy.area.names import (
+    CONTROL,
+    LOCK,
+    MANIFEST,
+    METRICS,
+    PUBLISHED_GLOB,
+    answers_file,
+    document_file,
+    temporary,
+)
 from proxy.area.names import key_hash as key_hash
+from proxy.area.shared_bytes import SharedBytes
 
 CONTROL_SIZE = 4096
 MAGIC = 0x45445052_4F585931  # "EDPROXY1"
@@ -158,6 +168,7 @@ class Publisher:
             raise AreaError(f"{path / CONTROL} is not an edge-proxy control file")
         self.generation = self._words[_GENERATION]
         self._published: dict[str, Location] = {}  # client key → where its current document is
+        self._answers: dict[str, Location] = {}  # client key → where its current document's answers are
         self._previous_files: set[str] = set()
         self._current_files: set[str] = set()
 
@@ -169,10 +180,15 @@ class Publisher:
             self._published = {
                 key: entry.location for key, entry in manifest.environments.items() if entry.location is not None
             }
-            self._current_files = {location.file for location in self._published.values()}
+            self._answers = {
+                key: entry.answers
+                for key, entry in manifest.environments.items()
+                if entry.answers is not None and entry.location is not None
+            }
+            self._current_files = _files_of(self._published, self._answers)
         # A killed leader may have left older documents and half-written temporaries: the next
         # publication removes the documents (readers may still be on them now), the temporaries go now.
-        self._previous_files = {p.name for p in self.path.glob(DOCUMENTS_GLOB)} - self._current_files
+        self._previous_files = {p.name for p in self.path.glob(PUBLISHED_GLOB)} - self._current_files
         for tmp in self.path.glob(".*.tmp"):
             with contextlib.suppress(OSError):
                 tmp.unlink()
@@ -185,32 +201,46 @@ class Publisher:
     def read_document(self, entry: ManifestEntry) -> bytes | None:
         return read_verified(self.path, entry.location)
 
+    def has_answers(self, client_key: str) -> bool:
+        """Are the answers of `client_key`'s published document published too (resuming an older leader's
+        publication: not always)?"""
+        return client_key in self._answers
+
     def publish(
         self,
         documents: Mapping[str, bytes],
         environments: Mapping[str, ManifestEntry],
         discovered_at: float | None = None,
         extra: Mapping[str, Any] | None = None,
+        answers: Mapping[str, bytes] | None = None,
     ) -> int:
-        """Write the changed `documents` (client key → bytes), then the manifest of all `environments`.
+        """Write the changed `documents` (client key → bytes) and their `answers` (client key → the answers
+        file, `proxy/area/answers.py`; a document without them gets none), then the manifest of all
+        `environments`.
 
         `environments` maps client key → the leader's status for it; the publisher sets where each
-        environment's document is (`location`). An environment left out is no longer published.
+        environment's document and answers are. An environment left out is no longer published.
         On failure nothing already published is touched.
         """
         generation = self.generation + 1
-        self._check_room(sum(len(data) for data in documents.values()))
+        answers = answers or {}
+        self._check_room(sum(len(data) + len(answers.get(key, b"")) for key, data in documents.items()))
         published = {key: self._published[key] for key in environments if key in self._published}
+        answered = {key: self._answers[key] for key in published if key in self._answers}
         written: list[Path] = []
         try:
             for client_key, data in documents.items():
-                name = document_file(client_key, generation)
-                _write_atomic(self.path / name, data)
-                written.append(self.path / name)
-                published[client_key] = Location(name, len(data), zlib.crc32(data))
+                published[client_key] = self._write(document_file(client_key, generation), data, written)
+                answered.pop(client_key, None)
+                if client_key in answers:
+                    name = answers_file(client_key, generation)
+                    answered[client_key] = self._write(name, answers[client_key], written)
             manifest = Manifest(
                 generation,
-                {key: replace(status, location=published.get(key)) for key, status in environments.items()},
+                {
+                    key: replace(status, location=published.get(key), answers=answered.get(key))
+                    for key, status in environments.items()
+                },
                 discovered_at,
                 dict(extra or {}),
             )
@@ -224,14 +254,19 @@ class Publisher:
             raise AreaError(f"cannot publish to {self.path}: {exc}") from None
         self._words[_GENERATION] = generation
         self.generation = generation
-        self._published = published
-        current = {location.file for location in published.values()}
+        self._published, self._answers = published, answered
+        current = _files_of(published, answered)
         # Keep the previous generation's files: a reader may have read the old manifest a moment ago.
         for stale in self._previous_files - current - self._current_files:
             with contextlib.suppress(OSError):
                 (self.path / stale).unlink()
         self._previous_files, self._current_files = self._current_files, current
         return generation
+
+    def _write(self, name: str, data: bytes, written: list[Path]) -> Location:
+        _write_atomic(self.path / name, data)
+        written.append(self.path / name)
+        return Location(name, len(data), zlib.crc32(data))
 
     def _check_room(self, needed: int) -> None:
         """Refuse before writing anything: a half-done publication must not push out what is published."""
@@ -240,7 +275,7 @@ class Publisher:
         if needed > free:
             raise AreaError(full_message(self.path, free))
         if self.max_bytes is not None:
-            used = sum(entry.stat().st_size for entry in self.path.glob(DOCUMENTS_GLOB))
+            used = sum(entry.stat().st_size for entry in self.path.glob(PUBLISHED_GLOB))
             if used + needed > self.max_bytes:
                 raise AreaError(
                     f"shared-memory area {self.path} would exceed shared_memory_max_bytes "
@@ -258,6 +293,10 @@ class Publisher:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _files_of(*published: Mapping[str, Location]) -> set[str]:
+    return {location.file for locations in published for location in locations.values()}
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -309,6 +348,14 @@ class Heartbeat:
         self._mm.close()
 
 
+@dataclass(frozen=True, slots=True)
+class Published:
+    """One environment's published files, mapped and verified: its document and, when published, its answers."""
+
+    document: SharedBytes
+    answers: SharedBytes | None
+
+
 class Subscriber:
     """A worker's side: a cheap generation check, then a verified read of what changed."""
 
@@ -320,7 +367,8 @@ class Subscriber:
         if self._words[_MAGIC] != MAGIC:
             raise AreaError(f"{path / CONTROL} is not an edge-proxy control file")
         self.seen = 0
-        self._loaded: dict[str, Location] = {}  # client key → the document already handed out
+        # client key → (document, answers) locations already handed out
+        self._loaded: dict[str, tuple[Location, Location | None]] = {}
 
     @property
     def published(self) -> int:
@@ -329,33 +377,42 @@ class Subscriber:
     def changed(self) -> bool:
         return self._words[_GENERATION] != self.seen
 
-    def poll(self) -> tuple[Manifest, dict[str, bytes]] | None:
-        """(manifest, changed documents) when a new generation is readable and verified, else None.
+    def read(self) -> tuple[Manifest, dict[str, Published]] | None:
+        """(manifest, changed environments' files) when a new generation is readable and verified, else None.
 
-        `seen` advances only when every changed document was read and verified; otherwise the next
-        poll retries, so a reader never settles on a torn or half-written view.
+        `seen` advances only when every changed file was mapped and verified; otherwise the next read
+        retries, so a reader never settles on a torn or half-written view.
         """
         manifest = read_manifest(self.path)
         if manifest is None or manifest.generation < self._words[_GENERATION]:
             return None  # the counter moved before the rename became visible here: retry
-        changed: dict[str, bytes] = {}
+        changed: dict[str, Published] = {}
         for client_key, entry in manifest.environments.items():
             location = entry.location
-            if location is None or self._loaded.get(client_key) == location:
+            if location is None or self._loaded.get(client_key) == (location, entry.answers):
                 continue
-            data = read_verified(self.path, location)
-            if data is None:
-                return None  # lapped by the writer, or torn: the next poll retries
-            changed[client_key] = data
+            document = map_verified(self.path, location)
+            answers = map_verified(self.path, entry.answers) if entry.answers is not None else None
+            if document is None or (answers is None and entry.answers is not None):
+                return None  # lapped by the writer, or torn: the next read retries
+            changed[client_key] = Published(document, answers)
         for client_key in changed:
-            location = manifest.environments[client_key].location
-            assert location is not None
-            self._loaded[client_key] = location
+            entry = manifest.environments[client_key]
+            assert entry.location is not None
+            self._loaded[client_key] = (entry.location, entry.answers)
         for client_key in list(self._loaded):
             if client_key not in manifest.environments:
                 del self._loaded[client_key]
         self.seen = manifest.generation
         return manifest, changed
+
+    def poll(self) -> tuple[Manifest, dict[str, bytes]] | None:
+        """`read`, with the changed documents as bytes (for readers that want a copy)."""
+        found = self.read()
+        if found is None:
+            return None
+        manifest, changed = found
+        return manifest, {client_key: published.document.bytes() for client_key, published in changed.items()}
 
     def close(self) -> None:
         self._words.release()
@@ -366,3 +423,18 @@ class Subscriber:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def map_verified(path: Path, location: Location) -> SharedBytes | None:
+    """The file at `location` mapped, or None when it is gone or fails its length or CRC check. The pages read
+    to check it are released, so the check does not count in this process's RSS."""
+    try:
+        mapped = SharedBytes(path / location.file)
+    except FileNotFoundError:
+        return None
+    try:
+        if len(mapped) != location.length or mapped.crc32() != location.crc32:
+            return None
+    finally:
+        mapped.release_pages()
+    return mapped

@@ -85,6 +85,10 @@ class IdentityCacheSettings(CacheSettings):
     use_cache: bool = True
     cache_max_size: int = Field(default=4096, ge=1)
     cache_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    # Per worker: environments whose identity evaluator is kept (the least recently used dropped beyond it);
+    # the others build theirs on their next identity request, in a few milliseconds. Not a response cache:
+    # it applies with use_cache off too.
+    compiled_environments: int = Field(default=256, ge=1)
 
 
 class EndpointCaches(_Frozen):

@@ -164,8 +164,9 @@ class HotRoutes:
         if kind is not KeyKind.SERVER:
             raise Unauthorized("the environment document is served to server-side keys only")
         accept = call.header(b"accept-encoding")
+        document = state.document  # once: its bytes are copied out of the shared mapping
         # ETag (a hash of the document) for proxies polling this one, Last-Modified for everyone else
-        etag = state.etag_gzip if gzip_chosen(accept, state.document) else state.etag
+        etag = state.etag_gzip if gzip_chosen(accept, document) else state.etag
         validators = [(b"etag", etag)]
         last_modified = state.last_modified
         if last_modified is not None:
@@ -173,13 +174,13 @@ class HotRoutes:
         match = call.header(b"if-none-match")
         if match is not None:  # RFC 9110 13.2.2: If-None-Match, when sent, decides alone
             if none_match(match, etag):
-                return _not_modified(state.document, validators)
+                return _not_modified(document, validators)
         elif last_modified is not None:
             since = call.header(b"if-modified-since")
             if since is not None and not_modified(since, last_modified):
-                return _not_modified(state.document, validators)
+                return _not_modified(document, validators)
         self.identities.count(state, "environment-document")
-        reply = send(accept, state.document, state)
+        reply = send(accept, document, state)
         reply.headers += validators
         return reply
 

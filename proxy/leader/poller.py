@@ -30,11 +30,11 @@ import orjson
 from proxy.area.manifest import ManifestEntry
 from proxy.area.publication import AreaError, Publisher
 from proxy.config.settings import Settings, mask_key
+from proxy.evaluation.environment import answers_for, parse_updated_at
 from proxy.leader.discovery import Discovery
 from proxy.leader.snapshots import Snapshots
 from proxy.leader.sources import Fetched, FetchFailed, NotModified, Source, Validator
 from proxy.metrics import prometheus as metrics
-from proxy.worker.environment import EnvironmentState, parse_updated_at
 
 log = logging.getLogger("proxy.leader")
 
@@ -49,6 +49,7 @@ class Environment:
     server_keys: dict[str, float | None]  # server key → expiry (epoch seconds) or None
     static: bool = True  # from environment_key_pairs: never removed by discovery
     document: bytes | None = None
+    answers: bytes | None = None  # the document's answers file, published with it (None: resumed, published)
     updated_at: datetime | None = None
     name: str | None = None
     environment_id: int | None = None  # the document's `id`: with `name`, how metrics label the environment
@@ -156,6 +157,12 @@ class Poller:
             data = self.publisher.read_document(entry)
             if data is None:
                 continue
+            if not self.publisher.has_answers(client_key):  # published without (the main process's preload)
+                try:
+                    env.answers = answers_for(data)
+                except Exception:
+                    continue
+                env.dirty = True
             document = orjson.loads(data)
             env.document = data
             env.updated_at = parse_updated_at(document.get("updated_at"))
@@ -231,10 +238,14 @@ class Poller:
         try:
             document = orjson.loads(snapshot.document)
             updated_at = parse_updated_at(document.get("updated_at"))
-        except (orjson.JSONDecodeError, AttributeError) as exc:  # authentic bytes that are not a document object
+            answers = await asyncio.to_thread(answers_for, snapshot.document)
+        except Exception as exc:  # authentic bytes that are not a document a worker can serve
             self.snapshots.reject(env.client_key, f"not a document: {exc}", "not_document")
             return
+        if env.document is not None:  # upstream answered meanwhile
+            return
         env.document = snapshot.document
+        env.answers = answers
         env.updated_at = updated_at
         env.name = document.get("name")
         env.environment_id = document.get("id")
@@ -359,8 +370,9 @@ class Poller:
             try:
                 async with asyncio.timeout(self.deadline):
                     result = await self.source.fetch(env.server_key, env.validator if env.document else None)
+                answers = None
                 if isinstance(result, Fetched):
-                    result = await self._check_builds(env, result)
+                    result, answers = await self._check_builds(env, result)
             except TimeoutError:
                 result = FetchFailed(
                     f"fetch not complete within {self.deadline:g} s (api_fetch_deadline_seconds)", "timeout"
@@ -406,7 +418,7 @@ class Poller:
         if data != env.document:
             # a change replaces a document; the first one a leader fetches is news to nobody else
             changed = env.document is not None
-            env.document = data
+            env.document, env.answers = data, answers
             env.dirty = env.unsaved = True
             env.updated_at = parse_updated_at(result.document.get("updated_at"))
             env.name = result.document.get("name")
@@ -415,16 +427,17 @@ class Poller:
             if changed and self.on_new_document is not None:
                 self.on_new_document(env)
 
-    async def _check_builds(self, env: Environment, result: Fetched) -> Fetched | FetchFailed:
-        """Build the state exactly as a worker will: nothing is published that a worker cannot build."""
+    async def _check_builds(self, env: Environment, result: Fetched) -> tuple[Fetched | FetchFailed, bytes | None]:
+        """Encode a new document's answers (evaluated exactly as a worker would): nothing is published that a
+        worker cannot serve, and no worker encodes what the leader already did."""
         data = orjson.dumps(result.document)
         if data == env.document:
-            return result
+            return result, None
         try:
-            await asyncio.to_thread(EnvironmentState, env.client_key, data)
+            answers = await asyncio.to_thread(answers_for, data)
         except Exception as exc:
-            return FetchFailed(f"document cannot be served: {type(exc).__name__}: {exc}", "invalid_document")
-        return result
+            return FetchFailed(f"document cannot be served: {type(exc).__name__}: {exc}", "invalid_document"), None
+        return result, answers
 
     def _meta(self) -> dict[str, Any]:
         return {
@@ -435,10 +448,11 @@ class Poller:
 
     def publish(self) -> bool:
         changed = {key: env.document for key, env in self.environments.items() if env.dirty and env.document}
+        answers = {key: answers for key in changed if (answers := self.environments[key].answers) is not None}
         entries = {key: env.manifest_entry() for key, env in self.environments.items()}
         started = time.perf_counter()
         try:
-            generation = self.publisher.publish(changed, entries, self.discovered_at, self._meta())
+            generation = self.publisher.publish(changed, entries, self.discovered_at, self._meta(), answers)
         except AreaError as exc:
             metrics.PUBLICATION_ERRORS.inc()
             log.error("publication failed, workers keep the previous generation: %s", exc)

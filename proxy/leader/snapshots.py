@@ -371,6 +371,7 @@ def preload(settings: Settings, area: Path) -> None:
         return
     from proxy.area.manifest import ManifestEntry
     from proxy.area.publication import AreaError, Publisher
+    from proxy.evaluation.environment import answers_for
 
     try:
         snapshots = Snapshots(make_store(settings))  # type: ignore[arg-type]
@@ -378,6 +379,7 @@ def preload(settings: Settings, area: Path) -> None:
         log.error("snapshot store unavailable, starting without snapshots: %s", mask_urls_in(str(exc)))
         return
     documents: dict[str, bytes] = {}
+    answers: dict[str, bytes] = {}
     entries: dict[str, ManifestEntry] = {}
     now = time.time()
     try:
@@ -390,6 +392,7 @@ def preload(settings: Settings, area: Path) -> None:
                 updated_at = document.get("updated_at")  # the leader parses it when it takes over
                 if not isinstance(document, dict):
                     raise TypeError("not a JSON object")
+                answers[pair.client_side_key] = answers_for(snapshot.document)  # and one a worker can serve
             except Exception as exc:  # authentic bytes, but not a document: skip it like a corrupt one
                 snapshots.reject(pair.client_side_key, f"not a document: {exc}", "not_document")
                 continue
@@ -405,7 +408,7 @@ def preload(settings: Settings, area: Path) -> None:
                 snapshot_saved_at=snapshot.saved_at,
             )
         with Publisher(area, settings.shared_memory_max_bytes) as publisher:
-            publisher.publish(documents, entries, None, {"snapshots": snapshots.status()})
+            publisher.publish(documents, entries, None, {"snapshots": snapshots.status()}, answers)
     except AreaError as exc:
         log.error("snapshots not published before start: %s", exc)
     finally:

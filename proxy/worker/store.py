@@ -15,18 +15,20 @@ import asyncio
 import gc
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from proxy.area.answers import AnswersError
 from proxy.area.bodies import KeyKind
 from proxy.area.manifest import Manifest, ManifestEntry
-from proxy.area.publication import Subscriber
+from proxy.area.publication import Published, Subscriber
 from proxy.config.settings import Settings, mask_key
 from proxy.http.errors import ServiceUnavailable
 from proxy.metrics import prometheus as metrics
 from proxy.worker.counters import WorkerCounters
 from proxy.worker.environment import EnvironmentState
+from proxy.worker.evaluators import Evaluator, Evaluators
 from proxy.worker.keys import KeyIndex, ServerKeys
 from proxy.worker.response_cache import ResponseCache
 from proxy.worker.served import Served
@@ -60,6 +62,9 @@ class Store:
         self.meta: dict[str, Any] = {}
         self.discovered = False  # with a proxy_key: has the leader synced the proxy config yet?
         self.counters = WorkerCounters(self.cache, usage=bool(settings.proxy_key))
+        self.evaluators = Evaluators(
+            settings.identity_cache.compiled_environments, on_built=out_of_the_collectors_sight
+        )
         self._listeners: list[Listener] = []
 
     def on_swap(self, listener: Listener) -> None:
@@ -80,8 +85,14 @@ class Store:
         state = self.states.get(found[1]) if found is not None else None
         return state.environment_id if state is not None else None
 
-    def apply(self, manifest: Manifest, built: dict[str, EnvironmentState]) -> None:
-        """Swap in new states and status (on the event loop, no await: requests see old or new)."""
+    def apply(
+        self,
+        manifest: Manifest,
+        built: dict[str, EnvironmentState],
+        evaluated: Sequence[tuple[EnvironmentState, Evaluator]] = (),
+    ) -> None:
+        """Swap in new states and status (on the event loop, no await: requests see old or new); the
+        evaluators built ahead for new states are kept in place of the replaced states' ones."""
         self.status = manifest.environments
         self.meta = manifest.extra  # leader restarts, snapshot store status (/proxy/status)
         self.discovered = manifest.discovered_at is not None
@@ -90,6 +101,12 @@ class Store:
         self.keys = KeyIndex(served)  # discovery may have added, removed or rotated keys
         gone = [key for key in self.states if key not in served]
         if built or gone:
+            for client_key in [*built, *gone]:
+                replaced = self.states.get(client_key)
+                if replaced is not None:
+                    self.evaluators.forget(replaced)
+            for state, evaluator in evaluated:
+                self.evaluators.keep(state, evaluator)
             self.states = {**{k: v for k, v in self.states.items() if k in served}, **built}
             if self.cache is not None:
                 for client_key in [*built, *gone]:
@@ -99,13 +116,23 @@ class Store:
         self.generation = manifest.generation
 
 
-def build_states(documents: dict[str, bytes], build_errors: dict[str, str]) -> dict[str, EnvironmentState]:
-    """Build states for changed documents; a failure keeps the previous state and is reported."""
+def build_states(
+    published: Mapping[str, Published],
+    build_errors: dict[str, str],
+    evaluators: Evaluators | None = None,
+    wanted: Collection[str] = (),
+) -> tuple[dict[str, EnvironmentState], list[tuple[EnvironmentState, Evaluator]]]:
+    """States over the changed environments' published files (in a thread: a publication without answers
+    has them encoded here), and evaluators built ahead for the `wanted` ones (those whose previous
+    evaluator is kept). A failure keeps the previous state and is reported."""
     built: dict[str, EnvironmentState] = {}
-    for client_key, data in documents.items():
+    evaluated: list[tuple[EnvironmentState, Evaluator]] = []
+    for client_key, files in published.items():
         started = time.perf_counter()
         try:
-            built[client_key] = EnvironmentState(client_key, data)
+            state = _state(client_key, files, evaluators)
+            if client_key in wanted:
+                evaluated.append((state, Evaluator(client_key, state.document_bytes())))
         except Exception as exc:
             build_errors[client_key] = f"{type(exc).__name__}: {exc}"
             metrics.STATE_BUILD_ERRORS.inc()
@@ -115,9 +142,23 @@ def build_states(documents: dict[str, bytes], build_errors: dict[str, str]) -> d
                 build_errors[client_key],
             )
             continue
+        built[client_key] = state
         build_errors.pop(client_key, None)
         metrics.STATE_BUILD_SECONDS.observe(time.perf_counter() - started)
-    return built
+    return built, evaluated
+
+
+def _state(client_key: str, files: Published, evaluators: Evaluators | None) -> EnvironmentState:
+    if files.answers is not None:
+        try:
+            return EnvironmentState(client_key, files.document, files.answers, evaluators)
+        except AnswersError as exc:  # a leader of another version: encode them here, as for none
+            log.warning(
+                "environment %s: published answers unreadable (%s); encoding them here", mask_key(client_key), exc
+            )
+        finally:
+            files.answers.release_pages()
+    return EnvironmentState.of_document(client_key, files.document.bytes(), evaluators)
 
 
 def out_of_the_collectors_sight() -> None:
@@ -139,28 +180,35 @@ class Follower:
 
     def load_now(self) -> None:
         """Synchronous first load, at worker start-up before serving."""
-        polled = self.subscriber.poll() if self.subscriber.published else None
+        polled = self.subscriber.read() if self.subscriber.published else None
         if polled is not None:
-            manifest, documents = polled
-            built = build_states(documents, self.store.build_errors)
+            manifest, published = polled
+            built, _ = build_states(published, self.store.build_errors, self.store.evaluators)
             self.store.apply(manifest, built)
             out_of_the_collectors_sight()
 
+    async def _apply(self, manifest: Manifest, published: dict[str, Published]) -> None:
+        store = self.store
+        built: dict[str, EnvironmentState] = {}
+        evaluated: list[tuple[EnvironmentState, Evaluator]] = []
+        if published:
+            # evaluators in use are rebuilt with the new document, so its next identity request waits for none
+            wanted = [key for key in published if store.evaluators.wanted(key, store.states)]
+            built, evaluated = await asyncio.get_running_loop().run_in_executor(
+                None, build_states, published, store.build_errors, store.evaluators, wanted
+            )
+        store.apply(manifest, built, evaluated)
+        if built:
+            out_of_the_collectors_sight()
+
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
         flushed_at = time.monotonic()
         while True:
             try:
                 if self.subscriber.changed():
-                    polled = self.subscriber.poll()
+                    polled = self.subscriber.read()
                     if polled is not None:
-                        manifest, documents = polled
-                        built = {}
-                        if documents:
-                            built = await loop.run_in_executor(None, build_states, documents, self.store.build_errors)
-                        self.store.apply(manifest, built)
-                        if built:
-                            out_of_the_collectors_sight()
+                        await self._apply(*polled)
                 now = time.monotonic()
                 if now - flushed_at >= 1.0:
                     self.store.counters.flush(self.subscriber.path, self.store.generation)

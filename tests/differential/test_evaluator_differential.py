@@ -47,7 +47,7 @@ from proxy.evaluation.engine import (
 )
 from proxy.evaluation.mapping import identity_context, map_document
 from proxy.http.errors import TraitsUnevaluable
-from proxy.worker.environment import EnvironmentState
+from proxy.worker.evaluators import Evaluator
 from tests.support import EXAMPLES
 
 EXAMPLES_PER_RUN = int(os.environ.get("EVALUATOR_EXAMPLES", "400"))
@@ -242,21 +242,19 @@ def comparable(results: list[Any]) -> list[tuple[Any, ...]]:
     return [(r.feature["name"], r.enabled, type(r.value), repr(r.value), r.reason, r.variant) for r in results]
 
 
-def engine_results(state: EnvironmentState, kind: KeyKind, identifier: str, traits: dict[str, Any]) -> list[Any]:
-    view = state.views[kind]
-    results = evaluate_results(state.mapped, state.features, identifier, traits)
-    return comparable(visible_results(results, view.visible, view.hide_disabled))
+def engine_results(state: Evaluator, kind: KeyKind, identifier: str, traits: dict[str, Any]) -> list[Any]:
+    evaluated = state.evaluated
+    results = evaluate_results(evaluated.mapped, evaluated.features, identifier, traits)
+    return comparable(visible_results(results, *evaluated.kinds[kind]))
 
 
-def engine_body(
-    state: EnvironmentState, kind: KeyKind, identifier: str, echo: list[Any], traits: dict[str, Any]
-) -> bytes:
-    view = state.views[kind]
-    flags = visible_to(evaluate(state.mapped, state.features, identifier, traits), view.visible, view.hide_disabled)
+def engine_body(state: Evaluator, kind: KeyKind, identifier: str, echo: list[Any], traits: dict[str, Any]) -> bytes:
+    evaluated = state.evaluated
+    flags = visible_to(evaluate(evaluated.mapped, evaluated.features, identifier, traits), *evaluated.kinds[kind])
     return orjson.dumps({"identifier": identifier, "traits": echo, "flags": flags})
 
 
-def check_identity(state: EnvironmentState, identifier: str, traits: dict[str, Any]) -> None:
+def check_identity(state: Evaluator, identifier: str, traits: dict[str, Any]) -> None:
     echo = [{"trait_key": k, "trait_value": v} for k, v in traits.items()]
     for kind in KeyKind:
         want = outcome(partial(engine_results, state, kind, identifier, traits))
@@ -279,7 +277,7 @@ def test_compiled_evaluator_matches_flag_engine() -> None:
         people=st.lists(identities, min_size=IDENTITIES_PER_DOCUMENT, max_size=IDENTITIES_PER_DOCUMENT),
     )
     def check(document: dict[str, Any], people: list[tuple[str, dict[str, Any]]]) -> None:
-        built = outcome(lambda: EnvironmentState(document["api_key"], orjson.dumps(document)))
+        built = outcome(lambda: Evaluator(document["api_key"], orjson.dumps(document)))
         if built[0] == "raised":  # the engine fails on the environment flags too: not servable today either
             counts["unbuildable"] += 1
             return
@@ -456,8 +454,8 @@ def test_pitfalls(operator: str, value: Any, trait: Any, expected: bool) -> None
 # -- fixed documents: the conformance environments, the heavy profile, fallbacks made visible ----------
 
 
-def state_of(document: dict[str, Any]) -> EnvironmentState:
-    return EnvironmentState(document["api_key"], orjson.dumps(document))
+def state_of(document: dict[str, Any]) -> Evaluator:
+    return Evaluator(document["api_key"], orjson.dumps(document))
 
 
 CONFORMANCE = [orjson.loads((EXAMPLES / f"upstream_env{n}_document.json").read_bytes()) for n in (1, 2)]

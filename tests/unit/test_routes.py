@@ -39,7 +39,7 @@ def identity(proxy: InProcessProxy, body: bytes, headers: dict[str, str] | None 
 def test_flags_for_client_and_server_keys(proxy: InProcessProxy) -> None:
     client = proxy.get("/api/v1/flags/", CLIENT)
     assert client.status == 200 and client.headers["content-type"] == "application/json"
-    assert client.raw == proxy.state("env_client_key_1").views[KeyKind.CLIENT].flags.plain  # the pre-encoded bytes
+    assert client.raw == proxy.state("env_client_key_1").flags(KeyKind.CLIENT).plain  # the pre-encoded bytes
     names = {flag["feature"]["name"] for flag in client.json()}
     assert names and names <= {flag["feature"]["name"] for flag in proxy.get("/api/v1/flags/", SERVER).json()}
     assert proxy.get("/api/v1/flags", CLIENT).raw == client.raw  # without the trailing slash, no redirect

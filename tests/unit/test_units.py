@@ -106,14 +106,16 @@ def test_identity_body_parsing() -> None:
 
 def test_environment_state_pre_encodes_everything() -> None:
     document = json.loads((EXAMPLES / "upstream_env2_document.json").read_text())
-    state = EnvironmentState("env_client_key_2", orjson.dumps(document))
-    client, server = state.views
-    assert orjson.loads(gzip.decompress(client.flags.gzip)) == orjson.loads(client.flags.plain)
-    assert len(orjson.loads(server.flags.plain)) == 20
-    client_flags = orjson.loads(client.flags.plain)
+    state = EnvironmentState.of_document("env_client_key_2", orjson.dumps(document))
+    client, server = state.flags(KeyKind.CLIENT), state.flags(KeyKind.SERVER)
+    assert client.gzip is not None and orjson.loads(gzip.decompress(client.gzip)) == orjson.loads(client.plain)
+    assert len(orjson.loads(server.plain)) == 20
+    client_flags = orjson.loads(client.plain)
     assert all(flag["enabled"] for flag in client_flags)  # hide_disabled_flags for client keys
-    assert "secret_server_flag" not in client.single and "secret_server_flag" in server.single
+    assert state.flag(KeyKind.CLIENT, "secret_server_flag") is None
+    assert state.flag(KeyKind.SERVER, "secret_server_flag") is not None
     assert state.updated_at_header == b"1714564800.0"
+    assert state.evaluator is None  # nothing built for identities until one is asked for
 
 
 def test_document_validation_names_the_field() -> None:
@@ -131,7 +133,7 @@ def test_identity_cache_key_is_canonical_and_type_exact() -> None:
         environment_key_pairs=[{"server_side_key": "ser.env_server_key_1", "client_side_key": "env_client_key_1"}]
     )
     store = Store(config)
-    store.states = {"env_client_key_1": EnvironmentState("env_client_key_1", orjson.dumps(document))}
+    store.states = {"env_client_key_1": EnvironmentState.of_document("env_client_key_1", orjson.dumps(document))}
     app = build_app(config, store)
     headers = {"x-environment-key": "env_client_key_1", "accept-encoding": "identity"}
 
