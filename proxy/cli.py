@@ -88,8 +88,8 @@ def _load(args: argparse.Namespace) -> tuple[Settings, GranianOptions]:
 def _serve(args: argparse.Namespace) -> int:
     settings, options = _load(args)
     configure_logging(settings.logging)
+    from proxy.area.control import Area, AreaError
     from proxy.area.names import METRICS, area_path
-    from proxy.area.publication import Area, AreaError
 
     area = Area(area_path(settings.shared_memory_dir, options.port))
     try:

@@ -18,7 +18,8 @@ from typing import Any
 
 import orjson
 
-from proxy.area.manifest import Location, Manifest, ManifestEntry
+from proxy.area.manifest import Location, ManifestEntry
+from proxy.area.subscriber import Update
 from proxy.config.settings import Settings
 from proxy.http.app import build_asgi
 from proxy.worker.environment import EnvironmentState
@@ -77,7 +78,7 @@ class InProcessProxy:
         }
         evaluators = self.store.evaluators
         built = {key: EnvironmentState.of_document(key, data, evaluators) for key, data in documents.items()}
-        self.store.apply(Manifest(self.store.generation + 1, entries), built)
+        self.store.apply(Update(self.store.generation + 1, True, entries, frozenset(), (None, {}), {}), built)
 
     def state(self, client_key: str) -> EnvironmentState:
         return self.store.states[client_key]

@@ -13,6 +13,9 @@ publisher fills in where each document is (`file`, `length`, `crc32`), workers (
                                        "answers_crc32": 1011}},
      "meta": {"discovered_at": 1.7e9}}
 
+Between full manifests, each generation's changes are a `Delta` (`journal/<generation>.json`): only the
+entries that changed and the environments removed, so a status-only change costs the size of its entry.
+
 Compatibility rule: fields are only ever added, each optional with a default, and readers ignore fields
 they do not know, so a restarted leader resumes from whatever the previous version published.
 """
@@ -172,3 +175,53 @@ class Manifest:
         if not isinstance(loaded, dict):
             raise ValueError("manifest is not a JSON object")
         return cls.from_json(loaded)
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """What one generation changed: the entries that changed (whole), the environments removed, and `meta`
+    when it changed. The JSON form:
+
+        {"generation": 8, "previous": 7, "changed": {"<client key>": {...entry...}}, "removed": ["<client key>"],
+         "meta": {"discovered_at": 1.7e9, ...}}            (meta only when it changed)
+    """
+
+    generation: int
+    changed: dict[str, ManifestEntry]
+    removed: list[str]
+    meta: tuple[float | None, dict[str, Any]] | None = None  # (discovered_at, extra) when changed
+
+    def to_bytes(self) -> bytes:
+        data: dict[str, Any] = {
+            "generation": self.generation,
+            "previous": self.generation - 1,
+            "changed": {key: entry.to_json() for key, entry in self.changed.items()},
+            "removed": self.removed,
+        }
+        if self.meta is not None:
+            data["meta"] = {**self.meta[1], "discovered_at": self.meta[0]}
+        return orjson.dumps(data)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Delta:
+        loaded = orjson.loads(data)
+        if not isinstance(loaded, dict):
+            raise ValueError("journal entry is not a JSON object")
+        generation = _int(loaded.get("generation"))
+        if _int(loaded.get("previous")) != generation - 1:
+            raise ValueError("journal entry does not follow its previous generation")
+        changed = loaded.get("changed")
+        removed = loaded.get("removed")
+        meta = loaded.get("meta")
+        return cls(
+            generation,
+            {
+                str(key): ManifestEntry.from_json(entry)
+                for key, entry in (changed.items() if isinstance(changed, Mapping) else ())
+                if isinstance(entry, Mapping)
+            },
+            [str(key) for key in removed] if isinstance(removed, list) else [],
+            (_float(meta.get("discovered_at")), {str(k): v for k, v in meta.items() if k != "discovered_at"})
+            if isinstance(meta, Mapping)
+            else None,
+        )

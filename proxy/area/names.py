@@ -4,7 +4,8 @@
       lock                           flock of the live instance (supervisor/server.py via Area)
       settings.json                  the validated settings, 0600, for the leader and workers (settings_file.py)
       control                        4 KiB mmap: magic, generation, leader heartbeat (publication.py)
-      manifest.json                  every environment's entry and where its document is (publication.py)
+      manifest.json                  every environment's entry, rewritten every few generations (publication.py)
+      journal/<generation>.json      what one generation changed (publication.py)
       env-<key hash>-<gen>.json      a published document, immutable (publication.py)
       env-<key hash>-<gen>.answers   its pre-encoded environment-level answers, immutable (answers.py)
       metrics/                       prometheus-client's multiprocess files (metrics/directory.py)
@@ -33,6 +34,7 @@ LOCK = "lock"
 SETTINGS = "settings.json"
 CONTROL = "control"
 MANIFEST = "manifest.json"
+JOURNAL = "journal"
 METRICS = "metrics"
 ARCHIVE_LOCK = ".archive.lock"  # not *.db: prometheus-client's collector reads every *.db in the folder
 PROCESSES = "processes"
@@ -79,6 +81,10 @@ def generation_of(file: str | None) -> int | None:
         return int(file.rsplit("-", 1)[1].split(".", 1)[0])
     except (IndexError, ValueError):
         return None
+
+
+def journal_file(generation: int) -> str:
+    return f"{generation}.json"
 
 
 def temporary(path: Path) -> Path:

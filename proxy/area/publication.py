@@ -1,158 +1,57 @@
-"""Publication of environment documents from the leader to the workers through a shared-memory area.
+"""Publication of environment documents from the leader to the workers through the shared-memory area.
 
-The protocol is write-then-rename, with a generation counter in an mmap for the cheap check:
+Write-then-rename, a journal of what each generation changed, and a generation counter (the control words,
+`proxy/area/control.py`) for the cheap "anything new?" check. Every name is in `proxy/area/names.py`.
 
-* The area is a directory on a tmpfs (default `/dev/shm/edge-proxy.<port>`), created by the main process.
-  No `multiprocessing.shared_memory`, so no resource tracker can unlink it when an attacher exits
-  (gh-82300 on Python 3.11/3.12), and workers attach by path, never by inheritance.
-* Each published document is an immutable file `env-<key hash>-<generation>.json`. Changing one of 1,000
-  environments writes one file. A document is written to a temporary name and renamed into place.
-* `manifest.json` lists every environment: keys, the file, its length and CRC32, and the leader's health
-  status for it (`proxy/area/manifest.py` defines it, for both sides). It is replaced atomically by rename,
-  so a reader sees the old manifest or the new one, never a mix.
-* `control` is a 4 KiB mmap whose second u64 is the published generation, stored after the rename.
-  A worker's "anything new?" check is one aligned 8-byte read from it (tens of ns). The third u64 is the
-  leader's heartbeat (`time.monotonic_ns()`, system-wide on Linux), which the supervisor watches.
+* Each published document is an immutable file `env-<key hash>-<generation>.json`, its answers
+  (`proxy/area/answers.py`) beside it as `env-<key hash>-<generation>.answers`. Changing one of 10,000
+  environments writes its two files.
+* Each generation's changes are a journal entry `journal/<generation>.json` (`Delta`): the entries that
+  changed and the environments removed. A status-only change (a 304, a timestamp, an error) is that one
+  environment's entry.
+* `manifest.json` lists every environment (`Manifest`: keys, where its files are, their lengths and CRC32s,
+  the leader's status). It is rewritten at a publisher's first publication and then every FULL_EVERY
+  generations, or sooner when the journal since the last one outweighs it, so that a reader that is behind
+  reads at most about twice its size. Journal entries after the previous manifest are kept: a reader that
+  has just read the previous manifest finds every entry after it.
+* Only then is the generation stored into the control words.
+
+A reader that is current reads only the journal entries after its generation: its work is proportional to
+what changed. A reader behind the journal (a new worker, one that fell behind) reads the manifest, then the
+entries after it. Everything is verified as it is read: the manifest and each journal entry carry their
+generation (a reader that sees the counter before a rename became visible to it retries on its next read),
+each journal entry names its predecessor, every mapped file is checked against its length and CRC32, and
+a reader's generation (`seen`) advances only when all of it was.
 
 Why not a seqlock over one big mmap: Python exposes no memory fences, so on weakly ordered CPUs (arm64)
 a seqlock reader can observe the counter before the data. Here every data access is a syscall (rename,
-open, read), which the kernel orders on every CPU. Readers still verify: the manifest carries its own
-generation (a reader that sees the counter before the rename retries) and every document's CRC32 and
-length are checked on every read.
+open, read, mmap), which the kernel orders; what the counter's plain store could still get ahead of is
+caught by the generations inside the files, as above.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
-import mmap
 import os
-import shutil
-import time
 import zlib
-from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Collection, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Self
 
-from proxy.area.manifest import Location, Manifest, ManifestEntry
-from proxy.area.names import (
-    CONTROL,
-    LOCK,
-    MANIFEST,
-    METRICS,
-    PUBLISHED_GLOB,
-    answers_file,
-    document_file,
-    temporary,
-)
+from proxy.area.control import Area as Area
+from proxy.area.control import AreaError as AreaError
+from proxy.area.control import Control, full_message
+from proxy.area.manifest import Delta, Location, Manifest, ManifestEntry
+from proxy.area.names import JOURNAL, MANIFEST, PUBLISHED_GLOB, answers_file, document_file, journal_file, temporary
 from proxy.area.names import key_hash as key_hash
-from proxy.area.shared_bytes import SharedBytes
+from proxy.area.subscriber import Meta, read_published, read_verified
+from proxy.area.subscriber import Published as Published  # callers have always found the reader's side here
+from proxy.area.subscriber import Subscriber as Subscriber
 
-CONTROL_SIZE = 4096
-MAGIC = 0x45445052_4F585931  # "EDPROXY1"
-_MAGIC, _GENERATION, _HEARTBEAT = 0, 1, 2
-# Refuse to start when the area has less room than this: a few documents must fit.
-MIN_FREE_BYTES = 4 * 1024 * 1024
-
-
-class AreaError(Exception):
-    """The area cannot be created or written (too small, in use, not writable); the message says why."""
-
-
-def full_message(path: Path, free: int | None = None) -> str:
-    room = f" ({free // 1024} KiB free)" if free is not None else ""
-    return (
-        f"shared-memory area {path} is full{room}: raise the size of its filesystem "
-        "(docker run --shm-size=256m, or a Kubernetes emptyDir with medium: Memory and a larger sizeLimit) "
-        "or set shared_memory_dir to a larger tmpfs"
-    )
-
-
-class Area:
-    """The area's lifetime, owned by the main process: create (cleaning a dead predecessor's), remove."""
-
-    def __init__(self, path: Path, min_free_bytes: int = MIN_FREE_BYTES) -> None:
-        self.path = path
-        self.min_free_bytes = min_free_bytes
-        self._lock_fd: int | None = None
-
-    def create(self) -> None:
-        parent = self.path.parent
-        if not parent.is_dir():
-            raise AreaError(f"shared_memory_dir {parent} does not exist")
-        if self.path.exists():
-            self._take_over_leftover()
-        try:
-            self.path.mkdir(mode=0o700)
-            self._lock_fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.write(self._lock_fd, str(os.getpid()).encode())
-            stats = os.statvfs(self.path)
-            free = stats.f_bavail * stats.f_frsize
-            if free < self.min_free_bytes:
-                raise AreaError(full_message(self.path, free))
-            with open(self.path / CONTROL, "wb") as control:
-                control.write(bytes(CONTROL_SIZE))
-            with open(self.path / CONTROL, "r+b") as control:
-                mm = mmap.mmap(control.fileno(), CONTROL_SIZE)
-                words = memoryview(mm).cast("Q")
-                words[_MAGIC] = MAGIC
-                words.release()
-                mm.close()
-            (self.path / METRICS).mkdir()
-        except AreaError:
-            self.remove()
-            raise
-        except OSError as exc:
-            self.remove()
-            if exc.errno == errno.ENOSPC:
-                raise AreaError(full_message(self.path)) from None
-            raise AreaError(f"cannot create shared-memory area {self.path}: {exc}") from None
-
-    def _take_over_leftover(self) -> None:
-        """A directory already there: another live instance (refuse) or a killed one's leftovers (remove)."""
-        lock = self.path / LOCK
-        try:
-            fd = os.open(lock, os.O_RDWR)
-        except FileNotFoundError:
-            self._remove_leftover()
-            return
-        except PermissionError:
-            raise AreaError(self._not_ours()) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise AreaError(
-                f"shared-memory area {self.path} is in use by a running edge-proxy (pid {owner}); "
-                "use another port or shared_memory_dir"
-            ) from None
-        os.close(fd)
-        self._remove_leftover()
-
-    def _remove_leftover(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
-        if self.path.exists():
-            raise AreaError(self._not_ours())
-
-    def _not_ours(self) -> str:
-        try:
-            owner = f"uid {self.path.stat().st_uid}"
-        except OSError:
-            owner = "another user"
-        return (
-            f"shared-memory area {self.path} exists and cannot be taken over (owned by {owner}, we are uid "
-            f"{os.getuid()}): remove it, or use another port or shared_memory_dir"
-        )
-
-    def remove(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+FULL_EVERY = 64  # generations between full manifests (at the latest)
+JOURNAL_MIN_BYTES = 64 * 1024  # a journal this small never calls for a full manifest by its size
 
 
 class Publisher:
@@ -161,50 +60,50 @@ class Publisher:
     def __init__(self, path: Path, max_bytes: int | None = None) -> None:
         self.path = path
         self.max_bytes = max_bytes
-        self._file = open(path / CONTROL, "r+b")  # noqa: SIM115 - kept open for the writer's lifetime
-        self._mm = mmap.mmap(self._file.fileno(), CONTROL_SIZE)
-        self._words = memoryview(self._mm).cast("Q")
-        if self._words[_MAGIC] != MAGIC:
-            raise AreaError(f"{path / CONTROL} is not an edge-proxy control file")
-        self.generation = self._words[_GENERATION]
-        self._published: dict[str, Location] = {}  # client key → where its current document is
-        self._answers: dict[str, Location] = {}  # client key → where its current document's answers are
-        self._previous_files: set[str] = set()
-        self._current_files: set[str] = set()
+        self._control = Control(path, writable=True)
+        self.generation = self._control.generation
+        self._entries: dict[str, ManifestEntry] = {}  # what is published, with where its files are
+        self._meta: Meta | None = None
+        self._bases: tuple[int, int] | None = None  # the last two manifests this publisher wrote (older, newer)
+        self._journal_bytes = 0  # journal written since the newer manifest
+        self._manifest_bytes = 0
+        self._sizes: dict[str, int] = {}  # published files kept, documents and answers → bytes
+        self._superseded: list[str] = []  # files replaced by the last publication: removed by the next
+        (path / JOURNAL).mkdir(exist_ok=True)
 
     def resume(self) -> Manifest | None:
-        """The last published manifest (a restarted leader continues from it), or None."""
-        manifest = read_manifest(self.path)
+        """The last published state (a restarted leader continues from it): the manifest and the journal
+        after it, or None."""
+        manifest = read_published(self.path, self._control.generation)
         if manifest is not None:
             self.generation = max(self.generation, manifest.generation)
-            self._published = {
-                key: entry.location for key, entry in manifest.environments.items() if entry.location is not None
-            }
-            self._answers = {
-                key: entry.answers
-                for key, entry in manifest.environments.items()
-                if entry.answers is not None and entry.location is not None
-            }
-            self._current_files = _files_of(self._published, self._answers)
-        # A killed leader may have left older documents and half-written temporaries: the next
-        # publication removes the documents (readers may still be on them now), the temporaries go now.
-        self._previous_files = {p.name for p in self.path.glob(PUBLISHED_GLOB)} - self._current_files
-        for tmp in self.path.glob(".*.tmp"):
+            self._entries = dict(manifest.environments)
+            self._meta = (manifest.discovered_at, manifest.extra)
+        current = {location.file for entry in self._entries.values() for location in _files(entry)}
+        # A killed leader may have left older files and half-written temporaries: the next publication
+        # removes the files (readers may still be on them now), the temporaries go now.
+        for path in self.path.glob(PUBLISHED_GLOB):
+            with contextlib.suppress(OSError):
+                self._sizes[path.name] = path.stat().st_size
+                if path.name not in current:
+                    self._superseded.append(path.name)
+        for tmp in [*self.path.glob(".*.tmp"), *(self.path / JOURNAL).glob(".*.tmp")]:
             with contextlib.suppress(OSError):
                 tmp.unlink()
         return manifest
 
     def beat(self) -> None:
         """The leader is alive and its loop turns: called from the event loop every HEARTBEAT_EVERY."""
-        self._words[_HEARTBEAT] = time.monotonic_ns()
+        self._control.beat()
 
     def read_document(self, entry: ManifestEntry) -> bytes | None:
         return read_verified(self.path, entry.location)
 
     def has_answers(self, client_key: str) -> bool:
-        """Are the answers of `client_key`'s published document published too (resuming an older leader's
-        publication: not always)?"""
-        return client_key in self._answers
+        """Are the answers of `client_key`'s published document published too (not always, resuming the
+        main process's preload or an older leader's publication)?"""
+        entry = self._entries.get(client_key)
+        return entry is not None and entry.answers is not None
 
     def publish(
         self,
@@ -214,37 +113,50 @@ class Publisher:
         extra: Mapping[str, Any] | None = None,
         answers: Mapping[str, bytes] | None = None,
     ) -> int:
-        """Write the changed `documents` (client key → bytes) and their `answers` (client key → the answers
-        file, `proxy/area/answers.py`; a document without them gets none), then the manifest of all
-        `environments`.
+        """`publish_changes` given every environment: an environment left out is no longer published, and
+        only the entries that differ from what is published go into the journal."""
+        changed = {
+            key: entry
+            for key, entry in environments.items()
+            if key in documents or _status(entry) != _status(self._entries.get(key))
+        }
+        removed = [key for key in self._entries if key not in environments]
+        return self.publish_changes(documents, changed, removed, discovered_at, extra, answers)
 
-        `environments` maps client key → the leader's status for it; the publisher sets where each
-        environment's document and answers are. An environment left out is no longer published.
-        On failure nothing already published is touched.
-        """
+    def publish_changes(
+        self,
+        documents: Mapping[str, bytes],
+        changed: Mapping[str, ManifestEntry],
+        removed: Collection[str] = (),
+        discovered_at: float | None = None,
+        extra: Mapping[str, Any] | None = None,
+        answers: Mapping[str, bytes] | None = None,
+    ) -> int:
+        """One generation: the changed `documents` (client key → bytes) and their `answers` (client key → the
+        answers file; a document without them gets none), the `changed` entries (the leader's status; the
+        publisher sets where each environment's files are) and the `removed` environments.
+        On failure nothing already published is touched."""
         generation = self.generation + 1
         answers = answers or {}
         self._check_room(sum(len(data) + len(answers.get(key, b"")) for key, data in documents.items()))
-        published = {key: self._published[key] for key in environments if key in self._published}
-        answered = {key: self._answers[key] for key in published if key in self._answers}
+        meta: Meta = (discovered_at, dict(extra or {}))
         written: list[Path] = []
         try:
-            for client_key, data in documents.items():
-                published[client_key] = self._write(document_file(client_key, generation), data, written)
-                answered.pop(client_key, None)
-                if client_key in answers:
-                    name = answers_file(client_key, generation)
-                    answered[client_key] = self._write(name, answers[client_key], written)
-            manifest = Manifest(
-                generation,
-                {
-                    key: replace(status, location=published.get(key), answers=answered.get(key))
-                    for key, status in environments.items()
-                },
-                discovered_at,
-                dict(extra or {}),
-            )
-            _write_atomic(self.path / MANIFEST, manifest.to_bytes())
+            entries: dict[str, ManifestEntry] = {}
+            for client_key in {**changed, **documents}:
+                entries[client_key] = self._located(client_key, changed, documents, answers, generation, written)
+            gone = [key for key in removed if key in self._entries and key not in entries]
+            delta = Delta(generation, entries, gone, meta if meta != self._meta else None).to_bytes()
+            journal = self.path / JOURNAL / journal_file(generation)
+            _write_atomic(journal, delta)
+            written.append(journal)
+            full = self._bases is None or generation - self._bases[1] >= FULL_EVERY
+            full = full or self._journal_bytes + len(delta) > max(JOURNAL_MIN_BYTES, self._manifest_bytes)
+            manifest = b""
+            if full:
+                everything = {key: entry for key, entry in self._entries.items() if key not in gone} | entries
+                manifest = Manifest(generation, everything, discovered_at, meta[1]).to_bytes()
+                _write_atomic(self.path / MANIFEST, manifest)
         except OSError as exc:
             for path in written:
                 with contextlib.suppress(OSError):
@@ -252,21 +164,70 @@ class Publisher:
             if exc.errno == errno.ENOSPC:
                 raise AreaError(full_message(self.path)) from None
             raise AreaError(f"cannot publish to {self.path}: {exc}") from None
-        self._words[_GENERATION] = generation
-        self.generation = generation
-        self._published, self._answers = published, answered
-        current = _files_of(published, answered)
-        # Keep the previous generation's files: a reader may have read the old manifest a moment ago.
-        for stale in self._previous_files - current - self._current_files:
-            with contextlib.suppress(OSError):
-                (self.path / stale).unlink()
-        self._previous_files, self._current_files = self._current_files, current
+        self._control.generation = self.generation = generation
+        self._meta = meta
+        superseded = [
+            location.file
+            for key in [*entries, *gone]
+            if key in self._entries
+            for location in _files(self._entries[key])
+            if key in gone or key in documents
+        ]
+        for key in gone:
+            del self._entries[key]
+        self._entries.update(entries)
+        self._tidy(superseded, written, full, len(delta), len(manifest))
         return generation
+
+    def _located(
+        self,
+        client_key: str,
+        changed: Mapping[str, ManifestEntry],
+        documents: Mapping[str, bytes],
+        answers: Mapping[str, bytes],
+        generation: int,
+        written: list[Path],
+    ) -> ManifestEntry:
+        """The entry as published: the leader's status, and where the environment's files are now."""
+        previous = self._entries.get(client_key)
+        status = changed.get(client_key) or previous or ManifestEntry()
+        location, answered = (previous.location, previous.answers) if previous is not None else (None, None)
+        if client_key in documents:
+            location = self._write(document_file(client_key, generation), documents[client_key], written)
+            answered = None
+            if client_key in answers:
+                answered = self._write(answers_file(client_key, generation), answers[client_key], written)
+        return replace(status, location=location, answers=answered)
 
     def _write(self, name: str, data: bytes, written: list[Path]) -> Location:
         _write_atomic(self.path / name, data)
         written.append(self.path / name)
         return Location(name, len(data), zlib.crc32(data))
+
+    def _tidy(self, superseded: list[str], written: list[Path], full: bool, delta: int, manifest: int) -> None:
+        """After a publication: files superseded by the one before go (a reader may have read the old entries
+        a moment ago, so the newest superseded stay one more round), and journal entries no reader needs."""
+        for name in self._superseded:
+            with contextlib.suppress(OSError):
+                (self.path / name).unlink()
+            self._sizes.pop(name, None)
+        self._superseded = superseded
+        for path in written:
+            if path.parent == self.path:
+                self._sizes[path.name] = path.stat().st_size
+        if not full:
+            self._journal_bytes += delta
+            return
+        # a publisher's first manifest: what came before it was another leader's, readers of it go to this one
+        older = self._bases[1] if self._bases is not None else self.generation - 1
+        self._bases = (older, self.generation)
+        self._journal_bytes, self._manifest_bytes = 0, manifest
+        # readers of the older manifest need the entries after it; none needs those up to it
+        for entry in (self.path / JOURNAL).iterdir():
+            number = entry.name.removesuffix(".json")
+            if number.isdigit() and int(number) <= older:
+                with contextlib.suppress(OSError):
+                    entry.unlink()
 
     def _check_room(self, needed: int) -> None:
         """Refuse before writing anything: a half-done publication must not push out what is published."""
@@ -275,7 +236,7 @@ class Publisher:
         if needed > free:
             raise AreaError(full_message(self.path, free))
         if self.max_bytes is not None:
-            used = sum(entry.stat().st_size for entry in self.path.glob(PUBLISHED_GLOB))
+            used = sum(self._sizes.values())
             if used + needed > self.max_bytes:
                 raise AreaError(
                     f"shared-memory area {self.path} would exceed shared_memory_max_bytes "
@@ -284,9 +245,7 @@ class Publisher:
                 )
 
     def close(self) -> None:
-        self._words.release()
-        self._mm.close()
-        self._file.close()
+        self._control.close()
 
     def __enter__(self) -> Self:
         return self
@@ -295,8 +254,12 @@ class Publisher:
         self.close()
 
 
-def _files_of(*published: Mapping[str, Location]) -> set[str]:
-    return {location.file for locations in published for location in locations.values()}
+def _status(entry: ManifestEntry | None) -> ManifestEntry | None:
+    return replace(entry, location=None, answers=None) if entry is not None else None
+
+
+def _files(entry: ManifestEntry) -> list[Location]:
+    return [location for location in (entry.location, entry.answers) if location is not None]
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -309,132 +272,3 @@ def _write_atomic(path: Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-
-
-def read_manifest(path: Path) -> Manifest | None:
-    try:
-        return Manifest.from_bytes((path / MANIFEST).read_bytes())
-    except FileNotFoundError:
-        return None
-
-
-def read_verified(path: Path, location: Location | None) -> bytes | None:
-    """The document at `location`, or None when there is none, it is gone or it fails its length or CRC check."""
-    if location is None:
-        return None
-    try:
-        data = (path / location.file).read_bytes()
-    except FileNotFoundError:
-        return None
-    if len(data) != location.length or zlib.crc32(data) != location.crc32:
-        return None
-    return data
-
-
-class Heartbeat:
-    """The supervisor's view of the leader's heartbeat word."""
-
-    def __init__(self, path: Path) -> None:
-        with open(path / CONTROL, "rb") as control:
-            self._mm = mmap.mmap(control.fileno(), CONTROL_SIZE, access=mmap.ACCESS_READ)
-        self._words = memoryview(self._mm).cast("Q")
-
-    def read(self) -> int:
-        """The last beat, `time.monotonic_ns()` in the leader; 0 before any leader beat."""
-        return int(self._words[_HEARTBEAT])
-
-    def close(self) -> None:
-        self._words.release()
-        self._mm.close()
-
-
-@dataclass(frozen=True, slots=True)
-class Published:
-    """One environment's published files, mapped and verified: its document and, when published, its answers."""
-
-    document: SharedBytes
-    answers: SharedBytes | None
-
-
-class Subscriber:
-    """A worker's side: a cheap generation check, then a verified read of what changed."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        with open(path / CONTROL, "rb") as control:
-            self._mm = mmap.mmap(control.fileno(), CONTROL_SIZE, access=mmap.ACCESS_READ)
-        self._words = memoryview(self._mm).cast("Q")
-        if self._words[_MAGIC] != MAGIC:
-            raise AreaError(f"{path / CONTROL} is not an edge-proxy control file")
-        self.seen = 0
-        # client key → (document, answers) locations already handed out
-        self._loaded: dict[str, tuple[Location, Location | None]] = {}
-
-    @property
-    def published(self) -> int:
-        return self._words[_GENERATION]
-
-    def changed(self) -> bool:
-        return self._words[_GENERATION] != self.seen
-
-    def read(self) -> tuple[Manifest, dict[str, Published]] | None:
-        """(manifest, changed environments' files) when a new generation is readable and verified, else None.
-
-        `seen` advances only when every changed file was mapped and verified; otherwise the next read
-        retries, so a reader never settles on a torn or half-written view.
-        """
-        manifest = read_manifest(self.path)
-        if manifest is None or manifest.generation < self._words[_GENERATION]:
-            return None  # the counter moved before the rename became visible here: retry
-        changed: dict[str, Published] = {}
-        for client_key, entry in manifest.environments.items():
-            location = entry.location
-            if location is None or self._loaded.get(client_key) == (location, entry.answers):
-                continue
-            document = map_verified(self.path, location)
-            answers = map_verified(self.path, entry.answers) if entry.answers is not None else None
-            if document is None or (answers is None and entry.answers is not None):
-                return None  # lapped by the writer, or torn: the next read retries
-            changed[client_key] = Published(document, answers)
-        for client_key in changed:
-            entry = manifest.environments[client_key]
-            assert entry.location is not None
-            self._loaded[client_key] = (entry.location, entry.answers)
-        for client_key in list(self._loaded):
-            if client_key not in manifest.environments:
-                del self._loaded[client_key]
-        self.seen = manifest.generation
-        return manifest, changed
-
-    def poll(self) -> tuple[Manifest, dict[str, bytes]] | None:
-        """`read`, with the changed documents as bytes (for readers that want a copy)."""
-        found = self.read()
-        if found is None:
-            return None
-        manifest, changed = found
-        return manifest, {client_key: published.document.bytes() for client_key, published in changed.items()}
-
-    def close(self) -> None:
-        self._words.release()
-        self._mm.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def map_verified(path: Path, location: Location) -> SharedBytes | None:
-    """The file at `location` mapped, or None when it is gone or fails its length or CRC check. The pages read
-    to check it are released, so the check does not count in this process's RSS."""
-    try:
-        mapped = SharedBytes(path / location.file)
-    except FileNotFoundError:
-        return None
-    try:
-        if len(mapped) != location.length or mapped.crc32() != location.crc32:
-            return None
-    finally:
-        mapped.release_pages()
-    return mapped

@@ -13,8 +13,8 @@ import errno
 import os
 from pathlib import Path
 
+from proxy.area.control import AreaError, full_message
 from proxy.area.names import SETTINGS, temporary
-from proxy.area.publication import AreaError, full_message
 from proxy.config.settings import Settings
 
 

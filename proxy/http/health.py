@@ -11,7 +11,7 @@ left out (the Python proxy's body) while every environment comes from upstream, 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -36,7 +36,7 @@ def stale_after(settings: Settings, environments: int) -> float | None:
 
 def check_health(
     settings: Settings,
-    client_keys: list[str],
+    client_keys: Collection[str],
     status: Mapping[str, ManifestEntry],
     build_errors: Mapping[str, str],
     now: float,

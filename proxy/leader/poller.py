@@ -27,8 +27,9 @@ from typing import Any
 
 import orjson
 
+from proxy.area.control import AreaError
 from proxy.area.manifest import ManifestEntry
-from proxy.area.publication import AreaError, Publisher
+from proxy.area.publication import Publisher
 from proxy.config.settings import Settings, mask_key
 from proxy.evaluation.environment import answers_for, parse_updated_at
 from proxy.leader.discovery import Discovery
@@ -117,6 +118,9 @@ class Poller:
         self.deadline = settings.api_fetch_deadline_seconds
         self.discovery = discovery
         self.discovered_at: float | None = None  # last successful proxy-config sync
+        # what the next publication carries: environments whose entry changed, and those no longer served
+        self._changed: set[str] = set(self.environments)
+        self._removed: set[str] = set()
         self._environments_changed = asyncio.Event()
         self._publish_wanted = asyncio.Event()
         self._publish_soon = asyncio.Event()
@@ -140,6 +144,7 @@ class Poller:
         self.resumed_meta = manifest.extra
         # a manifest from a leader (not the main process's snapshot preload): we are its restart
         self.leader_restarts = self.resumed_meta.get("leader_restarts", 0) + ("leader_started_at" in self.resumed_meta)
+        self._removed = set(manifest.environments)  # those still served are taken back below
         for client_key, entry in manifest.environments.items():
             env = self.environments.get(client_key)
             server_keys = entry.server_keys
@@ -148,6 +153,8 @@ class Poller:
                 env = self.environments[client_key] = Environment(client_key, server_keys, static=False)
             if env is None or env.server_key not in server_keys:
                 continue
+            self._removed.discard(client_key)
+            self._changed.add(client_key)
             env.last_success = entry.last_success
             env.last_error = entry.last_error
             env.error_kind = entry.error_kind
@@ -222,7 +229,7 @@ class Poller:
             requested = self._requested.get(env.client_key)
             if requested is not None:  # asked for while the fetch was under way: it may predate the change
                 env.next_due = min(env.next_due, requested)
-            self._want_publish(soon=env.dirty)
+            self._want_publish(soon=env.dirty, client_key=env.client_key)
             if env.unsaved and self.snapshots is not None:
                 env.unsaved = not await self.snapshots.save(
                     env.client_key, list(env.server_keys), env.document or b"", env.updated_at
@@ -258,7 +265,7 @@ class Poller:
             mask_key(env.client_key),
             time.time() - snapshot.saved_at,
         )
-        self._want_publish(soon=True)
+        self._want_publish(soon=True, client_key=env.client_key)
 
     async def _sleep(self, env: Environment, stop: asyncio.Event, delay: float) -> None:
         """Until `delay` passes, `stop` is set, or `refresh_now` wakes this environment."""
@@ -301,7 +308,10 @@ class Poller:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=self.interval)
 
-    def _want_publish(self, soon: bool) -> None:
+    def _want_publish(self, soon: bool, client_key: str | None = None) -> None:
+        """Publish soon (a new document) or with the next batch (status only); `client_key`: its entry changed."""
+        if client_key is not None:
+            self._changed.add(client_key)
         if soon:
             self._publish_soon.set()
         self._publish_wanted.set()
@@ -350,13 +360,18 @@ class Poller:
             env = self.environments.get(client_key)
             if env is None:
                 self.environments[client_key] = Environment(client_key, server_keys, static=False)
+                self._changed.add(client_key)
+                self._removed.discard(client_key)
                 changed += 1
             elif env.server_keys != server_keys:
                 env.server_keys = server_keys  # rotation: dropped keys stop resolving at once
+                self._changed.add(client_key)
                 changed += 1
         for client_key, env in list(self.environments.items()):
             if not env.static and client_key not in desired:
                 del self.environments[client_key]
+                self._removed.add(client_key)
+                self._changed.discard(client_key)
                 log.info("environment removed from proxy config: %s", mask_key(client_key))
                 removed += 1
         if changed or removed:
@@ -447,13 +462,22 @@ class Poller:
         }
 
     def publish(self) -> bool:
-        changed = {key: env.document for key, env in self.environments.items() if env.dirty and env.document}
+        """One generation with what changed since the last: its work is proportional to that, not to the number
+        of environments."""
+        keys, removed = self._changed, self._removed
+        self._changed, self._removed = set(), set()
+        envs = [env for key in keys if (env := self.environments.get(key)) is not None]
+        changed = {env.client_key: env.document for env in envs if env.dirty and env.document}
         answers = {key: answers for key in changed if (answers := self.environments[key].answers) is not None}
-        entries = {key: env.manifest_entry() for key, env in self.environments.items()}
+        entries = {env.client_key: env.manifest_entry() for env in envs}
         started = time.perf_counter()
         try:
-            generation = self.publisher.publish(changed, entries, self.discovered_at, self._meta(), answers)
+            generation = self.publisher.publish_changes(
+                changed, entries, removed, self.discovered_at, self._meta(), answers
+            )
         except AreaError as exc:
+            self._changed |= keys
+            self._removed |= removed - self._changed
             metrics.PUBLICATION_ERRORS.inc()
             log.error("publication failed, workers keep the previous generation: %s", exc)
             return False

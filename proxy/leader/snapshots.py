@@ -369,8 +369,9 @@ def preload(settings: Settings, area: Path) -> None:
     snapshots, so the workers' first load serves them. The leader takes them over (`Poller.resume`)."""
     if not (settings.snapshot_dir or settings.snapshot_redis):
         return
+    from proxy.area.control import AreaError
     from proxy.area.manifest import ManifestEntry
-    from proxy.area.publication import AreaError, Publisher
+    from proxy.area.publication import Publisher
     from proxy.evaluation.environment import answers_for
 
     try:

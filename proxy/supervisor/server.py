@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy.area import buckets
-from proxy.area.publication import Area, AreaError, Heartbeat
+from proxy.area.control import Area, AreaError, Heartbeat
 from proxy.area.settings_file import write_settings
 from proxy.config.granian import GranianOptions
 from proxy.config.logs import logging_config

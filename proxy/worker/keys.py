@@ -1,7 +1,8 @@
 """A worker's key index: every client and server key, as the header bytes arrive, → its environment.
 
-Rebuilt whole on each publication (discovery may add, remove or rotate keys) and swapped in with one
-assignment, so a request sees the old index or the new one.
+Updated in place per publication, by environment (discovery may add, remove or rotate keys): a generation
+that changed ten environments changes ten environments' keys. Updates run on the event loop without an
+await, so a request sees the index before or after an update, never half of one.
 """
 
 from __future__ import annotations
@@ -16,17 +17,36 @@ ServerKeys = Mapping[str, float | None]  # server key → expiry (epoch seconds)
 
 
 class KeyIndex:
-    __slots__ = ("client_keys", "keys")
+    __slots__ = ("_server_keys", "client_keys", "keys")
 
-    def __init__(self, environments: Mapping[str, ServerKeys]) -> None:
+    def __init__(self, environments: Mapping[str, ServerKeys] | None = None) -> None:
         """`environments`: client key → its server keys."""
-        keys: dict[bytes, tuple[KeyKind, str, float | None]] = {}
-        for client_key, server_keys in environments.items():
-            keys[client_key.encode()] = (KeyKind.CLIENT, client_key, None)
-            for server_key, expires in server_keys.items():
-                keys[server_key.encode()] = (KeyKind.SERVER, client_key, expires)
-        self.keys = keys
-        self.client_keys = list(environments)
+        self.keys: dict[bytes, tuple[KeyKind, str, float | None]] = {}
+        self.client_keys: dict[str, None] = {}  # every environment served, in the order it was added
+        self._server_keys: dict[str, tuple[str, ...]] = {}
+        for client_key, server_keys in (environments or {}).items():
+            self.set(client_key, server_keys)
+
+    def set(self, client_key: str, server_keys: ServerKeys) -> None:
+        """Serve `client_key` with exactly `server_keys` (a rotated-out key stops resolving at once)."""
+        self._drop_server_keys(client_key)
+        self.keys[client_key.encode()] = (KeyKind.CLIENT, client_key, None)
+        for server_key, expires in server_keys.items():
+            self.keys[server_key.encode()] = (KeyKind.SERVER, client_key, expires)
+        self._server_keys[client_key] = tuple(server_keys)
+        self.client_keys[client_key] = None
+
+    def remove(self, client_key: str) -> None:
+        self._drop_server_keys(client_key)
+        self._server_keys.pop(client_key, None)
+        if self.client_keys.pop(client_key, 0) is None:
+            del self.keys[client_key.encode()]
+
+    def _drop_server_keys(self, client_key: str) -> None:
+        for server_key in self._server_keys.get(client_key, ()):
+            found = self.keys.get(server_key.encode())
+            if found is not None and found[1] == client_key:  # moved to another environment: theirs now
+                del self.keys[server_key.encode()]
 
     def lookup(self, key: bytes | None) -> tuple[KeyKind, str]:
         """(kind, client key) of a known key; 401 otherwise."""

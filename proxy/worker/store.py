@@ -21,8 +21,8 @@ from typing import Any
 
 from proxy.area.answers import AnswersError
 from proxy.area.bodies import KeyKind
-from proxy.area.manifest import Manifest, ManifestEntry
-from proxy.area.publication import Published, Subscriber
+from proxy.area.manifest import ManifestEntry
+from proxy.area.subscriber import Published, Subscriber, Update
 from proxy.config.settings import Settings, mask_key
 from proxy.http.errors import ServiceUnavailable
 from proxy.metrics import prometheus as metrics
@@ -38,6 +38,7 @@ log = logging.getLogger("proxy.worker")
 FOLLOW_INTERVAL = 0.05  # seconds between generation checks: propagation adds at most this
 
 
+Evaluated = tuple[EnvironmentState, Evaluator]  # a new state and the evaluator built ahead for it
 Listener = Callable[[dict[str, EnvironmentState], list[str]], None]
 
 
@@ -87,33 +88,54 @@ class Store:
 
     def apply(
         self,
-        manifest: Manifest,
+        update: Update,
         built: dict[str, EnvironmentState],
-        evaluated: Sequence[tuple[EnvironmentState, Evaluator]] = (),
+        evaluated: Sequence[Evaluated] = (),
     ) -> None:
-        """Swap in new states and status (on the event loop, no await: requests see old or new); the
-        evaluators built ahead for new states are kept in place of the replaced states' ones."""
-        self.status = manifest.environments
-        self.meta = manifest.extra  # leader restarts, snapshot store status (/proxy/status)
-        self.discovered = manifest.discovered_at is not None
-        served: dict[str, ServerKeys] = {key: entry.server_keys for key, entry in self.status.items()}
-        served.update(self.static)
-        self.keys = KeyIndex(served)  # discovery may have added, removed or rotated keys
-        gone = [key for key in self.states if key not in served]
+        """Swap in new states and status (on the event loop, no await: requests see old or new), in
+        proportion to what changed; the evaluators built ahead for new states replace the old states' ones."""
+        if update.full:  # a reader behind the journal (or new): everything anew
+            self.status = dict(update.entries)
+            served: dict[str, ServerKeys] = {key: entry.server_keys for key, entry in self.status.items()}
+            served.update(self.static)
+            self.keys = KeyIndex(served)
+            gone = [key for key in self.states if key not in served]
+        else:
+            gone = []
+            for client_key in update.removed:
+                self.status.pop(client_key, None)
+                if client_key not in self.static:
+                    self.keys.remove(client_key)
+                    if client_key in self.states:
+                        gone.append(client_key)
+            for client_key, entry in update.entries.items():
+                previous = self.status.get(client_key)
+                self.status[client_key] = entry
+                # discovery added, or rotated its keys (configured pairs keep theirs)
+                if client_key not in self.static and (previous is None or previous.server_keys != entry.server_keys):
+                    self.keys.set(client_key, entry.server_keys)
+        if update.meta is not None:
+            self.discovered = update.meta[0] is not None  # with a proxy_key: synced the proxy config once
+            self.meta = update.meta[1]  # leader restarts, snapshot store status (/proxy/status)
         if built or gone:
+            self._swap(built, gone, evaluated)
+        self.generation = update.generation
+
+    def _swap(self, built: dict[str, EnvironmentState], gone: list[str], evaluated: Sequence[Evaluated]) -> None:
+        for client_key in [*built, *gone]:
+            replaced = self.states.get(client_key)
+            if replaced is not None:
+                self.evaluators.forget(replaced)
+        for state, evaluator in evaluated:
+            self.evaluators.keep(state, evaluator)
+        for client_key in gone:
+            del self.states[client_key]
+        self.states.update(built)
+        if self.cache is not None:
             for client_key in [*built, *gone]:
-                replaced = self.states.get(client_key)
-                if replaced is not None:
-                    self.evaluators.forget(replaced)
-            for state, evaluator in evaluated:
-                self.evaluators.keep(state, evaluator)
-            self.states = {**{k: v for k, v in self.states.items() if k in served}, **built}
-            if self.cache is not None:
-                for client_key in [*built, *gone]:
-                    self.cache.drop_environment(client_key)
-            for listener in self._listeners:
-                listener(built, gone)
-        self.generation = manifest.generation
+                self.cache.drop_environment(client_key)
+        for listener in self._listeners:
+            listener(built, gone)
 
 
 def build_states(
@@ -180,24 +202,29 @@ class Follower:
 
     def load_now(self) -> None:
         """Synchronous first load, at worker start-up before serving."""
-        polled = self.subscriber.read() if self.subscriber.published else None
-        if polled is not None:
-            manifest, published = polled
-            built, _ = build_states(published, self.store.build_errors, self.store.evaluators)
-            self.store.apply(manifest, built)
+        update = self.subscriber.read() if self.subscriber.published else None
+        if update is not None:
+            built, _ = build_states(update.published, self.store.build_errors, self.store.evaluators)
+            self.store.apply(update, built)
             out_of_the_collectors_sight()
 
-    async def _apply(self, manifest: Manifest, published: dict[str, Published]) -> None:
+    async def follow(self) -> None:
+        """Read the new generation (mapping its changed files) and build its states in a thread, then swap on
+        the loop; evaluators in use are rebuilt with their new documents, so the next identity request waits
+        for none."""
+        loop = asyncio.get_running_loop()
+        update = await loop.run_in_executor(None, self.subscriber.read)
+        if update is None:
+            return
         store = self.store
         built: dict[str, EnvironmentState] = {}
         evaluated: list[tuple[EnvironmentState, Evaluator]] = []
-        if published:
-            # evaluators in use are rebuilt with the new document, so its next identity request waits for none
-            wanted = [key for key in published if store.evaluators.wanted(key, store.states)]
-            built, evaluated = await asyncio.get_running_loop().run_in_executor(
-                None, build_states, published, store.build_errors, store.evaluators, wanted
+        if update.published:
+            wanted = [key for key in update.published if store.evaluators.wanted(key, store.states)]
+            built, evaluated = await loop.run_in_executor(
+                None, build_states, update.published, store.build_errors, store.evaluators, wanted
             )
-        store.apply(manifest, built, evaluated)
+        store.apply(update, built, evaluated)
         if built:
             out_of_the_collectors_sight()
 
@@ -206,9 +233,7 @@ class Follower:
         while True:
             try:
                 if self.subscriber.changed():
-                    polled = self.subscriber.read()
-                    if polled is not None:
-                        await self._apply(*polled)
+                    await self.follow()
                 now = time.monotonic()
                 if now - flushed_at >= 1.0:
                     self.store.counters.flush(self.subscriber.path, self.store.generation)

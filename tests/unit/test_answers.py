@@ -110,9 +110,9 @@ def test_a_worker_serves_from_the_leaders_answers_and_holds_little_per_environme
     subscriber, documents = publish(area, count)
     gc.collect()
     tracemalloc.start()
-    polled = subscriber.read()
-    assert polled is not None
-    _, published = polled
+    update = subscriber.read()
+    assert update is not None
+    published = update.published
     assert all(files.answers is not None for files in published.values())
     before = tracemalloc.get_traced_memory()[0]
     states, _ = build_states(published, {})
@@ -163,9 +163,7 @@ def test_a_kept_evaluator_is_rebuilt_ahead_when_its_document_changes(area: Area)
             await store.states["env_client_key_1"].ready_for_identities()  # served identities: kept
             changed = {key: data.replace(b'"Development"', b'"Dev"') for key, data in documents.items()}
             publisher.publish(changed, entries, answers={key: answers_for(data) for key, data in changed.items()})
-            polled = subscriber.read()
-            assert polled is not None
-            await follower._apply(*polled)
+            await follower.follow()
 
         asyncio.run(scenario())
     assert store.states["env_client_key_1"].evaluator is not None  # built with the new document
