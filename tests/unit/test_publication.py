@@ -258,11 +258,14 @@ def test_a_leader_resumes_from_an_earlier_leaders_manifest(area: Area) -> None:
 
 
 def test_a_worker_keeps_its_states_out_of_the_cyclic_collectors_sight(area: Area) -> None:
+    import asyncio
     import gc
 
     import orjson
 
+    from proxy.area.bodies import KeyKind
     from proxy.config.settings import Settings
+    from proxy.evaluation.environment import answers_for
     from proxy.worker.environment import EnvironmentState
     from proxy.worker.store import Follower, Store
     from tests.support import conformance_documents
@@ -270,7 +273,8 @@ def test_a_worker_keeps_its_states_out_of_the_cyclic_collectors_sight(area: Area
     document = orjson.dumps(conformance_documents()["ser.env_server_key_1"])
     # a state, once dropped, leaves no cyclic garbage: frozen states are still freed by reference counting
     gc.collect()
-    dropped = EnvironmentState("env_client_key_1", document)
+    dropped = EnvironmentState.of_document("env_client_key_1", document)
+    dropped.identity_body(KeyKind.CLIENT, "u", [], {})  # and its evaluator
     del dropped
     assert gc.collect() == 0
     settings = Settings(
@@ -279,10 +283,15 @@ def test_a_worker_keeps_its_states_out_of_the_cyclic_collectors_sight(area: Area
     store = Store(settings)
     try:
         with Publisher(area.path) as publisher, Subscriber(area.path) as subscriber:
-            publisher.publish({"env_client_key_1": document}, {"env_client_key_1": entry("env_client_key_1")})
+            client_key = "env_client_key_1"
+            answers = {client_key: answers_for(document)}
+            publisher.publish({client_key: document}, {client_key: entry(client_key)}, answers=answers)
             Follower(store, subscriber).load_now()
-            compiled = store.states["env_client_key_1"].compiled
-            assert compiled is not None
-            assert not any(tracked is compiled for tracked in gc.get_objects())  # frozen: not walked
+            state = store.states[client_key]
+            assert not any(tracked is state for tracked in gc.get_objects())  # frozen: not walked
+            asyncio.run(state.ready_for_identities())  # an evaluator built on first need is frozen too
+            assert state.evaluator is not None and state.evaluator.compiled is not None
+            compiled = state.evaluator.compiled
+            assert not any(tracked is compiled for tracked in gc.get_objects())
     finally:
         gc.unfreeze()
