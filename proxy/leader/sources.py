@@ -6,6 +6,7 @@ A source answers one question per environment: "is there a newer document than t
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import zlib
@@ -15,13 +16,15 @@ from email.utils import format_datetime
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urljoin, urlsplit
+from urllib.request import getproxies, proxy_bypass
 
 import httpx
 import orjson
 
 from proxy.config.settings import Settings, file_source_dir, mask_key, mask_url, mask_urls_in
 from proxy.evaluation.mapping import DocumentError, validate_document
-from proxy.leader.upstream import upstream_client
+from proxy.leader.http11 import Answer, Pool, TooLarge, UpstreamError, UpstreamTimeout
+from proxy.leader.upstream import USER_AGENT, upstream_client
 from proxy.metrics import tracing
 
 log = logging.getLogger("proxy.leader")
@@ -65,6 +68,7 @@ class Source(Protocol):
     async def aclose(self) -> None: ...
 
 
+@functools.lru_cache(maxsize=16384)  # asked once per poll, changes once per document
 def if_modified_since(updated_at: datetime) -> str:
     """IMF-fixdate in GMT, zero-padded (`Sun, 06 Nov 1994 08:49:37 GMT`): Django rejects `+0000`."""
     return format_datetime(updated_at.astimezone(UTC).replace(microsecond=0), usegmt=True)
@@ -86,25 +90,41 @@ class HttpSource:
     """`GET {api_url}/environment-document/`, conditional (If-None-Match on the ETag an upstream proxy sent,
     else If-Modified-Since), following same-origin pages.
 
-    Bodies are read as a stream and refused past `max_document_bytes` (all pages together), so an upstream
-    cannot make the leader buffer without bound.
+    Every fetch goes through one keep-alive pool to the upstream origin (`proxy/leader/http11.py`: about a
+    tenth of httpx's CPU per request), or through httpx when an environment proxy applies (HTTPS_PROXY,
+    HTTP_PROXY, NO_PROXY) or a transport is given (the in-process tests). Bodies are read within
+    `max_document_bytes` (all pages together), so an upstream cannot make the leader buffer without bound.
     """
 
     def __init__(
         self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None, tracer: Any = None
     ) -> None:
         self.url = settings.api_url + "/environment-document/"
+        self.tracer = tracer  # OpenTelemetry (proxy/metrics/tracing.py), None when traces are off
+        self.traced_url = mask_url(self.url)
         self.origin = _origin(self.url)
         self.poll_frequency = settings.api_poll_frequency_seconds
         self.max_bytes = settings.max_document_bytes
-        self.client = upstream_client(settings, transport=transport)
-        self.tracer = tracer  # OpenTelemetry (proxy/metrics/tracing.py), None when traces are off
-        self.traced_url = mask_url(self.url)
+        self.client: httpx.AsyncClient | None = None
+        self.pool: Pool | None = None
+        if transport is not None or _proxied(self.url):
+            self.client = upstream_client(settings, transport=transport)
+        else:
+            headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "gzip"}
+            context = httpx.create_ssl_context() if self.origin[0] == "https" else None  # SSL_CERT_FILE, as httpx
+            self.pool = Pool(
+                f"{self.origin[0]}://{self.origin[1]}", settings.api_poll_timeout_seconds, headers, context
+            )
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        if self.client is not None:
+            await self.client.aclose()
+        if self.pool is not None:
+            await self.pool.aclose()
 
     async def fetch(self, server_key: str, held: Validator | None) -> FetchResult:
+        if self.tracer is None:  # traces off: no span to make, not even a no-op one
+            return await self._fetch(server_key, held, {})
         with tracing.fetch_span(self.tracer, "GET environment-document", self.traced_url) as span:
             result = await self._fetch(server_key, held, span.headers)
             if isinstance(result, Fetched):
@@ -118,7 +138,7 @@ class HttpSource:
     async def _fetch(self, server_key: str, held: Validator | None, trace_headers: dict[str, str]) -> FetchResult:
         started = time.monotonic()
         # trace_headers: `traceparent` of the fetch's span, sent with every page
-        headers = {"X-Environment-Key": server_key, "Accept-Encoding": "gzip", **trace_headers}
+        headers = {"X-Environment-Key": server_key, **trace_headers}
         if held is not None and held.etag is not None:
             # Alone: an upstream that sends ETags decides by them (RFC 9110 13.2.2), and a date would be
             # wrong for two changes within one second (If-Modified-Since has one-second precision).
@@ -139,13 +159,13 @@ class HttpSource:
                 return FetchFailed(
                     f"invalid document: a JSON {type(document).__name__}, not an object", "invalid_document"
                 )
-            page_headers = {"X-Environment-Key": server_key, "Accept-Encoding": "gzip", **trace_headers}
+            page_headers = {"X-Environment-Key": server_key, **trace_headers}
             result = await self._follow_pages(response, document, page_headers)
             if isinstance(result, Fetched):
                 result = Fetched(result.document, response.headers.get("etag"))  # the first page's
-        except httpx.TimeoutException:
+        except (httpx.TimeoutException, UpstreamTimeout):
             return FetchFailed("upstream timed out", "timeout")
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, UpstreamError) as exc:
             return FetchFailed(f"upstream request failed: {type(exc).__name__}: {mask_urls_in(str(exc))}", "network")
         except orjson.JSONDecodeError as exc:
             return FetchFailed(f"upstream sent invalid JSON: {exc}", "invalid_json")
@@ -158,14 +178,12 @@ class HttpSource:
             log.warning("fetching %s took %.1fs, longer than the poll interval", mask_key(server_key), elapsed)
         return result
 
-    async def _follow_pages(
-        self, response: httpx.Response, document: dict[str, Any], headers: dict[str, str]
-    ) -> FetchResult:
+    async def _follow_pages(self, response: Answer, document: dict[str, Any], headers: dict[str, str]) -> FetchResult:
         # Later pages repeat the document; only their identity_overrides are appended (page 1 wins).
         overrides = list(document.get("identity_overrides") or [])
         pages = 1
-        while (next_url := response.links.get("next", {}).get("url")) is not None:
-            target = urljoin(str(response.url), next_url)
+        while (next_url := response.next_link()) is not None:
+            target = urljoin(response.url, next_url)
             if _origin(target) != self.origin:
                 return FetchFailed(f"refusing a next page on another origin ({_origin(target)})", "redirect")
             pages += 1
@@ -185,7 +203,7 @@ class HttpSource:
             document["identity_overrides"] = overrides
         return _check(document)
 
-    async def _get(self, url: str, headers: dict[str, str]) -> httpx.Response:
+    async def _get(self, url: str, headers: dict[str, str]) -> Answer:
         # Redirects are followed by hand: same origin only, so keys never leak to another host.
         for _ in range(MAX_REDIRECTS + 1):
             response = await self._read_capped(url, headers)
@@ -193,12 +211,27 @@ class HttpSource:
                 return response
             target = urljoin(url, response.headers.get("location", ""))
             if _origin(target) != self.origin:
-                raise httpx.HTTPError(f"refusing a redirect to another origin ({_origin(target)})")
+                raise UpstreamError(f"refusing a redirect to another origin ({_origin(target)})")
             url = target
-        raise httpx.HTTPError("too many redirects")
+        raise UpstreamError("too many redirects")
 
-    async def _read_capped(self, url: str, headers: dict[str, str]) -> httpx.Response:
-        async with self.client.stream("GET", url, headers=headers) as response:
+    async def _read_capped(self, url: str, headers: dict[str, str]) -> Answer:
+        if self.pool is not None:
+            try:
+                answer = await self.pool.get(url, headers, self._budget)
+            except TooLarge:
+                raise DocumentTooLarge from None
+            self._budget -= len(answer.content)
+            if self._budget < 0:
+                raise DocumentTooLarge
+        else:
+            answer = await self._read_with_httpx(url, headers)
+        answer.content = _decode(answer.headers.get("content-encoding", ""), answer.content, self.max_bytes)
+        return answer
+
+    async def _read_with_httpx(self, url: str, headers: dict[str, str]) -> Answer:
+        assert self.client is not None
+        async with self.client.stream("GET", url, headers={**headers, "Accept-Encoding": "gzip"}) as response:
             declared = response.headers.get("content-length")
             if declared is not None and declared.isdigit() and int(declared) > self._budget:
                 raise DocumentTooLarge
@@ -208,23 +241,30 @@ class HttpSource:
                 if self._budget < 0:
                     raise DocumentTooLarge
                 chunks.append(chunk)
-            content = _decode(response, b"".join(chunks), self.max_bytes)
-        kept = [(k, v) for k, v in response.headers.items() if k not in ("content-encoding", "content-length")]
-        return httpx.Response(response.status_code, headers=kept, content=content, request=response.request)
+        return Answer(response.status_code, {k.lower(): v for k, v in response.headers.items()}, b"".join(chunks), url)
 
 
-def _decode(response: httpx.Response, raw: bytes, limit: int) -> bytes:
+def _proxied(url: str) -> bool:
+    """Does an environment proxy apply to `url` (HTTPS_PROXY, HTTP_PROXY, ALL_PROXY, unless NO_PROXY)?"""
+    proxies = getproxies()
+    scheme, netloc = _origin(url)
+    if not (proxies.get(scheme) or proxies.get("all")):
+        return False
+    return not proxy_bypass(netloc.rsplit(":", 1)[0])
+
+
+def _decode(encoding: str, raw: bytes, limit: int) -> bytes:
     # decoded bytes count against the same limit (a small gzip body can expand a thousandfold)
-    encoding = response.headers.get("content-encoding", "").lower()
+    encoding = encoding.lower()
     if encoding in ("", "identity"):
         return raw
     if encoding != "gzip":
-        raise httpx.DecodingError(f"unsupported content-encoding {encoding!r}")
+        raise UpstreamError(f"unsupported content-encoding {encoding!r}")
     decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
     try:
         data = decompressor.decompress(raw, limit + 1)
     except zlib.error as exc:
-        raise httpx.DecodingError(f"invalid gzip body: {exc}") from None
+        raise UpstreamError(f"invalid gzip body: {exc}") from None
     if len(data) > limit:
         raise DocumentTooLarge
     return data
