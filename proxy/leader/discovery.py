@@ -3,10 +3,15 @@
 The answer is a list of environments, each `{client_side_key, server_side_keys: [{key, active, expires_at}]}`.
 Only active, unexpired `ser.` keys count; an environment left without one is not served. A failed request
 changes nothing: an outage or a rejected proxy key never wipes the proxy.
+
+A large organisation's answer (thousands of environments) can take longer to compute and send than one
+document: the request has its own deadline, `deadline(settings)`, never shorter than a whole document fetch
+may take (`api_fetch_deadline_seconds`), and a failure's log line names the error (a timeout's text is empty).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from datetime import datetime
 from typing import Any
@@ -87,11 +92,23 @@ def _epoch(value: Any) -> float | None:
         return None
 
 
+def deadline(settings: Settings) -> float:
+    """Seconds the proxy config answer may take, whole: as long as a document fetch with its pages."""
+    return max(settings.api_fetch_deadline_seconds, settings.api_poll_timeout_seconds)
+
+
+def describe(exc: BaseException) -> str:
+    """An error for a log line: its type always (httpx's timeouts have no text), its text when it has one."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 class Discovery:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None) -> None:
         assert settings.proxy_key is not None
         self.url = settings.api_url + "/proxy/config/"
-        self.client = upstream_client(settings, {"X-Proxy-Key": settings.proxy_key})
+        self.deadline = deadline(settings)
+        self.client = upstream_client(settings, {"X-Proxy-Key": settings.proxy_key}, transport)
         self.reserved = frozenset(
             key for pair in settings.environment_key_pairs for key in (pair.client_side_key, pair.server_side_key)
         )
@@ -99,15 +116,20 @@ class Discovery:
     async def fetch(self, now: float) -> Desired | None:
         """The environments to serve, or None when the answer cannot be trusted (logged)."""
         try:
-            response = await self.client.get(self.url)
+            async with asyncio.timeout(self.deadline):
+                # each read may take the whole deadline: the answer's first byte can be the slow one
+                response = await self.client.get(self.url, timeout=self.deadline)
             if response.status_code != 200:
                 log.warning(
                     "proxy config: upstream answered HTTP %d; keeping the current environments", response.status_code
                 )
                 return None
             return parse_proxy_config(orjson.loads(response.content), now, self.reserved)
+        except TimeoutError:
+            log.warning("proxy config: no answer within %g s; keeping the current environments", self.deadline)
+            return None
         except (httpx.HTTPError, orjson.JSONDecodeError, ValueError) as exc:
-            log.warning("proxy config: %s; keeping the current environments", exc)
+            log.warning("proxy config: %s; keeping the current environments", describe(exc))
             return None
 
     async def aclose(self) -> None:

@@ -34,7 +34,8 @@ import orjson
 
 from proxy.area.names import key_hash
 from proxy.config.settings import Settings, mask_key, mask_url
-from proxy.leader.poller import Environment, Poller
+from proxy.leader.environments import Environment
+from proxy.leader.poller import Poller
 from proxy.leader.refresh import keys_for
 from proxy.leader.snapshots import updated_at_us
 from proxy.metrics import prometheus as metrics

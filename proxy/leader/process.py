@@ -93,16 +93,13 @@ async def _main(settings: Settings, area: Path) -> None:
     # leader_heartbeat_timeout_seconds + LEADER_FIRST_BEAT_GRACE for it.
     source = make_source(settings, tracing.start("leader"))
     discovery = Discovery(settings) if settings.proxy_key else None
-    poller = Poller(settings, source, publisher, discovery)
-    poller.resume()
     try:
         store = make_store(settings, report=False)  # the main process's preload reported on it
     except Exception as exc:  # e.g. the directory cannot be created: serve without snapshots, say why
         log.error("snapshot store unavailable, serving without snapshots: %s", mask_urls_in(str(exc)))
         store = None
-    if store is not None:
-        poller.snapshots = Snapshots(store)
-        poller.snapshots.adopt(poller.resumed_meta.get("snapshots"))
+    poller = Poller(settings, source, publisher, discovery, Snapshots(store) if store is not None else None)
+    poller.resume()
     register(area, LEADER)
     log.info("leader started, polling %d environment(s)", len(poller.environments))
     orphan_watch = asyncio.create_task(_stop_when_orphaned(os.getppid(), stop))
