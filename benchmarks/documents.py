@@ -163,12 +163,26 @@ def small_environment(index: int) -> dict[str, Any]:
     ]
     document["project"]["segments"] = [segment for segment in segments if segment["feature_states"]][:2]
     document["project"]["server_key_only_feature_ids"] = [states[-1]["feature"]["id"]]
+    for f, state in enumerate(states[2:4], start=2):  # two multivariate features, two options each
+        state["feature"] = dict(state["feature"], type="MULTIVARIATE")
+        state["multivariate_feature_state_values"] = [
+            {
+                "id": 100 * f + v,
+                "multivariate_feature_option": {"id": 100 * f + v, "value": f"variant-{f}-{v}"},
+                "mv_fs_value_uuid": str(uuid.UUID(int=300_000 + 100 * f + v)),
+                "percentage_allocation": 30.0,
+            }
+            for v in range(2)
+        ]
     document["feature_states"] = states
     document["identity_overrides"] = [
         {
             "identifier": f"override-user-{index}",
             "identity_uuid": str(uuid.UUID(int=index + 1)),
-            "identity_features": [{**copy.deepcopy(states[0]), "enabled": not states[0]["enabled"]}],
+            "identity_features": [
+                {**copy.deepcopy(state), "enabled": not state["enabled"], "multivariate_feature_state_values": []}
+                for state in states[:3]
+            ],
         }
     ]
     document.update(id=index + 1, api_key=f"client_{index}", name=f"Environment {index}")

@@ -1,20 +1,35 @@
-"""Cost as the work grows: many environments, one proxy.
+"""Cost as the work grows: 1,000 and 10,000 environments on one node.
 
-    .venv/bin/python -m benchmarks.scale --environments 1000 10000
+    .venv/bin/python -m benchmarks.scale --environments 1000 10000 --modes discovery static --workers 2 --poll 60
 
-For each count: a lean upstream on 127.0.0.1 serving that many copies of the conformance environment
-(distinct keys, pre-encoded, If-Modified-Since honoured), and `edge-proxy serve --workers 1` polling them.
-Measured: time from start to readiness, RSS of the worker and the leader (and per environment, beside the
-document's size), the leader's CPU per poll round, and how long one changed environment takes to be served.
+For each count and mode: a lean upstream on 127.0.0.1 serving that many small generated environments (about
+7 KB: 10 features, 2 segments, one identity override; `benchmarks/documents.py` `small_environment`),
+pre-encoded, with If-Modified-Since honoured and `/api/v1/proxy/config/` listing them for the proxy key; and
+`edge-proxy serve` with 2 workers polling every 60 s, discovering the environments (mode `discovery`) or
+given them as static pairs (mode `static`). Measured:
+
+* time to ready: from start until every worker's readiness answers 200 (every environment loaded there);
+* RSS (and its private part, RssAnon) of each process, and the largest worker's RSS above a one-environment
+  worker's per byte of documents;
+* CPU of the leader and of each worker at steady state (over one poll interval, after the first spread round),
+  and the leader's CPU per fetch;
+* one change's propagation: from the upstream serving the changed document (the leader fetched it; a webhook
+  asked for it) until every worker has loaded the generation that published it;
+* a cold environment's first identity answer (distinct environments, fresh connections).
+
 Results are appended to benchmarks/results/scale.md. Everything stops by itself.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import hmac
+import http.client
 import json
 import os
 import platform
+import statistics
 import subprocess
 import tempfile
 import threading
@@ -25,27 +40,34 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from benchmarks.documents import base_document
+from benchmarks.documents import small_environment
+from proxy.area.names import generation_of
 from tests.support import ProxyProcess, wait_for
 
 RESULTS = Path(__file__).parent / "results"
+PROXY_KEY = "pk.scale"
+WEBHOOK_SECRET = "scale-benchmark-secret"
 
 
 class LeanUpstream:
-    """Pre-encoded documents by server key; 304 when If-Modified-Since is not older."""
+    """Pre-encoded documents by server key (304 when If-Modified-Since is not older), the proxy config."""
 
     def __init__(self, count: int) -> None:
-        self.documents: dict[str, tuple[bytes, datetime]] = {}
-        base = base_document()
-        base["identity_overrides"] = []
         updated = datetime(2024, 5, 1, tzinfo=UTC)
+        self.documents: dict[str, tuple[bytes, datetime]] = {}
         for i in range(count):
-            base["api_key"] = f"client_{i}"
-            self.documents[f"ser.server_{i}"] = (json.dumps(base).encode(), updated)
-        self.base = base
+            document = small_environment(i)
+            document["updated_at"] = updated.isoformat()
+            self.documents[f"ser.server_{i}"] = (json.dumps(document).encode(), updated)
+        self.proxy_config = json.dumps(
+            [
+                {"client_side_key": f"client_{i}", "server_side_keys": [{"key": f"ser.server_{i}", "active": True}]}
+                for i in range(count)
+            ]
+        ).encode()
         self.requests = 0
+        self.watched: str | None = None  # a changed document's key: when it was first served, in `served_at`
+        self.served_at: float | None = None
         upstream = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -56,13 +78,20 @@ class LeanUpstream:
 
             def do_GET(self) -> None:
                 upstream.requests += 1
-                found = upstream.documents.get(self.headers.get("X-Environment-Key") or "")
+                if self.path.startswith("/api/v1/proxy/config"):
+                    if self.headers.get("X-Proxy-Key") != PROXY_KEY:
+                        return self._send(401, b"{}", {})
+                    return self._send(200, upstream.proxy_config, {})
+                key = self.headers.get("X-Environment-Key") or ""
+                found = upstream.documents.get(key)
                 if found is None:
                     return self._send(401, b"{}", {})
                 body, updated = found
                 ims = self.headers.get("If-Modified-Since")
                 if ims and updated.replace(microsecond=0) <= parsedate_to_datetime(ims):
                     return self._send(304, b"", {})
+                if key == upstream.watched and upstream.served_at is None:
+                    upstream.served_at = time.monotonic()
                 return self._send(200, body, {"Last-Modified": format_datetime(updated, usegmt=True)})
 
             def _send(self, status: int, body: bytes, headers: dict[str, str]) -> None:
@@ -81,23 +110,27 @@ class LeanUpstream:
     def api_url(self) -> str:
         return f"http://127.0.0.1:{self.server.server_address[1]}/api/v1"
 
+    def total_bytes(self) -> int:
+        return sum(len(body) for body, _ in self.documents.values())
+
     def change(self, index: int) -> None:
-        document = dict(self.base, api_key=f"client_{index}")
-        document["feature_states"] = [dict(s) for s in self.base["feature_states"]]
+        key = f"ser.server_{index}"
+        document = json.loads(self.documents[key][0])
         document["feature_states"][0]["enabled"] = not document["feature_states"][0]["enabled"]
-        updated = datetime.now(UTC) + timedelta(seconds=2)
-        self.documents[f"ser.server_{index}"] = (json.dumps(document).encode(), updated)
+        updated = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=1)
+        document["updated_at"] = updated.isoformat()
+        self.watched, self.served_at = key, None
+        self.documents[key] = (json.dumps(document).encode(), updated)
 
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
 
 
-def rss_kib(pid: int | None) -> int:
-    if pid is None:
-        return 0
+def status_field(pid: int, name: str) -> int:
+    """A `kB` field of /proc/<pid>/status (VmRSS, RssAnon, RssShmem), in KiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(name + ":"):
             return int(line.split()[1])
     return 0
 
@@ -107,97 +140,192 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measure(count: int, poll: float) -> dict[str, Any]:
+def request(port: int, method: str, path: str, headers: dict[str, str], body: bytes | None = None) -> Any:
+    """One request on a fresh connection (the kernel hands it to any worker): (status, headers, body)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.request(method, path, body=body, headers=headers)
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    except (OSError, http.client.HTTPException):
+        return None, {}, b""
+    finally:
+        connection.close()
+
+
+def workers_ready(proxy: ProxyProcess, workers: int, timeout: float) -> bool:
+    """Every worker answered readiness 200 (health names the answering worker with show_details)."""
+    ready: set[str] = set()
+
+    def check() -> bool:
+        status, headers, _ = request(proxy.port, "GET", "/proxy/health/readiness", {})
+        if status == 200:
+            ready.add(headers.get("x-edge-proxy-worker", ""))
+        return len(ready) >= workers
+
+    return wait_for(check, timeout, 0.05)
+
+
+def worker_generations(proxy: ProxyProcess, workers: int, at_least: int, timeout: float) -> float | None:
+    """When every worker had loaded generation `at_least` (monotonic seconds), or None."""
+    seen: dict[str, int] = {}
+
+    def check() -> bool:
+        _, headers, _ = request(proxy.port, "GET", "/proxy/health", {})
+        worker, generation = headers.get("x-edge-proxy-worker"), headers.get("x-edge-proxy-generation")
+        if worker and generation and generation.isdigit():
+            seen[worker] = max(seen.get(worker, 0), int(generation))
+        return len(seen) >= workers and all(g >= at_least for g in seen.values())
+
+    return time.monotonic() if wait_for(check, timeout, 0.005) else None
+
+
+def published_generation(area: Path, client_key: str, since: int, timeout: float) -> int | None:
+    """The generation whose journal entry carries `client_key`'s new document (read from the area)."""
+    found: list[int] = []
+
+    def check() -> bool:
+        for entry in sorted((area / "journal").glob("[0-9]*.json"), key=lambda p: int(p.stem)):
+            if int(entry.stem) <= since:
+                continue
+            try:
+                changed = json.loads(entry.read_bytes()).get("changed", {})
+            except (OSError, ValueError):
+                continue
+            # the entry that published a new document names a file written in its own generation
+            if generation_of(changed.get(client_key, {}).get("file")) == int(entry.stem):
+                found.append(int(entry.stem))
+                return True
+        return False
+
+    return found[0] if wait_for(check, timeout, 0.005) else None
+
+
+def measure(count: int, mode: str, workers: int, poll: float, settle: float) -> dict[str, Any]:
     upstream = LeanUpstream(count)
-    pairs = [{"server_side_key": f"ser.server_{i}", "client_side_key": f"client_{i}"} for i in range(count)]
-    config = {
-        "environment_key_pairs": pairs,
+    config: dict[str, Any] = {
         "api_url": upstream.api_url,
         "api_poll_frequency_seconds": poll,
         "api_poll_timeout_seconds": 10,
-        "health_check": {"environment_update_grace_period_seconds": 600},
+        "health_check": {"environment_update_grace_period_seconds": 600, "show_details": True},
         "logging": {"log_level": "WARNING"},
+        "webhook": {"secret": WEBHOOK_SECRET, "min_refresh_interval_seconds": 0},
     }
-    proxy = ProxyProcess(Path(tempfile.mkdtemp(prefix="edge-proxy-scale-")), config, workers=1)
+    if mode == "discovery":
+        config["proxy_key"] = PROXY_KEY
+    else:
+        config["environment_key_pairs"] = [
+            {"server_side_key": f"ser.server_{i}", "client_side_key": f"client_{i}"} for i in range(count)
+        ]
+    proxy = ProxyProcess(Path(tempfile.mkdtemp(prefix="edge-proxy-scale-")), config, workers=workers)
     started = time.monotonic()
     proxy.start()
+    row: dict[str, Any] = {"environments": count, "mode": mode, "document_bytes": upstream.total_bytes()}
     try:
-        proxy.wait_ready(timeout=1200)
-        ready_after = time.monotonic() - started
-        time.sleep(2)
-        worker, leader = proxy.worker_pids()[0], proxy.leader_pid()
+        proxy.wait_live(120)
+        if not workers_ready(proxy, workers, 1200):
+            raise RuntimeError(f"not ready:\n{proxy.log()[-3000:]}")
+        row["ready_s"] = time.monotonic() - started
+        time.sleep(settle)  # past the first spread round: steady state
+        leader, pids = proxy.leader_pid(), proxy.worker_pids()
         assert leader is not None
-        rss_worker, rss_leader = rss_kib(worker), rss_kib(leader)
-        # the leader's CPU over whole poll rounds (all 304s)
-        requests, cpu = upstream.requests, cpu_seconds(leader)
-        rounds = 2
-        time.sleep(poll * rounds)
-        leader_cpu_per_round = (cpu_seconds(leader) - cpu) / rounds
-        fetched = upstream.requests - requests
-        # one change, seen by a client
-        target = count // 2
-        key = {"X-Environment-Key": f"client_{target}"}
-        before = httpx.get(proxy.url + "/api/v1/flags/?feature=show_banner", headers=key).json()["enabled"]
-        upstream.change(target)
-        changed_at = time.monotonic()
-        seen = wait_for(
-            lambda: (
-                httpx.get(proxy.url + "/api/v1/flags/?feature=show_banner", headers=key).json()["enabled"] is not before
-            ),
-            poll * 2 + 30,
-            0.02,
-        )
-        propagation = time.monotonic() - changed_at if seen else float("nan")
+        processes = {"main": proxy.pid, "leader": leader, **{f"worker {n}": pid for n, pid in enumerate(pids, 1)}}
+        row["rss_kib"] = {name: status_field(pid, "VmRSS") for name, pid in processes.items()}
+        row["anon_kib"] = {name: status_field(pid, "RssAnon") for name, pid in processes.items()}
+        cpu = {name: cpu_seconds(pid) for name, pid in processes.items()}
+        requests_before, window_started = upstream.requests, time.monotonic()
+        time.sleep(poll)  # one interval: every environment polled about once
+        window = time.monotonic() - window_started
+        row["cpu_share"] = {name: (cpu_seconds(pid) - cpu[name]) / window for name, pid in processes.items()}
+        row["fetches_per_s"] = (upstream.requests - requests_before) / window
+        row["propagation_s"] = propagation(proxy, upstream, count, workers)
+        row["cold_identity_ms"] = cold_identities(proxy, count)
     finally:
         proxy.stop(timeout=120)
         upstream.stop()
-    document_bytes = len(next(iter(upstream.documents.values()))[0])
-    return {
-        "environments": count,
-        "document_bytes": document_bytes,
-        "ready_s": ready_after,
-        "worker_rss_mib": rss_worker / 1024,
-        "leader_rss_mib": rss_leader / 1024,
-        "worker_kib_per_env": rss_worker / count,
-        "leader_cpu_per_round_s": leader_cpu_per_round,
-        "fetches_per_round": fetched / rounds,
-        "propagation_s": propagation,
-        "poll_s": poll,
-    }
+    return row
+
+
+def propagation(proxy: ProxyProcess, upstream: LeanUpstream, count: int, workers: int) -> float | None:
+    target = count // 2
+    since = int(request(proxy.port, "GET", "/proxy/health", {})[1].get("x-edge-proxy-generation", "0"))
+    upstream.change(target)
+    body = json.dumps({"event_type": "FLAG_UPDATED", "data": {"environment_id": target + 1}}).encode()
+    signature = hmac.new(WEBHOOK_SECRET.encode(), body, hashlib.sha256).hexdigest()
+    headers = {"Content-Type": "application/json", "X-Flagsmith-Signature": signature}
+    status, _, _ = request(proxy.port, "POST", "/proxy/webhooks/flagsmith", headers, body)
+    assert status == 202, status
+    generation = published_generation(proxy.area, f"client_{target}", since, 30)
+    seen = worker_generations(proxy, workers, generation, 30) if generation is not None else None
+    if seen is None or upstream.served_at is None:
+        return None
+    return seen - upstream.served_at
+
+
+def cold_identities(proxy: ProxyProcess, count: int, samples: int = 20) -> list[float]:
+    """Milliseconds of the first identity request to environments nobody asked an identity of yet."""
+    timings = []
+    for n in range(samples):
+        key = f"client_{(count // 3 + n * 7919) % count}"
+        body = json.dumps({"identifier": f"cold-{n}", "traits": [{"trait_key": "plan", "trait_value": "x"}]})
+        headers = {"X-Environment-Key": key, "Content-Type": "application/json"}
+        started = time.perf_counter()
+        status, _, _ = request(proxy.port, "POST", "/api/v1/identities/", headers, body.encode())
+        timings.append((time.perf_counter() - started) * 1000)
+        assert status == 200, status
+    return timings
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--environments", type=int, nargs="+", default=[1000, 10000])
-    parser.add_argument("--poll", type=float, default=30, help="poll interval (seconds) during the measurement")
+    parser.add_argument("--modes", nargs="+", default=["discovery", "static"], choices=["discovery", "static"])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--poll", type=float, default=60, help="poll interval (seconds), also the CPU window")
+    parser.add_argument("--settle", type=float, default=None, help="seconds after ready before measuring")
+    parser.add_argument("--note", default="", help="a line added to the results (e.g. the machine's load)")
     args = parser.parse_args()
-    base = measure(1, min(args.poll, 5))  # the fixed cost, subtracted to give the cost per environment
-    rows = [measure(count, args.poll) for count in args.environments]
-    for row in rows:
-        row["worker_kib_per_env"] = (
-            (row["worker_rss_mib"] - base["worker_rss_mib"]) * 1024 / max(1, row["environments"] - 1)
-        )
+    settle = args.settle if args.settle is not None else args.poll * 1.5  # past the first spread round
+    base = measure(1, "static", args.workers, min(args.poll, 10), 5)
+    base_rss = max(v for k, v in base["rss_kib"].items() if k.startswith("worker"))
+    rows = []
+    for count in args.environments:
+        for mode in args.modes:
+            print(f"measuring {count} environments, {mode} ...", flush=True)
+            rows.append(measure(count, mode, args.workers, args.poll, settle))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    command = (
+        f".venv/bin/python -m benchmarks.scale --environments {' '.join(map(str, args.environments))} "
+        f"--modes {' '.join(args.modes)} --workers {args.workers} --poll {args.poll:g}"
+    )
     lines = [
         f"\n## scale — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
         "",
         f"machine: {platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, commit {commit}; "
-        f"command: `.venv/bin/python -m benchmarks.scale --environments {' '.join(map(str, args.environments))} "
-        f"--poll {args.poll:g}`; 1 worker; each environment is the conformance document (identity overrides removed)",
+        f"command: `{command}`; {args.workers} workers; environments of ~7 KB (`small_environment`)",
+        *([f"note: {args.note}"] if args.note else []),
         "",
-        f"one environment alone: worker RSS {base['worker_rss_mib']:.0f} MiB, "
-        f"leader RSS {base['leader_rss_mib']:.0f} MiB",
+        f"one environment alone: largest worker RSS {base_rss / 1024:.0f} MiB",
         "",
-        "| environments | document | time to ready | worker RSS | per environment (above one) | leader RSS "
-        "| leader CPU per round | fetches per round | one change served after |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| environments | how | documents | ready after | largest worker RSS (private) | above one env, per "
+        "document byte | leader RSS | leader CPU | busiest worker CPU | leader CPU per fetch | a change on every "
+        "worker after the fetch | cold identity (median / max) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        workers = {k: v for k, v in r["rss_kib"].items() if k.startswith("worker")}
+        largest = max(workers, key=workers.__getitem__)
+        per_byte = (workers[largest] - base_rss) * 1024 / r["document_bytes"]
+        busiest = max(v for k, v in r["cpu_share"].items() if k.startswith("worker"))
+        fetches = r["fetches_per_s"] or 1
+        cold = r["cold_identity_ms"]
+        propagation = f"{r['propagation_s'] * 1000:.0f} ms" if r["propagation_s"] is not None else "not seen"
         lines.append(
-            f"| {r['environments']} | {r['document_bytes'] / 1024:.1f} KiB | {r['ready_s']:.1f} s "
-            f"| {r['worker_rss_mib']:.0f} MiB | {r['worker_kib_per_env']:.0f} KiB | {r['leader_rss_mib']:.0f} MiB "
-            f"| {r['leader_cpu_per_round_s']:.2f} s | {r['fetches_per_round']:.0f} "
-            f"| {r['propagation_s']:.2f} s (poll {r['poll_s']:g} s) |"
+            f"| {r['environments']:,} | {r['mode']} | {r['document_bytes'] / 2**20:.0f} MiB | {r['ready_s']:.1f} s "
+            f"| {workers[largest] / 1024:.0f} MiB ({r['anon_kib'][largest] / 1024:.0f} MiB) | {per_byte:.2f}× "
+            f"| {r['rss_kib']['leader'] / 1024:.0f} MiB | {r['cpu_share']['leader'] * 100:.1f} % "
+            f"| {busiest * 100:.1f} % | {r['cpu_share']['leader'] / fetches * 1000:.2f} ms "
+            f"| {propagation} | {statistics.median(cold):.0f} / {max(cold):.0f} ms |"
         )
     text = "\n".join(lines) + "\n"
     print(text)
