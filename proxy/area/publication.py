@@ -50,16 +50,19 @@ from proxy.area.subscriber import Meta, read_published, read_verified
 from proxy.area.subscriber import Published as Published  # callers have always found the reader's side here
 from proxy.area.subscriber import Subscriber as Subscriber
 
-FULL_EVERY = 64  # generations between full manifests (at the latest)
+# Generations between full manifests at the latest: it bounds the journal's files (twice this many); its size
+# calls for a full manifest long before (10,000 environments: about every 100 status-only generations).
+FULL_EVERY = 512
 JOURNAL_MIN_BYTES = 64 * 1024  # a journal this small never calls for a full manifest by its size
 
 
 class Publisher:
     """The leader's side. Not thread-safe: one leader, one writer."""
 
-    def __init__(self, path: Path, max_bytes: int | None = None) -> None:
+    def __init__(self, path: Path, max_bytes: int | None = None, full_every: int = FULL_EVERY) -> None:
         self.path = path
         self.max_bytes = max_bytes
+        self.full_every = full_every
         self._control = Control(path, writable=True)
         self.generation = self._control.generation
         self._entries: dict[str, ManifestEntry] = {}  # what is published, with where its files are
@@ -150,7 +153,7 @@ class Publisher:
             journal = self.path / JOURNAL / journal_file(generation)
             _write_atomic(journal, delta)
             written.append(journal)
-            full = self._bases is None or generation - self._bases[1] >= FULL_EVERY
+            full = self._bases is None or generation - self._bases[1] >= self.full_every
             full = full or self._journal_bytes + len(delta) > max(JOURNAL_MIN_BYTES, self._manifest_bytes)
             manifest = b""
             if full:

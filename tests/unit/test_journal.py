@@ -13,7 +13,7 @@ import pytest
 from proxy.area.bodies import KeyKind
 from proxy.area.manifest import ManifestEntry
 from proxy.area.names import JOURNAL, MANIFEST
-from proxy.area.publication import FULL_EVERY, Area, Publisher, Subscriber
+from proxy.area.publication import Area, Publisher, Subscriber
 from proxy.config.settings import Settings
 from proxy.http.errors import Unauthorized
 from proxy.worker.keys import KeyIndex
@@ -52,8 +52,12 @@ def test_a_status_only_change_writes_that_entry_alone(area: Area) -> None:
         assert update.published == {} and update.meta is None
 
 
+FULL_EVERY = 16  # generations between full manifests, in this test
+
+
 def test_a_reader_behind_the_journal_reads_the_manifest_then_the_entries_after_it(area: Area) -> None:
-    with Publisher(area.path) as publisher, Subscriber(area.path) as current, Subscriber(area.path) as behind:
+    publisher = Publisher(area.path, full_every=FULL_EVERY)
+    with publisher, Subscriber(area.path) as current, Subscriber(area.path) as behind:
         publisher.publish({"c0": b"0", "c1": b"1"}, entries(2))
         behind.read()
         current.read()
