@@ -13,8 +13,8 @@ given them as static pairs (mode `static`). Measured:
   worker's per byte of documents;
 * CPU of the leader and of each worker at steady state (over one poll interval, after the first spread round),
   and the leader's CPU per fetch;
-* one change's propagation: from the upstream serving the changed document (the leader fetched it; a webhook
-  asked for it) until every worker has loaded the generation that published it;
+* one change's propagation: from the upstream serving the changed document (the leader fetched it at its
+  next poll) until every worker has loaded the generation that published it;
 * a cold environment's first identity answer (distinct environments, fresh connections).
 
 Results are appended to benchmarks/results/scale.md. Everything stops by itself.
@@ -23,8 +23,6 @@ Results are appended to benchmarks/results/scale.md. Everything stops by itself.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import hmac
 import http.client
 import json
 import os
@@ -46,7 +44,6 @@ from tests.support import ProxyProcess, wait_for
 
 RESULTS = Path(__file__).parent / "results"
 PROXY_KEY = "pk.scale"
-WEBHOOK_SECRET = "scale-benchmark-secret"
 
 
 class LeanUpstream:
@@ -182,23 +179,24 @@ def worker_generations(proxy: ProxyProcess, workers: int, at_least: int, timeout
 
 def published_generation(area: Path, client_key: str, since: int, timeout: float) -> int | None:
     """The generation whose journal entry carries `client_key`'s new document (read from the area)."""
-    found: list[int] = []
+    checked = [since]
 
     def check() -> bool:
-        for entry in sorted((area / "journal").glob("[0-9]*.json"), key=lambda p: int(p.stem)):
-            if int(entry.stem) <= since:
+        names = os.listdir(area / "journal")
+        for number in sorted(int(name[:-5]) for name in names if name.endswith(".json") and name[:-5].isdigit()):
+            if number <= checked[0]:
                 continue
             try:
-                changed = json.loads(entry.read_bytes()).get("changed", {})
+                changed = json.loads((area / "journal" / f"{number}.json").read_bytes()).get("changed", {})
             except (OSError, ValueError):
-                continue
+                return False  # being replaced: look again
+            checked[0] = number
             # the entry that published a new document names a file written in its own generation
-            if generation_of(changed.get(client_key, {}).get("file")) == int(entry.stem):
-                found.append(int(entry.stem))
+            if generation_of(changed.get(client_key, {}).get("file")) == number:
                 return True
         return False
 
-    return found[0] if wait_for(check, timeout, 0.005) else None
+    return checked[0] if wait_for(check, timeout, 0.05) else None
 
 
 def measure(count: int, mode: str, workers: int, poll: float, settle: float) -> dict[str, Any]:
@@ -209,7 +207,6 @@ def measure(count: int, mode: str, workers: int, poll: float, settle: float) -> 
         "api_poll_timeout_seconds": 10,
         "health_check": {"environment_update_grace_period_seconds": 600, "show_details": True},
         "logging": {"log_level": "WARNING"},
-        "webhook": {"secret": WEBHOOK_SECRET, "min_refresh_interval_seconds": 0},
     }
     if mode == "discovery":
         config["proxy_key"] = PROXY_KEY
@@ -238,7 +235,7 @@ def measure(count: int, mode: str, workers: int, poll: float, settle: float) -> 
         window = time.monotonic() - window_started
         row["cpu_share"] = {name: (cpu_seconds(pid) - cpu[name]) / window for name, pid in processes.items()}
         row["fetches_per_s"] = (upstream.requests - requests_before) / window
-        row["propagation_s"] = propagation(proxy, upstream, count, workers)
+        row["propagation_s"] = propagation(proxy, upstream, count, workers, poll)
         row["cold_identity_ms"] = cold_identities(proxy, count)
     finally:
         proxy.stop(timeout=120)
@@ -246,16 +243,11 @@ def measure(count: int, mode: str, workers: int, poll: float, settle: float) -> 
     return row
 
 
-def propagation(proxy: ProxyProcess, upstream: LeanUpstream, count: int, workers: int) -> float | None:
+def propagation(proxy: ProxyProcess, upstream: LeanUpstream, count: int, workers: int, poll: float) -> float | None:
     target = count // 2
     since = int(request(proxy.port, "GET", "/proxy/health", {})[1].get("x-edge-proxy-generation", "0"))
-    upstream.change(target)
-    body = json.dumps({"event_type": "FLAG_UPDATED", "data": {"environment_id": target + 1}}).encode()
-    signature = hmac.new(WEBHOOK_SECRET.encode(), body, hashlib.sha256).hexdigest()
-    headers = {"Content-Type": "application/json", "X-Flagsmith-Signature": signature}
-    status, _, _ = request(proxy.port, "POST", "/proxy/webhooks/flagsmith", headers, body)
-    assert status == 202, status
-    generation = published_generation(proxy.area, f"client_{target}", since, 30)
+    upstream.change(target)  # fetched at its next poll: within 1.1 intervals
+    generation = published_generation(proxy.area, f"client_{target}", since, poll * 1.5 + 10)
     seen = worker_generations(proxy, workers, generation, 30) if generation is not None else None
     if seen is None or upstream.served_at is None:
         return None
