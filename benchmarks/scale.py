@@ -14,7 +14,7 @@ given them as static pairs (mode `static`). Measured:
 * CPU of the leader and of each worker at steady state (over one poll interval, after the first spread round),
   and the leader's CPU per fetch;
 * one change's propagation: from the upstream serving the changed document (the leader fetched it at its
-  next poll) until every worker has loaded the generation that published it;
+  next poll) until no worker answers with the old one (fresh connections every few ms; the last old answer);
 * a cold environment's first identity answer (distinct environments, fresh connections).
 
 Results are appended to benchmarks/results/scale.md. Everything stops by itself.
@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.documents import small_environment
-from proxy.area.names import generation_of
 from tests.support import ProxyProcess, wait_for
 
 RESULTS = Path(__file__).parent / "results"
@@ -160,43 +159,7 @@ def workers_ready(proxy: ProxyProcess, workers: int, timeout: float) -> bool:
             ready.add(headers.get("x-edge-proxy-worker", ""))
         return len(ready) >= workers
 
-    return wait_for(check, timeout, 0.05)
-
-
-def worker_generations(proxy: ProxyProcess, workers: int, at_least: int, timeout: float) -> float | None:
-    """When every worker had loaded generation `at_least` (monotonic seconds), or None."""
-    seen: dict[str, int] = {}
-
-    def check() -> bool:
-        _, headers, _ = request(proxy.port, "GET", "/proxy/health", {})
-        worker, generation = headers.get("x-edge-proxy-worker"), headers.get("x-edge-proxy-generation")
-        if worker and generation and generation.isdigit():
-            seen[worker] = max(seen.get(worker, 0), int(generation))
-        return len(seen) >= workers and all(g >= at_least for g in seen.values())
-
-    return time.monotonic() if wait_for(check, timeout, 0.005) else None
-
-
-def published_generation(area: Path, client_key: str, since: int, timeout: float) -> int | None:
-    """The generation whose journal entry carries `client_key`'s new document (read from the area)."""
-    checked = [since]
-
-    def check() -> bool:
-        names = os.listdir(area / "journal")
-        for number in sorted(int(name[:-5]) for name in names if name.endswith(".json") and name[:-5].isdigit()):
-            if number <= checked[0]:
-                continue
-            try:
-                changed = json.loads((area / "journal" / f"{number}.json").read_bytes()).get("changed", {})
-            except (OSError, ValueError):
-                return False  # being replaced: look again
-            checked[0] = number
-            # the entry that published a new document names a file written in its own generation
-            if generation_of(changed.get(client_key, {}).get("file")) == number:
-                return True
-        return False
-
-    return checked[0] if wait_for(check, timeout, 0.05) else None
+    return wait_for(check, timeout, 0.5)  # health reads every environment's status: not too often
 
 
 def measure(count: int, mode: str, workers: int, poll: float, settle: float) -> dict[str, Any]:
@@ -235,7 +198,7 @@ def measure(count: int, mode: str, workers: int, poll: float, settle: float) -> 
         window = time.monotonic() - window_started
         row["cpu_share"] = {name: (cpu_seconds(pid) - cpu[name]) / window for name, pid in processes.items()}
         row["fetches_per_s"] = (upstream.requests - requests_before) / window
-        row["propagation_s"] = propagation(proxy, upstream, count, workers, poll)
+        row["propagation_s"] = propagation(proxy, upstream, count, poll)
         row["cold_identity_ms"] = cold_identities(proxy, count)
     finally:
         proxy.stop(timeout=120)
@@ -243,15 +206,32 @@ def measure(count: int, mode: str, workers: int, poll: float, settle: float) -> 
     return row
 
 
-def propagation(proxy: ProxyProcess, upstream: LeanUpstream, count: int, workers: int, poll: float) -> float | None:
+def propagation(proxy: ProxyProcess, upstream: LeanUpstream, count: int, poll: float) -> float | None:
+    """Seconds from the upstream serving a changed document (the leader fetched it, at its next poll) until no
+    worker answers with the old one: answers on fresh connections (any worker) every few ms, timed; the last
+    old answer after the fetch bounds when the last worker had the new one."""
     target = count // 2
-    since = int(request(proxy.port, "GET", "/proxy/health", {})[1].get("x-edge-proxy-generation", "0"))
-    upstream.change(target)  # fetched at its next poll: within 1.1 intervals
-    generation = published_generation(proxy.area, f"client_{target}", since, poll * 1.5 + 10)
-    seen = worker_generations(proxy, workers, generation, 30) if generation is not None else None
-    if seen is None or upstream.served_at is None:
+    feature = json.loads(upstream.documents[f"ser.server_{target}"][0])["feature_states"][0]["feature"]["name"]
+    path = f"/api/v1/flags/?feature={feature}"
+    headers = {"X-Environment-Key": f"client_{target}"}
+    before = json.loads(request(proxy.port, "GET", path, headers)[2])["enabled"]
+    upstream.change(target)
+    last_old = None
+    new_in_a_row = 0
+    deadline = time.monotonic() + poll * 1.5 + 10
+    while time.monotonic() < deadline and new_in_a_row < 50:  # 50 new answers in a row: every worker has it
+        status, _, body = request(proxy.port, "GET", path, headers)
+        now = time.monotonic()
+        if status != 200:
+            continue
+        if json.loads(body)["enabled"] == before:
+            last_old, new_in_a_row = now, 0
+        else:
+            new_in_a_row += 1
+        time.sleep(0.002)
+    if new_in_a_row < 50 or upstream.served_at is None:
         return None
-    return seen - upstream.served_at
+    return max(0.0, (last_old or upstream.served_at) - upstream.served_at)
 
 
 def cold_identities(proxy: ProxyProcess, count: int, samples: int = 20) -> list[float]:
