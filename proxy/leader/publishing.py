@@ -3,8 +3,9 @@
 The poller tells `Publication` which environments' entries changed (`changed`) and which are no longer served
 (`removed`); a publication carries exactly those (`Publisher.publish_changes`), so its cost is proportional to
 what changed, not to the number of environments. A changed document goes out within PUBLISH_SOON
-(environments that change together share a generation); status-only changes (a 304, an error) are batched for
-up to PUBLISH_STATUS_EVERY. A failed publication keeps what it carried for the next one and is retried.
+(environments that change together share a generation; after a publication that took longer, after as long as
+it took, so the loop never spends most of its time publishing); status-only changes (a 304, an error) are
+batched for up to PUBLISH_STATUS_EVERY. A failed publication keeps what it carried for the next one and is retried.
 """
 
 from __future__ import annotations
