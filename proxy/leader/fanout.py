@@ -28,6 +28,7 @@ import hashlib
 import logging
 import random
 import secrets
+import time
 from typing import Any
 
 import orjson
@@ -68,6 +69,9 @@ class Fanout:
         self.interval = settings.webhook.min_refresh_interval_seconds
         self.outbox: asyncio.Queue[bytes] = asyncio.Queue(QUEUE_MAX)
         self.peer_digests: dict[str, str] = {}  # client key → digest of the document a peer announced last
+        # client key → when a peer's webhook message made us refresh it: the replica the webhook reached
+        # announces what it found, so what our refresh finds stays quiet (else the two race to announce)
+        self.peer_webhooks: dict[str, float] = {}
         self._digests: dict[str, tuple[bytes, str]] = {}  # client key → (document, its digest)
         self._by_hash: dict[str, str] = {}  # key hash → client key
         poller.on_new_document = self.document_changed
@@ -78,8 +82,11 @@ class Fanout:
         if env.document is None:
             return
         found = self._digest(env.client_key, env.document)
+        told_at = self.peer_webhooks.pop(env.client_key, None)  # one fetch answers one peer's webhook
         if self.peer_digests.get(env.client_key) == found:
             return  # we fetched it because a peer told us: the others were told too
+        if told_at is not None and time.monotonic() - told_at < self.settings.api_fetch_deadline_seconds:
+            return  # a peer's webhook made us fetch it: every replica was told to fetch too
         self._send(
             {
                 "kind": "document",
@@ -168,6 +175,7 @@ class Fanout:
             wanted = [i for i in ids if isinstance(i, int)] if isinstance(ids, list) else []
             refreshed = False
             for client_key in keys_for(self.poller, wanted):
+                self.peer_webhooks[client_key] = time.monotonic()
                 refreshed = self.poller.refresh_now(client_key, self.interval, "peer") or refreshed
         else:
             refreshed = False
