@@ -19,13 +19,12 @@ from typing import Any
 from proxy import __version__
 from proxy.config.granian import GranianOptions, find_config_file, load_granian_options
 from proxy.config.logs import configure_logging
+from proxy.config.masking import mask_url, masked_options
 from proxy.config.settings import (
     ConfigError,
     Settings,
     default_config,
     load_settings,
-    mask_url,
-    masked_options,
     masked_settings,
     settings_summary,
 )

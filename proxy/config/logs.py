@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 
-from proxy.config.settings import LogFormat, LoggingSettings
+from proxy.config.sections import LogFormat, LoggingSettings
 
 
 class JsonFormatter(logging.Formatter):

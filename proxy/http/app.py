@@ -120,7 +120,7 @@ class ProxyApp:
             scope = request.scope
             details = self.controls.allowed(Group.OPERATIONS, scope.get("client"), scope["headers"])
         status, body = check_health(
-            self.settings, store.keys.client_keys, store.status, store.build_errors, time.time(), waiting, details
+            self.settings, store.keys.client_keys, store.entries, store.build_errors, time.time(), waiting, details
         )
         # What the answering worker has loaded; with show_details also which worker it is (its pid).
         headers = [(b"x-edge-proxy-generation", str(store.generation).encode())]

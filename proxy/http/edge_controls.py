@@ -36,7 +36,8 @@ from typing import Any
 import orjson
 
 from proxy.area.buckets import BucketTable, table_path
-from proxy.config.settings import SERVER_KEY_PREFIX, RateLimit, Settings
+from proxy.config.sections import SERVER_KEY_PREFIX, RateLimit
+from proxy.config.settings import Settings
 from proxy.http.client_address import ClientAddresses, Networks
 from proxy.metrics import prometheus as metrics
 from proxy.metrics import tracing

@@ -1,4 +1,4 @@
-"""Health as the Python proxy reports it, computed from the leader's per-environment status.
+"""Health as the Python proxy reports it, computed from the leader's manifest entry for each environment.
 
 Body: `status`, `reason`, `last_successful_update` (UTC, `Z`), plus `environments` naming the stale,
 never-loaded or failed-to-build ones when there are any. An environment is stale when its last good
@@ -18,7 +18,9 @@ from typing import Any
 import orjson
 
 from proxy.area.manifest import ManifestEntry
-from proxy.config.settings import ReadinessMode, Settings, mask_key
+from proxy.config.masking import mask_key
+from proxy.config.sections import ReadinessMode
+from proxy.config.settings import Settings
 
 NOT_UPDATED = "environment document(s) not updated."
 STALE = "environment document(s) stale."
@@ -37,7 +39,7 @@ def stale_after(settings: Settings, environments: int) -> float | None:
 def check_health(
     settings: Settings,
     client_keys: Collection[str],
-    status: Mapping[str, ManifestEntry],
+    entries: Mapping[str, ManifestEntry],
     build_errors: Mapping[str, str],
     now: float,
     waiting_for_discovery: bool = False,
@@ -50,7 +52,7 @@ def check_health(
     successes: list[float] = []
     checks = settings.health_check
     for client_key in client_keys:
-        entry = status.get(client_key)
+        entry = entries.get(client_key)
         last = entry.last_success if entry is not None else None
         if entry is not None and entry.source == "snapshot" and entry.location is not None:
             age = now - (entry.snapshot_saved_at or 0)
@@ -87,7 +89,7 @@ def check_health(
     }
     show = settings.health_check.show_details if show_details is None else show_details
     details: dict[str, Any] = {
-        name: [_describe(key, status, show) for key in keys]
+        name: [_describe(key, entries, show) for key in keys]
         for name, keys in (("stale", stale), ("not_loaded", not_loaded))
         if keys
     }
@@ -101,22 +103,22 @@ def check_health(
     if details:
         body["environments"] = details
     # the Python proxy's body as long as everything comes from upstream (conformance); otherwise say where from
-    sources = [_source(key, status, now) for key in client_keys]
+    sources = [_source(key, entries, now) for key in client_keys]
     if show or any(entry["source"] in ("snapshot", "file") for entry in sources):
         body["sources"] = sources
     return (503 if failing else 200), orjson.dumps(body)
 
 
-def _source(client_key: str, status: Mapping[str, ManifestEntry], now: float) -> dict[str, Any]:
-    entry = status.get(client_key) or ManifestEntry()
+def _source(client_key: str, entries: Mapping[str, ManifestEntry], now: float) -> dict[str, Any]:
+    entry = entries.get(client_key) or ManifestEntry()
     source = entry.source if entry.location is not None else None
     since = entry.snapshot_saved_at if source == "snapshot" else entry.last_success
     age = round(now - since, 1) if source and since is not None else None
     return {"key": mask_key(client_key), "source": source, "age_seconds": age}
 
 
-def _describe(client_key: str, status: Mapping[str, ManifestEntry], show_details: bool) -> dict[str, Any]:
-    entry = status.get(client_key) or ManifestEntry()
+def _describe(client_key: str, entries: Mapping[str, ManifestEntry], show_details: bool) -> dict[str, Any]:
+    entry = entries.get(client_key) or ManifestEntry()
     described = {"key": mask_key(client_key), "name": entry.name, "error": entry.error_kind}
     if show_details:  # the full text may name internal hosts: only when the operator asked for it
         described["last_error"] = entry.last_error

@@ -21,7 +21,8 @@ import orjson
 
 from proxy.area.manifest import ManifestEntry
 from proxy.area.names import generation_of
-from proxy.config.settings import Settings, mask_key
+from proxy.config.masking import mask_key
+from proxy.config.settings import Settings
 from proxy.worker.store import Store
 
 WORKERS_ENV = "EDGE_PROXY_WORKERS"  # set by `edge-proxy serve` for its workers
@@ -77,7 +78,7 @@ def status_body(settings: Settings, store: Store) -> bytes:
     details = settings.status_token is not None or settings.health_check.show_details
     environments = {
         mask_key(client_key): _environment(
-            store.status.get(client_key) or ManifestEntry(), store.build_errors.get(client_key), details
+            store.entries.get(client_key) or ManifestEntry(), store.build_errors.get(client_key), details
         )
         for client_key in store.keys.client_keys
     }

@@ -29,7 +29,8 @@ from urllib.parse import unquote
 from blacksheep import Request, Response, StreamedContent
 
 from proxy.area.bodies import KeyKind
-from proxy.config.settings import RealtimeSettings, mask_key
+from proxy.config.masking import mask_key
+from proxy.config.sections import RealtimeSettings
 from proxy.http.errors import NotFound, ServiceUnavailable, Unauthorized
 from proxy.http.identity_request import query_param
 from proxy.http.raw_request import raw_path, raw_query

@@ -32,7 +32,7 @@ import orjson
 from blacksheep import Content, Request, Response
 
 from proxy.area.names import REFRESH, WEBHOOKS_SEEN, handed_over, temporary
-from proxy.config.settings import WebhookSettings
+from proxy.config.sections import WebhookSettings
 from proxy.http.errors import BadRequest, NotFound, ServiceUnavailable, Unauthorized
 from proxy.metrics import prometheus as metrics
 

@@ -15,7 +15,8 @@ import orjson
 
 from proxy.area.mailboxes import Inbox
 from proxy.area.names import ANALYTICS
-from proxy.config.settings import Settings, mask_key
+from proxy.config.masking import mask_key
+from proxy.config.settings import Settings
 from proxy.leader.upstream import flush_every, upstream_client
 from proxy.metrics import prometheus as metrics
 

@@ -19,7 +19,9 @@ from typing import Any
 import httpx
 import orjson
 
-from proxy.config.settings import SERVER_KEY_PREFIX, Settings, mask_key
+from proxy.config.masking import mask_key
+from proxy.config.sections import SERVER_KEY_PREFIX
+from proxy.config.settings import Settings
 from proxy.leader.upstream import upstream_client
 
 log = logging.getLogger("proxy.leader")

@@ -94,15 +94,15 @@ class Environment:
         self.environment_id = found if isinstance(found, int) and not isinstance(found, bool) else None
         self.dirty = self.dirty or not published
 
-    def take_status(self, entry: ManifestEntry) -> None:
-        """A previous leader's status for this environment (resuming from its publication)."""
+    def resume_from(self, entry: ManifestEntry) -> None:
+        """What a previous leader published for this environment (resuming from its publication)."""
         self.last_success, self.last_error, self.error_kind = entry.last_success, entry.last_error, entry.error_kind
         for name in ("source", "state", "state_since", "last_200", "last_304", "snapshot_saved_at"):
             if getattr(entry, name) is not None:
                 setattr(self, name, getattr(entry, name))
 
     def manifest_entry(self) -> ManifestEntry:
-        """Its status for the manifest; the publisher adds where the document is."""
+        """Its manifest entry; the publisher adds where the document is."""
         return ManifestEntry(
             server_keys=self.server_keys,
             name=self.name,

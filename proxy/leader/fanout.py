@@ -34,7 +34,8 @@ from typing import Any
 import orjson
 
 from proxy.area.names import key_hash
-from proxy.config.settings import Settings, mask_key, mask_url
+from proxy.config.masking import mask_key, mask_url
+from proxy.config.settings import Settings
 from proxy.leader.environments import Environment
 from proxy.leader.poller import Poller
 from proxy.leader.refresh import keys_for

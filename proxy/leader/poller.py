@@ -25,7 +25,8 @@ from typing import Any
 import orjson
 
 from proxy.area.publication import Publisher
-from proxy.config.settings import Settings, mask_key
+from proxy.config.masking import mask_key
+from proxy.config.settings import Settings
 from proxy.evaluation.environment import parse_updated_at
 from proxy.leader.discovery import Discovery
 from proxy.leader.environments import Candidate, Environment, Unservable, prepare, prepare_off_loop
@@ -90,7 +91,7 @@ class Poller:
                 self.publication.removed(client_key)
                 continue
             self.publication.changed(client_key)
-            env.take_status(entry)
+            env.resume_from(entry)
             data = self.publisher.read_document(entry)
             if data is None:
                 continue
@@ -313,5 +314,5 @@ class Poller:
         return self.discovered_at, {
             "leader_restarts": self.leader_restarts,
             "leader_started_at": self._started_at,
-            "snapshots": self.snapshots.status() if self.snapshots is not None else None,
+            "snapshots": self.snapshots.report() if self.snapshots is not None else None,
         }

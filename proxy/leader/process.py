@@ -14,7 +14,8 @@ from proxy.area.processes import LEADER, WORKER, reap, register
 from proxy.area.publication import Publisher
 from proxy.area.settings_file import read_settings
 from proxy.config.logs import configure_logging
-from proxy.config.settings import Settings, mask_urls_in
+from proxy.config.masking import mask_urls_in
+from proxy.config.settings import Settings
 from proxy.leader.analytics_forwarding import AnalyticsForwarder
 from proxy.leader.discovery import Discovery
 from proxy.leader.fanout import Fanout

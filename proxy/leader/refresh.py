@@ -20,7 +20,8 @@ import httpx
 import orjson
 
 from proxy.area.names import HANDED_OVER_GLOB, REFRESH, WEBHOOKS_SEEN
-from proxy.config.settings import Settings, mask_key, mask_urls_in
+from proxy.config.masking import mask_key, mask_urls_in
+from proxy.config.settings import Settings
 from proxy.leader.poller import Poller
 from proxy.leader.upstream import upstream_client
 from proxy.metrics import prometheus as metrics

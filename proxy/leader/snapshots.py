@@ -14,10 +14,10 @@ the first upstream answer.
 
 Two stores:
 
-* `DirectoryStore`: `<dir>/<key hash>.snapshot`, written to a temporary file, fsynced, renamed, and the
+* `DirectoryBackend`: `<dir>/<key hash>.snapshot`, written to a temporary file, fsynced, renamed, and the
   directory fsynced; a per-environment `flock` makes read-compare-replace safe when replicas share a volume.
   The directory is 0700 and every file 0600 (`proxy/leader/private_files.py`).
-* `RedisStore`: one hash per environment (`edge-proxy:snapshot:<key hash>`, field `blob`), replaced in a
+* `RedisBackend`: one hash per environment (`edge-proxy:snapshot:<key hash>`, field `blob`), replaced in a
   WATCH/MULTI transaction.
 
 A store only compares and replaces: whether the stored blob may be kept (authentic and newer) is decided by
@@ -44,7 +44,8 @@ from typing import Any, Protocol
 import orjson
 
 from proxy.area.names import key_hash
-from proxy.config.settings import Settings, mask_key, mask_url, mask_urls_in
+from proxy.config.masking import mask_key, mask_url, mask_urls_in
+from proxy.config.settings import Settings
 from proxy.leader.private_files import open_private, prepare_directory, write_private
 from proxy.metrics import prometheus as metrics
 
@@ -144,7 +145,7 @@ def decode(client_key: str, server_keys: Iterable[str], blob: bytes) -> Snapshot
     )
 
 
-class SnapshotStore(Protocol):
+class SnapshotBackend(Protocol):
     kind: str
     location: str  # safe to show (credentials masked)
 
@@ -159,7 +160,7 @@ class SnapshotStore(Protocol):
     def close(self) -> None: ...
 
 
-class DirectoryStore:
+class DirectoryBackend:
     kind = "directory"
 
     def __init__(self, directory: Path, report: bool = True) -> None:
@@ -198,7 +199,7 @@ class DirectoryStore:
         pass
 
 
-class RedisStore:
+class RedisBackend:
     kind = "redis"
 
     def __init__(self, url: str) -> None:
@@ -237,19 +238,19 @@ class RedisStore:
         self.client.close()
 
 
-def make_store(settings: Settings, report: bool = True) -> SnapshotStore | None:
+def make_store(settings: Settings, report: bool = True) -> SnapshotBackend | None:
     """The configured store; `report: False` for the leader, whose directory the main process reported on."""
     if settings.snapshot_redis:
-        return RedisStore(settings.snapshot_redis)
+        return RedisBackend(settings.snapshot_redis)
     if settings.snapshot_dir:
-        return DirectoryStore(Path(settings.snapshot_dir), report)
+        return DirectoryBackend(Path(settings.snapshot_dir), report)
     return None
 
 
 class Snapshots:
     """The leader's use of a store: restore at start, save on change, and a status for /proxy/status."""
 
-    def __init__(self, store: SnapshotStore) -> None:
+    def __init__(self, store: SnapshotBackend) -> None:
         self.store = store
         self.restored = 0
         self.written = 0
@@ -346,7 +347,7 @@ class Snapshots:
             self.last_write = previous.get("last_write")
             self.rejected = dict(previous.get("rejected") or {})
 
-    def status(self) -> dict[str, Any]:
+    def report(self) -> dict[str, Any]:
         return {
             "kind": self.store.kind,
             "location": self.store.location,
@@ -409,7 +410,7 @@ def preload(settings: Settings, area: Path) -> None:
                 snapshot_saved_at=snapshot.saved_at,
             )
         with Publisher(area, settings.shared_memory_max_bytes) as publisher:
-            publisher.publish(documents, entries, None, {"snapshots": snapshots.status()}, answers)
+            publisher.publish(documents, entries, None, {"snapshots": snapshots.report()}, answers)
     except AreaError as exc:
         log.error("snapshots not published before start: %s", exc)
     finally:

@@ -21,7 +21,8 @@ from urllib.request import getproxies, proxy_bypass
 import httpx
 import orjson
 
-from proxy.config.settings import Settings, file_source_dir, mask_key, mask_url, mask_urls_in
+from proxy.config.masking import mask_key, mask_url, mask_urls_in
+from proxy.config.settings import Settings, file_source_dir
 from proxy.evaluation.mapping import DocumentError, validate_document
 from proxy.leader.http11 import Answer, Pool, TooLarge, UpstreamError, UpstreamTimeout
 from proxy.leader.upstream import USER_AGENT, upstream_client

@@ -29,7 +29,7 @@ class Environments(Protocol):
 
     settings: Settings
     keys: KeyIndex
-    status: dict[str, ManifestEntry]
+    entries: dict[str, ManifestEntry]
 
 
 def _timestamp(value: object) -> float | None:
@@ -73,7 +73,7 @@ class EnvironmentCollector:
         )
         counts = {"fresh": 0, "stale": 0, "not_loaded": 0}
         for client_key in client_keys:
-            entry = store.status.get(client_key)
+            entry = store.entries.get(client_key)
             success = entry.last_success if entry is not None else None
             if entry is None or success is None or entry.location is None:
                 counts["not_loaded"] += 1

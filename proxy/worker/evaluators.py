@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from proxy.area.bodies import KeyKind
-from proxy.config.settings import mask_key
+from proxy.config.masking import mask_key
 from proxy.evaluation.compiled import CompiledEnvironment
 from proxy.evaluation.conditions import NeedsEngine, Unsupported
 from proxy.evaluation.engine import (

@@ -1,4 +1,5 @@
-"""A worker's view of the environments: current states and the leader's status for them, swapped per generation.
+"""A worker's view of the environments: current states and the leader's manifest entries
+for them, swapped per generation.
 
 The key index is `proxy/worker/keys.py`, the identity LRU `proxy/worker/response_cache.py` (its policy
 `proxy/http/identities.py`), what the worker counts `proxy/worker/counters.py`; the Store holds one of each.
@@ -23,7 +24,8 @@ from proxy.area.answers import AnswersError
 from proxy.area.bodies import KeyKind
 from proxy.area.manifest import ManifestEntry
 from proxy.area.subscriber import Published, Subscriber, Update
-from proxy.config.settings import Settings, mask_key
+from proxy.config.masking import mask_key
+from proxy.config.settings import Settings
 from proxy.http.errors import ServiceUnavailable
 from proxy.metrics import prometheus as metrics
 from proxy.worker.counters import WorkerCounters
@@ -55,7 +57,7 @@ class Store:
         }
         self.keys = KeyIndex(self.static)
         self.states: dict[str, EnvironmentState] = {}
-        self.status: dict[str, ManifestEntry] = {}  # the leader's per-environment status
+        self.entries: dict[str, ManifestEntry] = {}  # the leader's manifest entry per environment
         self.build_errors: dict[str, str] = {}
         cache = settings.identity_cache
         self.cache = ResponseCache(cache.cache_max_size, cache.cache_max_bytes) if cache.use_cache else None
@@ -92,31 +94,31 @@ class Store:
         built: dict[str, EnvironmentState],
         evaluated: Sequence[Evaluated] = (),
     ) -> None:
-        """Swap in new states and status (on the event loop, no await: requests see old or new), in
+        """Swap in new states and entries (on the event loop, no await: requests see old or new), in
         proportion to what changed; the evaluators built ahead for new states replace the old states' ones."""
         if update.full:  # a reader behind the journal (or new): everything anew
-            self.status = dict(update.entries)
-            served: dict[str, ServerKeys] = {key: entry.server_keys for key, entry in self.status.items()}
+            self.entries = dict(update.entries)
+            served: dict[str, ServerKeys] = {key: entry.server_keys for key, entry in self.entries.items()}
             served.update(self.static)
             self.keys = KeyIndex(served)
             gone = [key for key in self.states if key not in served]
         else:
             gone = []
             for client_key in update.removed:
-                self.status.pop(client_key, None)
+                self.entries.pop(client_key, None)
                 if client_key not in self.static:
                     self.keys.remove(client_key)
                     if client_key in self.states:
                         gone.append(client_key)
             for client_key, entry in update.entries.items():
-                previous = self.status.get(client_key)
-                self.status[client_key] = entry
+                previous = self.entries.get(client_key)
+                self.entries[client_key] = entry
                 # discovery added, or rotated its keys (configured pairs keep theirs)
                 if client_key not in self.static and (previous is None or previous.server_keys != entry.server_keys):
                     self.keys.set(client_key, entry.server_keys)
         if update.meta is not None:
             self.discovered = update.meta[0] is not None  # with a proxy_key: synced the proxy config once
-            self.meta = update.meta[1]  # leader restarts, snapshot store status (/proxy/status)
+            self.meta = update.meta[1]  # leader restarts, the snapshot backend's report (/proxy/status)
         if built or gone:
             self._swap(built, gone, evaluated)
         self.generation = update.generation

@@ -26,12 +26,12 @@ import pytest
 
 from proxy.area.publication import key_hash
 from proxy.leader.snapshots import (
-    DirectoryStore,
-    RedisStore,
+    DirectoryBackend,
+    RedisBackend,
     Snapshot,
+    SnapshotBackend,
     SnapshotError,
     Snapshots,
-    SnapshotStore,
     decode,
     encode,
 )
@@ -337,7 +337,7 @@ def test_only_the_server_key_authenticates_a_snapshot() -> None:
 
 def test_corrupt_snapshots_are_skipped_and_reported(start_proxy: Callable[..., ProxyProcess], tmp_path: Path) -> None:
     directory = tmp_path / "snapshots"
-    store = DirectoryStore(directory)
+    store = DirectoryBackend(directory)
     documents = conformance_documents()
     for (server_key, client_key), how in zip(KEYS.items(), ["truncated", "flipped"], strict=True):
         snapshot = Snapshot(client_key, orjson.dumps(documents[server_key]), 1, time.time())
@@ -391,8 +391,8 @@ def write_raw(kind: str, tmp_path: Path, redis_server: RedisServer | None, clien
 
 def read_raw(kind: str, tmp_path: Path, redis_server: RedisServer | None, client_key: str) -> bytes | None:
     if kind == "directory":
-        return DirectoryStore(tmp_path / "snapshots").load(client_key)
-    store = RedisStore(redis_server.url)  # type: ignore[union-attr]
+        return DirectoryBackend(tmp_path / "snapshots").load(client_key)
+    store = RedisBackend(redis_server.url)  # type: ignore[union-attr]
     try:
         return store.load(client_key)
     finally:
@@ -516,7 +516,7 @@ def test_an_existing_snapshot_dir_is_tightened_when_it_is_ours(
         (ours / name).write_bytes(b"old")
         os.chmod(ours / name, 0o644)
     with caplog.at_level("INFO", logger="proxy.leader"):
-        DirectoryStore(ours)
+        DirectoryBackend(ours)
     assert mode(ours) == 0o700
     assert {mode(path) for path in ours.iterdir()} == {0o600}
     assert "mode 0755 tightened to 0700" in caplog.text
@@ -529,8 +529,8 @@ def test_an_existing_snapshot_dir_is_tightened_when_it_is_ours(
     os.chmod(shared / "notes.txt", 0o644)
     caplog.clear()
     with caplog.at_level("INFO", logger="proxy.leader"):
-        store = DirectoryStore(shared)
-        DirectoryStore(shared, report=False)  # the leader, after the main process reported it
+        store = DirectoryBackend(shared)
+        DirectoryBackend(shared, report=False)  # the leader, after the main process reported it
     assert mode(shared) == 0o775 and mode(shared / "notes.txt") == 0o644
     assert caplog.text.count("is mode 0775 (it holds files the proxy did not write): left as it is") == 1
     assert Snapshots(store).save_now(good_snapshot(), [SERVER_KEY_1])
@@ -543,7 +543,7 @@ def test_an_existing_snapshot_dir_is_tightened_when_it_is_ours(
 # -- the version check ------------------------------------------------------------------------------
 
 
-def check_never_older(store: SnapshotStore) -> None:
+def check_never_older(store: SnapshotBackend) -> None:
     snapshots = Snapshots(store)
     keys = [SERVER_KEY_1]
 
@@ -571,7 +571,7 @@ def check_never_older(store: SnapshotStore) -> None:
 
 
 def test_an_older_document_never_replaces_a_newer_one_in_a_directory(tmp_path: Path) -> None:
-    store = DirectoryStore(tmp_path / "snapshots")
+    store = DirectoryBackend(tmp_path / "snapshots")
     check_never_older(store)
     # written atomically: no temporary is left behind, and the file name is the key's hash
     assert sorted(p.name for p in (tmp_path / "snapshots").iterdir() if p.suffix == ".snapshot") == [
@@ -581,7 +581,7 @@ def test_an_older_document_never_replaces_a_newer_one_in_a_directory(tmp_path: P
 
 
 def test_an_older_document_never_replaces_a_newer_one_in_redis(redis_server: RedisServer) -> None:
-    store = RedisStore(redis_server.url)
+    store = RedisBackend(redis_server.url)
     try:
         check_never_older(store)
     finally:
@@ -592,7 +592,7 @@ def test_a_proxy_never_writes_an_older_document_over_a_newer_one(
     start_proxy: Callable[..., ProxyProcess], upstream: FakeFlagsmith, tmp_path: Path
 ) -> None:
     directory = tmp_path / "snapshots"
-    store = DirectoryStore(directory)
+    store = DirectoryBackend(directory)
     proxy = start_proxy(proxy_config(upstream.api_url, **FAST, snapshot_dir=str(directory)))
     proxy.wait_ready()
     assert wait_for(lambda: len(list(directory.glob("*.snapshot"))) == 2, 10), proxy.log()

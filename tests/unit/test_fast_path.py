@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 import pytest
 
-from proxy.config.settings import ServerSettings
+from proxy.config.sections import ServerSettings
 from proxy.http.app import build_asgi
 from proxy.http.fast_path import FastPath
 from tests.asgi import DISCONNECT, STALL, Sent, call

@@ -116,7 +116,7 @@ def test_a_workers_work_per_generation_is_proportional_to_what_changed(area: Are
         follower.load_now()
         whole = time.perf_counter() - started
         keys = store.keys
-        assert len(store.status) == count and store.keys.lookup(b"ser.s9999") == (KeyKind.SERVER, "c9999")
+        assert len(store.entries) == count and store.keys.lookup(b"ser.s9999") == (KeyKind.SERVER, "c9999")
         elapsed = []
         for n in range(10):  # a 304 answered for one environment per generation
             entry = ManifestEntry(server_keys={"ser.s5": None}, name="environment 5", last_success=2.0 + n)
@@ -126,7 +126,7 @@ def test_a_workers_work_per_generation_is_proportional_to_what_changed(area: Are
             assert update is not None
             store.apply(update, build_states(update.published, {})[0])
             elapsed.append(time.perf_counter() - started)
-        assert store.keys is keys and store.status["c5"].last_success == 11.0
+        assert store.keys is keys and store.entries["c5"].last_success == 11.0
         # before: every generation parsed the whole manifest and rebuilt the key index, as the first load does
         assert min(elapsed) < whole / 50, (min(elapsed), whole)
         moved = ManifestEntry(server_keys={"ser.new": None}, name="environment 5")
@@ -138,7 +138,7 @@ def test_a_workers_work_per_generation_is_proportional_to_what_changed(area: Are
         for gone in (b"ser.s5", b"c6", b"ser.s6"):
             with pytest.raises(Unauthorized):
                 store.keys.lookup(gone)
-        assert "c6" not in store.status and len(store.keys.client_keys) == count - 1
+        assert "c6" not in store.entries and len(store.keys.client_keys) == count - 1
 
 
 def test_the_journal_entry_names_its_generation(area: Area) -> None:

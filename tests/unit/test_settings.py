@@ -11,14 +11,12 @@ from typing import Any
 import pytest
 
 from proxy.config.granian import available_cpus, load_granian_options
+from proxy.config.masking import mask_key, mask_url, mask_urls_in
 from proxy.config.settings import (
     ConfigError,
     Settings,
     default_config,
     load_settings,
-    mask_key,
-    mask_url,
-    mask_urls_in,
     secret_variables,
     settings_summary,
 )
