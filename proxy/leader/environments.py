@@ -55,7 +55,7 @@ class Environment:
     server_keys: dict[str, float | None]  # server key → expiry (epoch seconds) or None
     static: bool = True  # from environment_key_pairs: never removed by discovery
     document: bytes | None = None
-    answers: bytes | None = None  # the document's answers file, published with it
+    answers: bytes | None = None  # the document's answers file until it is published (then the area's)
     updated_at: datetime | None = None
     name: str | None = None
     environment_id: int | None = None  # the document's `id`: with `name`, how metrics label the environment

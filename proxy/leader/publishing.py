@@ -103,7 +103,9 @@ class Publication:
         metrics.PUBLICATION_SECONDS.observe(time.perf_counter() - started)
         metrics.PUBLISHED_GENERATION.set(generation)
         for key in documents:
-            self.environments[key].dirty = False
+            env = self.environments[key]
+            # published: its answers are read from the area from now on (10,000 environments: ~40 MB less)
+            env.dirty, env.answers = False, None
         if documents:
             log.info("published generation %d (%d changed)", generation, len(documents))
         return True

@@ -85,6 +85,8 @@ def test_documents_are_published_with_their_answers_and_then_only_what_changed(a
         last = orjson.loads(journal[-1].read_bytes())
         assert set(last["changed"]) <= set(KEYS.values()) and last["removed"] == []
         assert all("answers_file" not in entry or entry["answers_file"] for entry in last["changed"].values())
+        # once published, the answers are the area's: the leader keeps the document only
+        assert all(env.answers is None and env.document for env in poller.environments.values())
 
 
 def test_a_document_no_worker_could_serve_is_not_published(area: Area) -> None:
