@@ -15,11 +15,10 @@ from __future__ import annotations
 import os
 from bisect import bisect_left
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
-from prometheus_client.registry import Collector
 
 from proxy import __version__
 from proxy.area.processes import archive_lock
@@ -265,22 +264,26 @@ def flush(cache_hits: int = 0, cache_misses: int = 0, regex_timeouts: int = 0) -
             _flush(("rate_limited", name), count, RATE_LIMITED.labels(limit=name))
 
 
-# Collectors computed at scrape time by the worker answering /metrics (per-environment series).
-scrape_collectors: list[Collector] = []
+class ScrapeRenderer(Protocol):
+    """Series computed at scrape time, written as exposition text (proxy/metrics/environments.py)."""
+
+    def render(self) -> bytes: ...
+
+
+# What the worker answering /metrics adds at scrape time (per-environment series).
+scrape_collectors: list[ScrapeRenderer] = []
 
 
 def render() -> bytes:
-    extra = CollectorRegistry()
-    for collector in scrape_collectors:
-        extra.register(collector)
+    extra = b"".join(collector.render() for collector in scrape_collectors)
     folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if folder:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # untyped in prometheus-client
         with archive_lock(Path(folder)):  # the leader may be archiving a dead process's files
             collected = generate_latest(registry)
-        return collected + generate_latest(extra)
-    return generate_latest() + generate_latest(extra)
+        return collected + extra
+    return generate_latest() + extra
 
 
 __all__ = ["CONTENT_TYPE", "render"]
