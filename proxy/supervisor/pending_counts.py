@@ -1,4 +1,4 @@
-"""Counts kept for an unreachable upstream, carried across a restart in `snapshot_dir`.
+"""Counts kept for an unreachable upstream, carried across a restart in `snapshot_dir` or the snapshot Redis.
 
 Analytics counts and usage batches that could not be forwarded live in the shared-memory area (the
 leader's `pending.json` and `usage/batches.json`, and hand-overs it has not read yet), which `serve` removes
@@ -11,9 +11,13 @@ each file is claimed (renamed: one replica takes it), read, removed, and its cou
 before the leader starts, which forwards them as usual: usage batches unchanged, under their idempotency
 keys.
 
-Bounded: analytics at MAX_NAMES names (as in the area), usage at MAX_ROWS rows, a file at MAX_BYTES;
-beyond them counts are dropped, logged with their number. Without `snapshot_dir` (or with a Redis store)
-they are dropped at exit, logged with their number. A file that does not authenticate (forged, corrupted,
+With no `snapshot_dir` but a snapshot Redis (`snapshot_redis_url`, or `redis_url`), the same authenticated
+blob is pushed onto the Redis list `edge-proxy:pending`, and a start claims each with LPOP (atomic: one
+replica takes it).
+
+Bounded: analytics at MAX_NAMES names (as in the area), usage at MAX_ROWS rows, a blob at MAX_BYTES, a start
+claims MAX_CLAIMED blobs at most; beyond them counts are dropped, logged with their number. With neither
+store they are dropped at exit, logged with their number. A file that does not authenticate (forged, corrupted,
 or written under other secrets: a changed `proxy_key` or set of server keys) is dropped with a log line.
 """
 
@@ -26,7 +30,7 @@ import logging
 import os
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +38,10 @@ import orjson
 
 from proxy.area.mailboxes import MAX_NAMES, Counts, Inbox, add
 from proxy.area.names import ANALYTICS, BATCHES, PENDING, USAGE
+from proxy.config.masking import mask_urls_in
 from proxy.config.settings import Settings
 from proxy.leader.private_files import prepare_directory, write_private
-from proxy.leader.snapshots import OWN_FILES, PENDING_PREFIX
+from proxy.leader.snapshots import OWN_FILES, PENDING_PREFIX, REDIS_TIMEOUT
 from proxy.leader.usage_reporting import Batch, load_batches, new_batches, save_batches
 
 log = logging.getLogger("proxy.pending")
@@ -46,6 +51,8 @@ KEY_CONTEXT = b"edge-proxy pending counts v1"
 PREFIX = PENDING_PREFIX
 MAX_ROWS = 100_000  # usage rows kept across a restart (100 batches of 1,000)
 MAX_BYTES = 64 * 1024 * 1024  # a larger file is not read
+MAX_CLAIMED = 100  # kept blobs a start takes at most (the rest wait for the next start)
+REDIS_LIST = "edge-proxy:pending"
 
 
 def _key(settings: Settings) -> bytes:
@@ -70,10 +77,10 @@ def keep(settings: Settings, area: Path) -> None:
     if not analytics and not usage:
         return
     counts, rows = _analytics_total(analytics), _usage_rows(usage)
-    if not settings.snapshot_dir:
+    if not settings.snapshot_dir and not settings.snapshot_redis:
         log.warning(
             "%d analytics count(s) and %d usage row(s) not forwarded upstream are dropped at exit "
-            "(set snapshot_dir to keep them across a restart)",
+            "(set snapshot_dir or snapshot_redis_url to keep them across a restart)",
             counts,
             rows,
         )
@@ -86,18 +93,16 @@ def keep(settings: Settings, area: Path) -> None:
         kept.append((idempotency_key, batch[:room]))
     if _usage_rows(kept) < rows:
         log.warning("%d usage row(s) beyond the %d kept across a restart dropped", rows - _usage_rows(kept), MAX_ROWS)
-    directory = Path(settings.snapshot_dir)
     body = orjson.dumps({"analytics": analytics, "usage": kept})
     if len(body) > MAX_BYTES:
         log.warning("pending counts (%d bytes) exceed %d bytes: dropped at exit", len(body), MAX_BYTES)
         return
     header = {"format": FORMAT_VERSION, "mac": hmac.new(_key(settings), body, hashlib.sha256).hexdigest()}
-    path = directory / f"{PREFIX}{uuid.uuid4()}.json"
+    blob = orjson.dumps(header) + b"\n" + body
     try:
-        prepare_directory(directory, OWN_FILES, "snapshot_dir", report=False)
-        write_private(path, orjson.dumps(header) + b"\n" + body, fsync=True)
-    except OSError as exc:
-        log.error("pending counts could not be kept in %s, dropped: %s", directory, exc)
+        where = _put_in_directory(Path(settings.snapshot_dir), blob) if settings.snapshot_dir else _push(settings, blob)
+    except Exception as exc:  # OSError, or any Redis error: say what is lost, never fail the exit
+        log.error("pending counts could not be kept, dropped: %s", mask_urls_in(str(exc)))
         return
     # written first, then the area's copies go (the area is removed next anyway)
     analytics_inbox.settle({})
@@ -108,20 +113,69 @@ def keep(settings: Settings, area: Path) -> None:
         "%d analytics count(s) and %d usage row(s) not forwarded upstream kept in %s for the next start",
         counts,
         _usage_rows(kept),
-        path.name,
+        where,
     )
+
+
+def _put_in_directory(directory: Path, blob: bytes) -> str:
+    path = directory / f"{PREFIX}{uuid.uuid4()}.json"
+    prepare_directory(directory, OWN_FILES, "snapshot_dir", report=False)
+    write_private(path, blob, fsync=True)
+    return path.name
+
+
+def _redis(settings: Settings) -> Any:
+    import redis
+
+    return redis.Redis.from_url(
+        settings.snapshot_redis or "",
+        socket_timeout=REDIS_TIMEOUT,
+        socket_connect_timeout=REDIS_TIMEOUT,
+        decode_responses=False,
+    )
+
+
+def _push(settings: Settings, blob: bytes) -> str:
+    client = _redis(settings)
+    try:
+        client.rpush(REDIS_LIST, blob)
+    finally:
+        client.close()
+    return f"the Redis list {REDIS_LIST}"
+
+
+def _kept_blobs(settings: Settings) -> Iterator[tuple[str, bytes]]:
+    """(name for the log, raw blob) of each kept blob this start claims."""
+    if settings.snapshot_dir:
+        for path in sorted(Path(settings.snapshot_dir).glob(f"{PREFIX}*.json"))[:MAX_CLAIMED]:
+            raw = _claim_file(path)
+            if raw is not None:
+                yield path.name, raw
+        return
+    if not settings.snapshot_redis:
+        return
+    client = _redis(settings)
+    try:
+        for index in range(MAX_CLAIMED):
+            try:
+                raw = client.lpop(REDIS_LIST)  # atomic: one replica takes each blob
+            except Exception as exc:  # an unreachable Redis: nothing to restore now, serving starts anyway
+                log.warning("kept counts in Redis not read: %s", mask_urls_in(str(exc)))
+                return
+            if raw is None:
+                return
+            yield f"{REDIS_LIST}[{index}]", raw
+    finally:
+        client.close()
 
 
 def restore(settings: Settings, area: Path) -> None:
     """At start, before the leader: claim the kept files and put their counts back into the area."""
-    if not settings.snapshot_dir:
-        return
-    directory = Path(settings.snapshot_dir)
     analytics: Counts = defaultdict(Counter)
     usage: list[Batch] = []
     dropped_analytics = dropped_rows = files = 0
-    for path in sorted(directory.glob(f"{PREFIX}*.json")):
-        data = _claim(settings, path)
+    for name, raw in _kept_blobs(settings):
+        data = _verified(settings, name, raw)
         if data is None:
             continue
         files += 1
@@ -155,15 +209,15 @@ def restore(settings: Settings, area: Path) -> None:
     if usage:
         save_batches(area / USAGE / BATCHES, load_batches(area / USAGE / BATCHES) + usage)
     log.info(
-        "restored %d analytics count(s) and %d usage row(s) kept at a previous exit (%d file(s))",
+        "restored %d analytics count(s) and %d usage row(s) kept at a previous exit (%d kept blob(s))",
         _analytics_total(analytics),
         _usage_rows(usage),
         files,
     )
 
 
-def _claim(settings: Settings, path: Path) -> dict[str, Any] | None:
-    """The verified content of `path`, taken by this process (renamed, read, removed), or None."""
+def _claim_file(path: Path) -> bytes | None:
+    """The bytes of `path`, taken by this process (renamed, read, removed), or None."""
     claimed = path.with_name(f".{path.name}.claimed-{os.getpid()}")
     try:
         os.rename(path, claimed)
@@ -173,7 +227,21 @@ def _claim(settings: Settings, path: Path) -> dict[str, Any] | None:
         with open(claimed, "rb") as kept:
             if os.fstat(kept.fileno()).st_size > MAX_BYTES:
                 raise ValueError(f"larger than {MAX_BYTES} bytes")
-            head, _, body = kept.read().partition(b"\n")
+            return kept.read()
+    except (OSError, ValueError) as exc:
+        log.warning("kept counts %s dropped: %s", path.name, exc)
+        return None
+    finally:
+        with contextlib.suppress(OSError):
+            claimed.unlink()  # before the counts reach the area: a crash loses them rather than sends them twice
+
+
+def _verified(settings: Settings, name: str, raw: bytes) -> dict[str, Any] | None:
+    """The content of a kept blob if it authenticates, else None (logged)."""
+    try:
+        if len(raw) > MAX_BYTES:
+            raise ValueError(f"larger than {MAX_BYTES} bytes")
+        head, _, body = raw.partition(b"\n")
         header = orjson.loads(head)
         if not isinstance(header, dict) or header.get("format") != FORMAT_VERSION:
             raise ValueError("unknown format")
@@ -184,12 +252,9 @@ def _claim(settings: Settings, path: Path) -> dict[str, Any] | None:
         if not isinstance(data, dict):
             raise ValueError("not an object")
         return data
-    except (OSError, ValueError) as exc:
-        log.warning("kept counts %s dropped: %s", path.name, exc)
+    except ValueError as exc:  # orjson's JSONDecodeError is a ValueError
+        log.warning("kept counts %s dropped: %s", name, exc)
         return None
-    finally:
-        with contextlib.suppress(OSError):
-            claimed.unlink()  # before the counts reach the area: a crash loses them rather than sends them twice
 
 
 def _counts(value: Any) -> dict[str, int]:

@@ -4,7 +4,7 @@ Start-up order: the area is created (cleaning up a SIGKILLed predecessor's) and 
 written into it (0600; the leader and the workers read them there), Granian's `on_startup` hook
 spawns the leader (a `spawn`-context process) and its watchdog thread, then Granian starts the workers,
 which attach to the area by path. Shutdown: Granian drains and stops the workers, `on_shutdown` stops the
-leader, counts not yet forwarded upstream are kept in `snapshot_dir` when it is set (`pending_counts.py`),
+leader, counts not yet forwarded upstream are kept in `snapshot_dir` or the snapshot Redis (`pending_counts.py`),
 and the area is removed.
 """
 

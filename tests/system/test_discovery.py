@@ -195,6 +195,60 @@ def test_counts_kept_for_an_unreachable_upstream_survive_a_restart(upstream: Fak
         first.stop()
 
 
+def test_counts_kept_in_the_snapshot_redis_survive_a_restart(upstream: FakeFlagsmith, tmp_path: Path) -> None:
+    """No snapshot_dir, a snapshot Redis: the counts go to a Redis list; a forged entry there is dropped."""
+    import redis
+
+    from tests.system.test_snapshots import RedisServer, needs_redis_server
+
+    needs_redis_server()
+    server = RedisServer(tmp_path / "redis")
+    upstream.proxy_config = [environment("env_client_key_1", key("ser.env_server_key_1"))]
+    config = discovering(
+        upstream, usage_flush_interval_seconds=1, analytics_flush_interval_seconds=0.5, snapshot_redis_url=server.url
+    )
+    client = {"X-Environment-Key": "env_client_key_1"}
+    first = ProxyProcess(tmp_path / "first", config).start()
+    second = ProxyProcess(tmp_path / "second", config)
+    inspect = redis.Redis(port=server.port)
+    try:
+        first.wait_ready()
+        upstream.fail = upstream.usage_fail = 503
+        assert first.get("/api/v1/flags/", headers=client).status_code == 200
+        body = b'{"show_banner": 3}'
+        assert httpx.post(first.url + "/api/v1/analytics/flags/", content=body, headers=client).status_code == 200
+        assert wait_for(lambda: "analytics for en…_1: upstream answered 503" in first.log(), 15), first.log()
+        assert first.stop() == 0
+        assert "kept in the Redis list edge-proxy:pending" in first.log(), first.log()
+        [kept] = inspect.lrange("edge-proxy:pending", 0, -1)
+        assert b"ser.env_server_key_1" not in kept
+        inspect.rpush(
+            "edge-proxy:pending",
+            b'{"format": 1, "mac": "00"}\n{"analytics": {"env_client_key_1": {"show_banner": 1000}}}',
+        )
+
+        second.start()
+        second.wait_live()
+        restored = re.compile(r"restored 3 analytics count\(s\) and 1 usage row\(s\)")
+        assert wait_for(lambda: restored.search(second.log()) is not None, 10), second.log()
+        assert "edge-proxy:pending[1] dropped: not authenticated" in second.log()
+        assert inspect.llen("edge-proxy:pending") == 0  # claimed
+        upstream.fail = upstream.usage_fail = None
+
+        def analytics() -> int:
+            return sum(report["body"].get("show_banner", 0) for report in upstream.analytics)
+
+        def usage() -> int:
+            return sum(row["count"] for report in upstream.usage for row in report["rows"])
+
+        assert wait_for(lambda: analytics() == 3 and usage() == 1, 15), (analytics(), usage(), second.log())
+    finally:
+        inspect.close()
+        second.stop()
+        first.stop()
+        server.stop()
+
+
 def test_a_forged_pending_file_is_dropped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from proxy.config.settings import Settings
     from proxy.supervisor import pending_counts as pending
@@ -217,6 +271,30 @@ def test_a_forged_pending_file_is_dropped(tmp_path: Path, caplog: pytest.LogCapt
         pending.restore(settings, fresh)
     assert "not authenticated" in caplog.text and not (fresh / "usage").exists()
     assert not list(snapshots.glob("*pending-*"))
+
+
+def test_an_unreachable_redis_loses_the_kept_counts_with_a_log_line_and_never_holds_the_exit(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from proxy.config.settings import Settings
+    from proxy.supervisor import pending_counts as pending
+    from tests.support import free_port
+
+    area = tmp_path / "area"
+    (area / "usage").mkdir(parents=True)
+    row = {"client_side_key": "c", "resource": "flags", "count": 2}
+    (area / "usage" / "batches.json").write_bytes(orjson.dumps([["k1", [row]]]))
+    url = f"redis://:secret-password@127.0.0.1:{free_port()}/0"  # nothing listens there
+    settings = Settings(proxy_key="pk.secret", snapshot_redis_url=url)
+    started = time.monotonic()
+    with caplog.at_level("INFO"):
+        pending.keep(settings, area)
+        pending.restore(settings, tmp_path)
+    assert time.monotonic() - started < 10  # bounded by the Redis timeouts (2 s each)
+    assert "pending counts could not be kept, dropped" in caplog.text
+    assert "kept counts in Redis not read" in caplog.text
+    assert "secret-password" not in caplog.text
+    assert (area / "usage" / "batches.json").exists()  # not kept anywhere: the area's copy was left as it was
 
 
 def test_pending_counts_are_bounded_and_what_is_dropped_is_said(
