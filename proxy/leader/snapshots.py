@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
@@ -48,6 +48,9 @@ from proxy.config.masking import mask_key, mask_url, mask_urls_in
 from proxy.config.settings import Settings
 from proxy.leader.private_files import open_private, prepare_directory, write_private
 from proxy.metrics import prometheus as metrics
+
+if TYPE_CHECKING:
+    import redis  # imported when a Redis is configured (redis_client)
 
 log = logging.getLogger("proxy.leader")
 
@@ -199,16 +202,22 @@ class DirectoryBackend:
         pass
 
 
+def redis_client(url: str) -> redis.Redis:
+    """A blocking client of the snapshot Redis, bytes in and out, every call bounded by REDIS_TIMEOUT (also
+    what the main process keeps pending counts in: proxy/supervisor/pending_counts.py)."""
+    import redis
+
+    return redis.Redis.from_url(
+        url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT, decode_responses=False
+    )
+
+
 class RedisBackend:
     kind = "redis"
 
     def __init__(self, url: str) -> None:
-        import redis
-
         self.location = mask_url(url)
-        self.client = redis.Redis.from_url(
-            url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT, decode_responses=False
-        )
+        self.client = redis_client(url)
 
     def load(self, client_key: str) -> bytes | None:
         blob = self.client.hget(REDIS_PREFIX + key_hash(client_key), "blob")

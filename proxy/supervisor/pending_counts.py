@@ -41,7 +41,7 @@ from proxy.area.names import ANALYTICS, BATCHES, PENDING, USAGE
 from proxy.config.masking import mask_urls_in
 from proxy.config.settings import Settings
 from proxy.leader.private_files import prepare_directory, write_private
-from proxy.leader.snapshots import OWN_FILES, PENDING_PREFIX, REDIS_TIMEOUT
+from proxy.leader.snapshots import OWN_FILES, PENDING_PREFIX, redis_client
 from proxy.leader.usage_reporting import Batch, load_batches, new_batches, save_batches
 
 log = logging.getLogger("proxy.pending")
@@ -124,19 +124,8 @@ def _put_in_directory(directory: Path, blob: bytes) -> str:
     return path.name
 
 
-def _redis(settings: Settings) -> Any:
-    import redis
-
-    return redis.Redis.from_url(
-        settings.snapshot_redis or "",
-        socket_timeout=REDIS_TIMEOUT,
-        socket_connect_timeout=REDIS_TIMEOUT,
-        decode_responses=False,
-    )
-
-
 def _push(settings: Settings, blob: bytes) -> str:
-    client = _redis(settings)
+    client = redis_client(settings.snapshot_redis or "")
     try:
         client.rpush(REDIS_LIST, blob)
     finally:
@@ -154,17 +143,17 @@ def _kept_blobs(settings: Settings) -> Iterator[tuple[str, bytes]]:
         return
     if not settings.snapshot_redis:
         return
-    client = _redis(settings)
+    client = redis_client(settings.snapshot_redis)
     try:
         for index in range(MAX_CLAIMED):
             try:
-                raw = client.lpop(REDIS_LIST)  # atomic: one replica takes each blob
+                popped = client.lpop(REDIS_LIST)  # atomic: one replica takes each blob
             except Exception as exc:  # an unreachable Redis: nothing to restore now, serving starts anyway
                 log.warning("kept counts in Redis not read: %s", mask_urls_in(str(exc)))
                 return
-            if raw is None:
+            if not isinstance(popped, bytes):  # None: the list is empty (values are bytes: decode_responses is off)
                 return
-            yield f"{REDIS_LIST}[{index}]", raw
+            yield f"{REDIS_LIST}[{index}]", popped
     finally:
         client.close()
 
