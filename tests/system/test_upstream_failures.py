@@ -40,10 +40,12 @@ def test_bad_answers_keep_the_last_good_document(
     else:
         upstream.garbage = mode
 
-    # stale after poll + grace × pairs = 0.3 + 0.5 × 2 = 1.3 s, each environment on its own clock
+    # stale after poll + grace × pairs = 0.3 + 0.5 × 2 = 1.3 s, each environment on its own clock. With a
+    # slow upstream an environment can turn stale while its failing fetch is still in flight (0.5 s timeout,
+    # then up to 0.5 s until the status-only publication): its error kind shows a moment later.
     def both_stale() -> bool:
-        health = proxy.get("/proxy/health").json()
-        return len(health.get("environments", {}).get("stale", [])) == 2
+        stale = proxy.get("/proxy/health").json().get("environments", {}).get("stale", [])
+        return len(stale) == 2 and all(e["error"] for e in stale)
 
     assert wait_for(both_stale, 15), proxy.log()
     health = proxy.get("/proxy/health").json()
